@@ -1,0 +1,148 @@
+"""Local paths and ``gs://`` (or any fsspec URL) behind one small API.
+
+We use fsspec/gcsfs rather than Beam's ``FileSystems``: Beam's GCS filesystem insists on Google
+credentials and cannot talk to a local GCS emulator, while gcsfs honours ``STORAGE_EMULATOR_HOST``.
+Local paths stay plain paths (no ``file://``) in everything we record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO
+
+import fsspec
+
+_LOCAL_PROTOCOLS = ("file", "local")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A listed file: its URI, size in bytes and a cheap change signal (generation / mtime)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    return fsspec.core.url_to_fs(uri)
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Turns an fsspec path back into the URI users see (``gs://b/x.jpg`` or ``/data/x.jpg``)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if any(p in _LOCAL_PROTOCOLS for p in protocols):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_local(base):
+        return os.path.join(base, *parts)
+    return posixpath.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.isdir(path)
+
+
+def open_file(uri: str, mode: str = "rb") -> IO:
+    fs, path = filesystem(uri)
+    return fs.open(path, mode)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def _info(fs: fsspec.AbstractFileSystem, path: str, detail: dict) -> FileInfo:
+    version = detail.get("generation") or detail.get("etag") or detail.get("mtime") or ""
+    if hasattr(version, "isoformat"):
+        version = version.isoformat()
+    return FileInfo(uri=to_uri(fs, path), size=int(detail.get("size") or 0), version=str(version))
+
+
+def find_files(root: str) -> list[FileInfo]:
+    """Every file below ``root``, recursively, sorted by URI."""
+    fs, path = filesystem(root)
+    found = fs.find(path, detail=True)
+    return sorted(
+        (_info(fs, p, d) for p, d in found.items() if d.get("type") != "directory"),
+        key=lambda f: f.uri,
+    )
+
+
+def glob_files(pattern: str) -> list[FileInfo]:
+    """Files matching a glob (``**`` recurses), sorted by URI."""
+    fs, path = filesystem(pattern)
+    found = fs.glob(path, detail=True)
+    return sorted(
+        (_info(fs, p, d) for p, d in found.items() if d.get("type") != "directory"),
+        key=lambda f: f.uri,
+    )
+
+
+def file_info(uri: str) -> FileInfo:
+    fs, path = filesystem(uri)
+    return _info(fs, path, fs.info(path))
+
+
+def write_atomically(uri: str, write: Callable[[IO], None]) -> None:
+    """Writes a file so that readers never see it half-written.
+
+    Local files are written under a temporary name in the same folder and renamed (atomic on one
+    filesystem). Object stores (GCS, S3) publish an object only when its upload completes, so we
+    write there directly: a copy-then-delete rename would cost a second upload and, on GCS
+    emulators, a slow failed ``moveTo`` retry loop.
+    """
+    fs, path = filesystem(uri)
+    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    if not is_local(uri):
+        with fs.open(path, "wb") as f:
+            write(f)
+        return
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def local_copy(uri: str, cache_dir: str) -> str:
+    """A local path to ``uri``'s content, downloading remote files once into ``cache_dir``."""
+    if is_local(uri):
+        return uri.removeprefix("file://")
+    info = file_info(uri)
+    key = hashlib.sha256(f"{info.uri}|{info.size}|{info.version}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, f"{key}-{posixpath.basename(uri)}")
+    if not os.path.exists(target):
+        os.makedirs(cache_dir, exist_ok=True)
+        data = read_bytes(uri)
+        write_atomically(target, lambda f: f.write(data))
+    return target

@@ -1,0 +1,238 @@
+"""The Parquet feature table: its schema (declared once), WriteTable, and reading tables back.
+
+A table is a folder of deterministic, zero-padded shards written by :class:`WriteTable`::
+
+    features-00000-of-00002.parquet   one row per image; the vector is fixed_size_list<float32>[D]
+    features-00001-of-00002.parquet
+    _errors/errors-00000-of-00001.parquet   one row per input that could not become a feature row
+    _SUMMARY.json                     counts (inputs = rows + errors) and the table metadata
+
+Readers skip names starting with ``_`` or ``.``, so ``pandas.read_parquet(folder)``,
+``pyarrow.dataset`` and DuckDB's ``folder/*.parquet`` see exactly the feature rows.
+
+A row's shard is a hash of its ``image_id``; rows inside a shard are sorted by ``image_id``, so the
+same inputs always give byte-for-byte the same rows in the same files. Each shard is committed only
+when complete (see ``storage.write_atomically``), so readers never see half a file. We write shards
+ourselves instead of using Beam's ``WriteToParquet`` because its temp-file finalisation depends on
+the runner (on the DaskRunner it leaves the rows in ``beam-temp-*``) and its shard names are not
+stable across runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from transforms import storage
+
+FEATURES = "features"
+ERRORS = "errors"
+SUMMARY_FILE = "_SUMMARY.json"
+ERRORS_DIR = "_errors"
+METADATA_PREFIX = "featurebeam."
+#: Target shard size: about 64 MiB of vectors.
+TARGET_SHARD_BYTES = 64 << 20
+
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+    ]
+)
+
+_SHARD_RE = re.compile(r"^(?P<prefix>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
+
+
+def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """The feature table's schema, with ``metadata`` stored under ``featurebeam.*`` keys."""
+    schema = pa.schema(
+        [
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("split", pa.string()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            pa.field("feature", pa.list_(pa.float32(), dim), nullable=False),
+        ]
+    )
+    if metadata:
+        schema = schema.with_metadata(
+            {f"{METADATA_PREFIX}{k}": str(v) for k, v in metadata.items()}
+        )
+    return schema
+
+
+def table_metadata(schema: pa.Schema) -> dict[str, str]:
+    """The ``featurebeam.*`` metadata of a schema, without the prefix."""
+    raw = schema.metadata or {}
+    return {
+        k.decode()[len(METADATA_PREFIX) :]: v.decode()
+        for k, v in raw.items()
+        if k.decode().startswith(METADATA_PREFIX)
+    }
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    return f"{prefix}-{index:05d}-of-{count:05d}.parquet"
+
+
+def shard_index(image_id: str, num_shards: int) -> int:
+    return int(image_id[:8], 16) % num_shards
+
+
+def rows_per_shard(schema: pa.Schema) -> int:
+    feature = schema.field("feature") if "feature" in schema.names else None
+    width = feature.type.list_size if feature is not None else 64
+    return max(1000, TARGET_SHARD_BYTES // (4 * width))
+
+
+def to_arrow(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Builds a table from row dicts, sorted by ``image_id``; vectors become fixed-size lists."""
+    rows = sorted(rows, key=lambda r: r["image_id"])
+    columns = []
+    for field in schema:
+        values = [r.get(field.name) for r in rows]
+        if pa.types.is_fixed_size_list(field.type):
+            size = field.type.list_size
+            flat = (
+                np.stack([np.asarray(v, dtype=np.float32) for v in values]).reshape(-1)
+                if values
+                else np.zeros(0, dtype=np.float32)
+            )
+            if flat.size != size * len(values):
+                raise ValueError(f"{field.name}: vectors are not all {size}-d")
+            columns.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), size))
+        else:
+            columns.append(pa.array(values, type=field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def write_parquet(uri: str, table: pa.Table) -> None:
+    """Writes one Parquet file atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    storage.write_atomically(uri, lambda f: f.write(buffer.getvalue()))
+
+
+def _num_shards(total: int, fixed: int, per_shard: int) -> int:
+    return fixed if fixed > 0 else max(1, math.ceil(total / per_shard))
+
+
+def _assign(row, total, *, fixed, per_shard):
+    return shard_index(row["image_id"], _num_shards(total, fixed, per_shard)), row
+
+
+def _write_shard(element, total, *, output_dir, prefix, schema, fixed, per_shard):
+    index, rows = element
+    count = _num_shards(total, fixed, per_shard)
+    uri = storage.join(output_dir, shard_name(prefix, index, count))
+    write_parquet(uri, to_arrow(rows, schema))
+    beam.metrics.Metrics.counter("featurebeam", f"{prefix}_shards_written").inc()
+    return uri
+
+
+def _write_if_empty(total, *, output_dir, prefix, schema):
+    # Readers (pyarrow, DuckDB, pandas) need at least one file to know the schema.
+    if total == 0:
+        uri = storage.join(output_dir, shard_name(prefix, 0, 1))
+        write_parquet(uri, to_arrow([], schema))
+        yield uri
+
+
+class WriteTable(beam.PTransform):
+    """Writes row dicts as deterministic Parquet shards ``{prefix}-NNNNN-of-MMMMM.parquet``.
+
+    Args:
+        output_dir: local folder or ``gs://`` prefix.
+        schema: the table's Arrow schema (``feature_schema(...)`` or ``ERROR_SCHEMA``).
+        prefix: file name prefix (``features``, ``errors``).
+        num_shards: fixed shard count; 0 derives it from the row count (about 64 MiB a shard).
+
+    Returns:
+        A PCollection of the URIs written.
+    """
+
+    def __init__(self, output_dir: str, *, schema: pa.Schema, prefix: str, num_shards: int = 0):
+        super().__init__()
+        self._output_dir = output_dir
+        self._schema = schema
+        self._prefix = prefix
+        self._fixed = num_shards
+        self._per_shard = rows_per_shard(schema)
+
+    def expand(self, rows):
+        total = rows | "Count" >> beam.combiners.Count.Globally()
+        sizing = dict(fixed=self._fixed, per_shard=self._per_shard)
+        place = dict(output_dir=self._output_dir, prefix=self._prefix, schema=self._schema)
+        written = (
+            rows
+            | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(total), **sizing)
+            | "GroupShards" >> beam.GroupByKey()
+            | "WriteShards"
+            >> beam.Map(_write_shard, beam.pvalue.AsSingleton(total), **place, **sizing)
+        )
+        empty = total | "WriteIfEmpty" >> beam.FlatMap(_write_if_empty, **place)
+        return (written, empty) | "Written" >> beam.Flatten()
+
+
+def table_dir_for(output_dir: str, prefix: str) -> str:
+    """Where a prefix's shards live: features at the top, errors in ``_errors/``."""
+    return storage.join(output_dir, ERRORS_DIR) if prefix == ERRORS else output_dir
+
+
+def shard_files(output_dir: str, prefix: str = FEATURES) -> list[str]:
+    """The complete shard files of one table prefix, sorted."""
+    table_dir = table_dir_for(output_dir, prefix)
+    fs, path = storage.filesystem(table_dir)
+    if not fs.exists(path):
+        return []
+    names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    return [
+        storage.join(table_dir, n)
+        for n in names
+        if (m := _SHARD_RE.match(n)) and m["prefix"] == prefix
+    ]
+
+
+def read_table(
+    output_dir: str, *, prefix: str = FEATURES, columns: list[str] | None = None
+) -> pa.Table:
+    """Reads every shard of a table (local or ``gs://``) into one Arrow table.
+
+    Raises:
+        FileNotFoundError: no shards in the folder.
+    """
+    files = shard_files(output_dir, prefix)
+    if not files:
+        raise FileNotFoundError(f"no {prefix}-*.parquet shards in {output_dir}")
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
+    return pq.read_table(paths, filesystem=fs, columns=columns)
+
+
+def write_summary(table_dir: str, summary: Mapping[str, Any]) -> None:
+    data = json.dumps(summary, indent=2, sort_keys=True).encode()
+    storage.write_atomically(storage.join(table_dir, SUMMARY_FILE), lambda f: f.write(data))
+
+
+def read_summary(table_dir: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(storage.join(table_dir, SUMMARY_FILE)))
+
+
+def features_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:
+    """The vectors of a feature table as a ``(rows, D)`` float32 array, without copying rows."""
+    chunks = table.column(column).combine_chunks()
+    dim = chunks.type.list_size
+    return chunks.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
