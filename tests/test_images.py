@@ -1,0 +1,150 @@
+"""Pure decode/resize: every colour mode, EXIF rotation, animation, bad inputs, no mutation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import encode, gradient
+from PIL import Image
+
+from transforms.images import ImageError, load_image
+
+SIZE = (8, 8)
+
+
+def noise(size=64) -> Image.Image:
+    rng = np.random.default_rng(7)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def solid(mode: str, value, size=(6, 4)) -> Image.Image:
+    return Image.new(mode, size, value)
+
+
+@pytest.mark.parametrize(
+    "mode, value, fmt, expected",
+    [
+        ("RGB", (10, 20, 30), "PNG", (10, 20, 30)),
+        ("L", 77, "PNG", (77, 77, 77)),
+        ("1", 1, "PNG", (255, 255, 255)),
+        ("CMYK", (0, 0, 0, 0), "JPEG", (255, 255, 255)),
+        ("CMYK", (0, 255, 255, 0), "TIFF", (255, 0, 0)),
+        ("RGBA", (200, 0, 0, 255), "PNG", (200, 0, 0)),
+        ("RGBA", (0, 0, 0, 0), "PNG", (255, 255, 255)),  # transparent -> white, not black
+        ("LA", (0, 0), "PNG", (255, 255, 255)),
+        ("LA", (90, 255), "PNG", (90, 90, 90)),
+        ("I;16", 65535, "PNG", (255, 255, 255)),
+        ("I;16", 257 * 128, "PNG", (128, 128, 128)),  # scaled, not clipped
+        ("I", 257 * 64, "TIFF", (64, 64, 64)),
+        ("F", 0.5, "TIFF", (128, 128, 128)),
+    ],
+)
+def test_every_mode_becomes_rgb(mode, value, fmt, expected):
+    out = load_image(encode(solid(mode, value), fmt), SIZE)
+    assert out.pixels.dtype == np.uint8
+    assert out.pixels.shape == (8, 8, 3)
+    tolerance = 2 if fmt == "JPEG" else 0
+    assert np.abs(out.pixels.astype(int) - expected).max() <= tolerance
+    assert (out.width, out.height) == (6, 4)
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    data = encode(image, "PNG", transparency=0)
+    out = load_image(data, (4, 4))
+    assert tuple(out.pixels[0, 0]) == (255, 0, 0)
+    assert tuple(out.pixels[3, 3]) == (255, 255, 255)
+
+
+def test_palette_without_transparency():
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 0, 128, 0] + [0] * 762)
+    assert tuple(load_image(encode(image, "GIF"), (4, 4)).pixels[2, 2]) == (0, 128, 0)
+
+
+def test_exif_orientation_is_applied():
+    # A 6x4 image: left half red, right half blue. Orientation 6 = rotate 90 degrees clockwise.
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    pixels[:, :3] = (255, 0, 0)
+    pixels[:, 3:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(Image.fromarray(pixels), "PNG", exif=exif.tobytes())
+    out = load_image(data, (6, 4))
+    assert (out.width, out.height) == (4, 6)  # displayed size
+    assert tuple(out.pixels[0, 3]) == (255, 0, 0)  # red is now on top
+    assert tuple(out.pixels[5, 3]) == (0, 0, 255)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (5, 5), c) for c in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    out = load_image(data, (5, 5))
+    assert tuple(out.pixels[2, 2]) == (255, 0, 0)
+
+
+def test_resize_squash_and_crop():
+    pixels = np.zeros((10, 30, 3), np.uint8)
+    pixels[:, :10] = 255  # white left third
+    data = encode(Image.fromarray(pixels), "PNG")
+    squash = load_image(data, (10, 10))
+    crop = load_image(data, (10, 10), resize="crop")
+    assert squash.pixels[:, :3].mean() > 250  # the white third survives squashing
+    assert crop.pixels.max() == 0  # the centred square crop is all black
+
+
+def test_jpeg_draft_decoding_is_close_to_full_decoding():
+    big = gradient(1600, 1200, seed=3)
+    data = encode(big, "JPEG", quality=95)
+    out = load_image(data, (100, 100))
+    full = np.asarray(big.resize((100, 100), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(out.pixels.astype(float) - full).mean() < 3.0
+    assert (out.width, out.height) == (1600, 1200)
+
+
+@pytest.mark.parametrize(
+    "data, stage, reason",
+    [
+        (b"", "decode", "empty file"),
+        (b"this is not an image at all", "decode", "not an image"),
+        (encode(noise(), "PNG")[:2000], "decode", "corrupt"),
+        (encode(noise(), "JPEG")[:2000], "decode", "corrupt"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(data, stage, reason):
+    with pytest.raises(ImageError) as info:
+        load_image(data, SIZE)
+    assert info.value.stage == stage
+    assert reason in info.value.reason
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    data = encode(Image.new("L", (3000, 3000), 0), "PNG")  # tiny file, 9 Mpx
+    with pytest.raises(ImageError) as info:
+        load_image(data, SIZE, max_pixels=1_000_000)
+    assert info.value.stage == "limits"
+    assert "3000x3000" in info.value.reason
+
+
+def test_pillow_bomb_error_is_reported_as_limits(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(Image.new("L", (100, 100), 0), "PNG")
+    with pytest.raises(ImageError) as info:
+        load_image(data, SIZE)
+    assert info.value.stage == "limits"
+
+
+def test_input_bytes_and_returned_pixels_are_independent():
+    data = encode(gradient(20, 20), "PNG")
+    before = bytes(data)
+    first = load_image(data, SIZE)
+    first.pixels[:] = 0  # writable, and owned by the caller
+    assert data == before
+    assert load_image(data, SIZE).pixels.max() > 0
+
+
+def test_unknown_resize_mode():
+    with pytest.raises(ValueError, match="resize must be one of"):
+        load_image(encode(gradient(), "PNG"), SIZE, resize="stretch")
