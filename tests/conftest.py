@@ -52,6 +52,17 @@ def write_image_tree(root: pathlib.Path, per_class: int = 3, size=(40, 30)) -> l
     return paths
 
 
+def local_pipeline(**options):
+    """A TestPipeline on our in-process runner (the plain DirectRunner first tries to download
+    Prism from the internet)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipeline.runners import LocalRunner
+
+    return TestPipeline(runner=LocalRunner(), options=PipelineOptions(**options))
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> pathlib.Path:
     root = tmp_path / "images"

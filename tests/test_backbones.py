@@ -34,7 +34,9 @@ def test_named_layer_mode_vgg16_fc2_is_4096():
 
 
 def test_max_pooling_width_matches_avg():
-    model = build_model(ModelSpec("mobilenet_v3_small", weights="none", pooling="max", image_size=32))
+    model = build_model(
+        ModelSpec("mobilenet_v3_small", weights="none", pooling="max", image_size=32)
+    )
     assert tuple(model.output.shape) == (None, 576)
 
 

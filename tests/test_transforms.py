@@ -1,0 +1,150 @@
+"""Composites with TestPipeline and the fake backbone: decode, embed, write, errors, counts."""
+
+from __future__ import annotations
+
+import os
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+from conftest import encode, gradient, local_pipeline
+from fakes import MeanColorHandler, mean_color
+from PIL import Image
+
+from transforms import table
+from transforms.embed import DecodeImages, EmbedImages
+from transforms.extract import ExtractFeatures
+from transforms.images import load_image
+from transforms.listing import list_source
+
+
+def add_bad_files(root):
+    """One of each failure: not an image, empty, truncated, too large, and a dangling manifest."""
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "notes.jpg").write_bytes(b"plain text, wrongly named")
+    (bad / "empty.png").write_bytes(b"")
+    rng = np.random.default_rng(1)
+    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (bad / "truncated.jpg").write_bytes(encode(noisy, "JPEG")[:1500])
+    (bad / "huge.png").write_bytes(encode(Image.new("L", (3000, 3000)), "PNG"))
+    return {
+        "notes.jpg": "decode",
+        "empty.png": "decode",
+        "truncated.jpg": "decode",
+        "huge.png": "limits",
+    }
+
+
+def test_decode_images_splits_pixels_and_errors(image_tree):
+    expected_errors = add_bad_files(image_tree)
+    refs = list_source(str(image_tree))[0]
+    with local_pipeline() as p:
+        out = p | beam.Create(refs) | DecodeImages((8, 8), max_pixels=4_000_000)
+        shapes = out["decoded"] | "Shape" >> beam.Map(lambda kv: kv[1].shape)
+        assert_that(shapes, equal_to([(8, 8, 3)] * 12), label="Decoded")
+        stages = out["errors"] | beam.Map(lambda e: (os.path.basename(e["uri"]), e["stage"]))
+        assert_that(stages, equal_to(sorted(expected_errors.items())), label="Errors")
+
+
+def test_unreadable_file_is_a_read_error(tmp_path):
+    (tmp_path / "list.txt").write_text(str(tmp_path / "gone.jpg") + "\n")
+    refs = list_source(str(tmp_path / "list.txt"))[0]
+    with local_pipeline() as p:
+        out = p | beam.Create(refs) | DecodeImages((8, 8))
+        stages = out["errors"] | beam.Map(
+            lambda e: (e["stage"], "FileNotFoundError" in e["reason"])
+        )
+        assert_that(stages, equal_to([("read", True)]))
+
+
+def test_embed_images_rows_match_direct_computation(image_tree):
+    refs = list_source(str(image_tree))[0]
+    expected = {
+        r.uri: tuple(np.round(mean_color(load_image(open(r.uri, "rb").read(), (8, 8)).pixels), 5))
+        for r in refs
+    }
+    with local_pipeline() as p:
+        decoded = p | beam.Create(refs) | DecodeImages((8, 8))
+        out = decoded["decoded"] | EmbedImages(MeanColorHandler(batch_size=5))
+        got = out["rows"] | beam.Map(lambda r: (r["uri"], tuple(np.round(r["feature"], 5))))
+        assert_that(got, equal_to(list(expected.items())), label="Rows")
+        assert_that(out["errors"], equal_to([]), label="NoErrors")
+
+
+def test_a_failing_batch_becomes_one_error_row_per_image(tmp_path):
+    for i, shade in enumerate([0, 10, 250, 240]):
+        (tmp_path / f"{i}.png").write_bytes(encode(Image.new("RGB", (8, 8), (shade,) * 3)))
+    refs = sorted(list_source(str(tmp_path))[0], key=lambda r: r.uri)
+    with local_pipeline() as p:
+        decoded = p | beam.Create(refs) | DecodeImages((8, 8))
+        out = decoded["decoded"] | EmbedImages(MeanColorHandler(batch_size=1, fail_below=0.2))
+        errors = out["errors"] | "Err" >> beam.Map(
+            lambda e: (os.path.basename(e["uri"]), e["stage"])
+        )
+        assert_that(errors, equal_to([("0.png", "embed"), ("1.png", "embed")]), label="Errors")
+        rows = out["rows"] | "Row" >> beam.Map(lambda r: os.path.basename(r["uri"]))
+        assert_that(rows, equal_to(["2.png", "3.png"]), label="Rows")
+
+
+def run_extract(sources, output, **kwargs):
+    with local_pipeline() as p:
+        p | ExtractFeatures(sources, str(output), model_handler=MeanColorHandler(), **kwargs)
+    return table.read_summary(str(output))
+
+
+def test_extract_features_writes_a_reconciled_table(image_tree, tmp_path):
+    expected_errors = add_bad_files(image_tree)
+    out = tmp_path / "table"
+    summary = run_extract(str(image_tree), out, num_shards=3, max_pixels=4_000_000)
+
+    assert summary["inputs"] == 16
+    assert (summary["rows"], summary["errors"]) == (12, len(expected_errors))
+    assert summary["inputs"] == summary["rows"] + summary["errors"]
+    assert sorted(os.listdir(out)) == [
+        "_SUMMARY.json",
+        "_errors",
+        "features-00000-of-00003.parquet",
+        "features-00001-of-00003.parquet",
+        "features-00002-of-00003.parquet",
+    ]
+    features = table.read_table(str(out))
+    assert features.num_rows == 12
+    assert features.schema.field("feature").type.list_size == 3
+    assert table.table_metadata(features.schema)["backbone"] == "mean_color"
+    assert set(features.column("label").to_pylist()) == {"cats", "dogs"}
+    assert set(features.column("split").to_pylist()) == {"train", "val"}
+    errors = table.read_table(str(out), prefix=table.ERRORS)
+    assert sorted(errors.column("stage").to_pylist()) == sorted(expected_errors.values())
+    # every shard is sorted by image_id and holds only its own hash bucket
+    for i, path in enumerate(table.shard_files(str(out))):
+        ids = pq.read_table(path).column("image_id").to_pylist()
+        assert ids == sorted(ids)
+        assert all(table.shard_index(x, 3) == i for x in ids)
+
+
+def test_same_inputs_give_identical_files(image_tree, tmp_path):
+    run_extract(str(image_tree), tmp_path / "a")
+    run_extract(str(image_tree), tmp_path / "b")
+    a = pq.read_table(tmp_path / "a" / "features-00000-of-00001.parquet")
+    b = pq.read_table(tmp_path / "b" / "features-00000-of-00001.parquet")
+    assert a.equals(b)
+
+
+def test_no_images_still_writes_readable_empty_tables(tmp_path):
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    summary = run_extract(str(tmp_path / "in"), out)
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (0, 0, 0)
+    assert table.read_table(str(out)).num_rows == 0
+    assert table.read_table(str(out), prefix=table.ERRORS).num_rows == 0
+
+
+def test_pandas_reads_only_the_feature_rows(image_tree, tmp_path):
+    pandas = pytest.importorskip("pandas")
+    add_bad_files(image_tree)
+    run_extract(str(image_tree), tmp_path / "t", max_pixels=4_000_000)
+    frame = pandas.read_parquet(tmp_path / "t")
+    assert len(frame) == 12 and frame["feature"].iloc[0].shape == (3,)
