@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import encode, gradient, local_pipeline
+from conftest import encode, local_pipeline
 from fakes import MeanColorHandler, mean_color
 from PIL import Image
 
@@ -63,7 +64,9 @@ def test_unreadable_file_is_a_read_error(tmp_path):
 def test_embed_images_rows_match_direct_computation(image_tree):
     refs = list_source(str(image_tree))[0]
     expected = {
-        r.uri: tuple(np.round(mean_color(load_image(open(r.uri, "rb").read(), (8, 8)).pixels), 5))
+        r.uri: tuple(
+            np.round(mean_color(load_image(pathlib.Path(r.uri).read_bytes(), (8, 8)).pixels), 5)
+        )
         for r in refs
     }
     with local_pipeline() as p:
