@@ -188,3 +188,30 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
     except ValueError as exc:
         parser.error(str(exc))
     return config, beam_args
+
+
+def model_spec_from_metadata(meta: dict[str, str]) -> ModelSpec:
+    """Rebuilds the ModelSpec that produced a feature table (as recorded in its metadata).
+
+    The offline sample weights are re-prepared if this machine has no cached copy. The weights'
+    fingerprint must match the recorded one.
+
+    Raises:
+        ValueError: the recorded weights are missing or differ from those that made the table.
+    """
+    weights = meta["weights"]
+    if weights not in ("imagenet", "none") and not storage.exists(weights):
+        if os.path.basename(weights) != sample_weights.FILE_NAME:
+            raise ValueError(f"the weights that made this table are not here: {weights}")
+        weights = sample_weights.ensure_sample_weights()
+    spec = ModelSpec(
+        backbone=meta["backbone"],
+        weights=weights,
+        pooling=meta.get("pooling") or "avg",
+        layer=meta.get("layer") or None,
+        image_size=int(meta["input_size"]),
+    )
+    recorded = meta.get("weights_fingerprint")
+    if recorded and spec.fingerprint() != recorded:
+        raise ValueError(f"weights {weights} do not match the table's fingerprint {recorded}")
+    return spec

@@ -27,24 +27,24 @@ _LOG = logging.getLogger(__name__)
 _TABLE_PREFIXES = (table.FEATURES, table.ERRORS)
 
 
-def prepare_output(config: ExtractConfig) -> None:
-    """Refuses to mix with an existing table unless ``--overwrite``, which removes it first.
+def prepare_output(output: str, *, overwrite: bool) -> None:
+    """Refuses to mix with an existing table unless ``overwrite``, which removes it first.
 
     Raises:
         FileExistsError: the output already holds a table and ``--overwrite`` was not given.
     """
-    existing = [f for p in _TABLE_PREFIXES for f in table.shard_files(config.output, p)]
-    summary = storage.join(config.output, table.SUMMARY_FILE)
+    existing = [f for p in _TABLE_PREFIXES for f in table.shard_files(output, p)]
+    summary = storage.join(output, table.SUMMARY_FILE)
     if storage.exists(summary):
         existing.append(summary)
     if not existing:
         return
-    if not config.overwrite:
+    if not overwrite:
         raise FileExistsError(
-            f"{config.output} already holds a feature table ({len(existing)} files); "
+            f"{output} already holds a feature table ({len(existing)} files); "
             "pass --overwrite to replace it or choose another --output"
         )
-    fs, _ = storage.filesystem(config.output)
+    fs, _ = storage.filesystem(output)
     fs.rm([storage.filesystem(f)[1] for f in existing])
 
 
@@ -69,15 +69,9 @@ def run(
     """Parses flags, builds the graph, runs it; returns the table summary plus ``seconds``."""
     config, beam_args = parse_args(argv)
     listing.check_sources(config.inputs)
-    prepare_output(config)
+    prepare_output(config.output, overwrite=config.overwrite)
     started = time.monotonic()
-    if test_pipeline is not None:
-        pipeline = test_pipeline
-    else:
-        options = runners.pipeline_options(beam_args)
-        pipeline = beam.Pipeline(runner=runners.choose_runner(options), options=options)
-    with pipeline:
-        build(pipeline, config)
+    runners.run_graph(lambda p: build(p, config), beam_args, test_pipeline)
     summary = table.read_summary(config.output)
     summary["seconds"] = time.monotonic() - started
     summary["output"] = config.output

@@ -15,8 +15,9 @@ capture those connections, so loopback is added to ``NO_PROXY`` when a proxy is 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineRunner
 
@@ -65,3 +66,18 @@ def choose_runner(options: PipelineOptions) -> PipelineRunner | None:
         keep_loopback_unproxied()
         return LocalRunner()
     return None
+
+
+def run_graph(
+    build: Callable[[beam.Pipeline], object],
+    beam_args: Sequence[str],
+    test_pipeline: beam.Pipeline | None = None,
+) -> None:
+    """Builds a graph with ``build(pipeline)`` on our runner choice and runs it to completion."""
+    if test_pipeline is not None:
+        pipeline = test_pipeline
+    else:
+        options = pipeline_options(beam_args)
+        pipeline = beam.Pipeline(runner=choose_runner(options), options=options)
+    with pipeline:
+        build(pipeline)

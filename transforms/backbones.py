@@ -48,7 +48,7 @@ class BackboneSpec:
     module: str
     input_size: int
     feature_dim: int
-    layers: dict[str, int] = field(default_factory=dict)
+    layers: dict[str, int] = field(default_factory=dict)  # always includes "predictions"
     min_size: int = 32
 
     @property
@@ -57,8 +57,13 @@ class BackboneSpec:
         return f"keras.applications.{self.module}.preprocess_input"
 
 
-def _spec(name, constructor, module, input_size, feature_dim, **kw) -> BackboneSpec:
-    return BackboneSpec(name, constructor, module, input_size, feature_dim, **kw)
+#: Every classifier's ImageNet top: ``--layer predictions`` gives the 1000 class probabilities.
+PREDICTIONS = "predictions"
+
+
+def _spec(name, constructor, module, input_size, feature_dim, layers=None, **kw) -> BackboneSpec:
+    layers = {**(layers or {}), PREDICTIONS: 1000}
+    return BackboneSpec(name, constructor, module, input_size, feature_dim, layers=layers, **kw)
 
 
 _VGG_LAYERS = {"fc1": 4096, "fc2": 4096}
@@ -319,3 +324,22 @@ def _matching_weights(model, saved) -> list:
         f"no part of the saved model {saved.name!r} has weights matching {model.name!r} "
         f"({len(shapes)} tensors)"
     )
+
+
+def build_classifier(model_spec: ModelSpec, head, *, weights_path: str | None = None):
+    """One Keras model: raw pixels -> preprocessing -> frozen backbone -> ``head``.
+
+    The backbone is called with ``training=False`` so its BatchNorm layers stay in inference
+    mode even when some of its layers are later unfrozen for fine-tuning (Keras' advice).
+    """
+    import keras
+
+    from transforms.keras_layers import Preprocess
+
+    backbone = build_model(model_spec, weights_path=weights_path)
+    backbone.trainable = False
+    size = model_spec.image_size
+    pixels = keras.Input((size, size, 3), name="pixels")
+    features = backbone(Preprocess(model_spec.backbone, name="preprocess")(pixels), training=False)
+    outputs = head(features)
+    return keras.Model(pixels, outputs, name=f"{model_spec.backbone}_classifier")

@@ -117,23 +117,31 @@ class DecodeImages(beam.PTransform):
 
 
 class Embedder:
-    """A loaded backbone behind one compiled function: uint8 batch in, float32 vectors out."""
+    """A loaded backbone (optionally followed by a trained head) behind one compiled function:
+    uint8 batch in, float32 vectors (or class probabilities) out."""
 
-    def __init__(self, model_spec: ModelSpec, weights_path: str | None):
+    def __init__(
+        self, model_spec: ModelSpec, weights_path: str | None, head_path: str | None = None
+    ):
         import tensorflow as tf
 
         self.model_spec = model_spec
         self.model = build_model(model_spec, weights_path=weights_path)
+        self.head = None
+        if head_path is not None:
+            import keras
+
+            self.head = keras.models.load_model(head_path, compile=False)
         spec = model_spec.spec
         size = model_spec.image_size
-
         preprocess_fn(spec)  # import the preprocessing module now, not while tracing
 
         @tf.function(
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], autograph=False
         )
         def embed(pixels):
-            return self.model(preprocess(spec, pixels), training=False)
+            features = self.model(preprocess(spec, pixels), training=False)
+            return features if self.head is None else self.head(features, training=False)
 
         self._embed = embed
 
@@ -166,14 +174,25 @@ class BackboneModelHandler(FeatureModelHandler):
     Args:
         model_spec: backbone, weights, pooling/layer and input size.
         batch_size: images per model call (every batch but a bundle's last is this size).
-        cache_dir: where remote weight files are copied on the worker.
+        cache_dir: where remote weight and head files are copied on the worker.
+        head: a trained head (``head.keras``, local or remote) applied to the features; the
+            outputs are then class probabilities, ``head_classes`` wide.
+        head_classes: the head's output width.
     """
 
     def __init__(
-        self, model_spec: ModelSpec, *, batch_size: int = 32, cache_dir: str | None = None
+        self,
+        model_spec: ModelSpec,
+        *,
+        batch_size: int = 32,
+        cache_dir: str | None = None,
+        head: str | None = None,
+        head_classes: int = 0,
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._model_spec = model_spec
+        self._head = head
+        self._head_classes = head_classes
         self._cache_dir = cache_dir or os.path.join(
             os.path.expanduser("~"), ".cache", "featurebeam", "weights"
         )
@@ -184,7 +203,7 @@ class BackboneModelHandler(FeatureModelHandler):
 
     @property
     def feature_dim(self) -> int:
-        return self._model_spec.feature_dim
+        return self._head_classes if self._head else self._model_spec.feature_dim
 
     def table_metadata(self) -> dict[str, str]:
         spec = self._model_spec
@@ -206,8 +225,13 @@ class BackboneModelHandler(FeatureModelHandler):
             if weights in ("imagenet", "none")
             else storage.local_copy(weights, self._cache_dir)
         )
+        head = None
+        if self._head is not None:
+            import transforms.keras_layers  # noqa: F401  (registers our layers for load_model)
+
+            head = storage.local_copy(self._head, self._cache_dir)
         started = time.monotonic()
-        embedder = Embedder(self._model_spec, path)
+        embedder = Embedder(self._model_spec, path, head)
         _LOG.info(
             "loaded %s (%s, weights=%s) in %.1fs in pid %d",
             self._model_spec.backbone,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import apache_beam as beam
+import pyarrow as pa
 
 from transforms import table
 from transforms.embed import DecodeImages, EmbedImages, FeatureModelHandler
@@ -43,6 +45,8 @@ class ExtractFeatures(beam.PTransform):
         max_pixels: decompression-bomb guard.
         num_shards: fixed feature shard count; 0 sizes shards from the row count.
         extra_metadata: more key-values for the table metadata (e.g. the job's options).
+        to_row: maps each feature row to the row actually written (e.g. top-k predictions).
+        schema: the schema of ``to_row``'s rows (metadata is added); default: feature rows.
 
     Returns:
         A PCollection with the one summary dict.
@@ -58,6 +62,8 @@ class ExtractFeatures(beam.PTransform):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         num_shards: int = 0,
         extra_metadata: dict[str, str] | None = None,
+        to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        schema: pa.Schema | None = None,
     ):
         super().__init__()
         self._sources = sources
@@ -66,6 +72,8 @@ class ExtractFeatures(beam.PTransform):
         self._resize = resize
         self._max_pixels = max_pixels
         self._num_shards = num_shards
+        self._to_row = to_row
+        self._schema = schema
         self._metadata = {
             **model_handler.table_metadata(),
             "resize": resize,
@@ -81,8 +89,13 @@ class ExtractFeatures(beam.PTransform):
         embedded = decoded["decoded"] | "EmbedImages" >> EmbedImages(self._handler)
         errors = (decoded["errors"], embedded["errors"]) | "AllErrors" >> beam.Flatten()
 
+        rows = embedded["rows"]
+        if self._to_row is not None:
+            rows = rows | "ToOutputRows" >> beam.Map(self._to_row)
         schema = table.feature_schema(self._handler.feature_dim, self._metadata)
-        feature_files = embedded["rows"] | "WriteFeatureTable" >> table.WriteTable(
+        if self._schema is not None:
+            schema = self._schema.with_metadata(schema.metadata)
+        feature_files = rows | "WriteFeatureTable" >> table.WriteTable(
             self._output_dir, schema=schema, prefix=table.FEATURES, num_shards=self._num_shards
         )
         error_files = errors | "WriteErrorTable" >> table.WriteTable(
@@ -102,7 +115,7 @@ class ExtractFeatures(beam.PTransform):
             >> beam.Map(
                 _summary,
                 inputs=count(refs, "CountInputs"),
-                rows=count(embedded["rows"], "CountRows"),
+                rows=count(rows, "CountRows"),
                 errors=count(errors, "CountErrors"),
                 feature_files=beam.pvalue.AsList(feature_files),
                 error_files=beam.pvalue.AsList(error_files),

@@ -1,0 +1,174 @@
+"""Fine-tune an exported model: its weights as the starting point, the top layers unfrozen.
+
+    python -m pipeline.finetune --images TRAIN_DIR [--val-images VAL_DIR] --from MODEL_DIR \\
+        --model-dir OUT_DIR --unfreeze-top 20 --learning-rate 1e-5 [--epochs 1] [--steps N]
+
+Reads the same image listing as extraction (folders, globs, manifests; labels from class folders)
+through ``tf.data``, unfreezes the top N layers of the backbone, keeps every BatchNormalization
+layer frozen and in inference mode (as Keras recommends for fine-tuning), trains with a low learning
+rate, and reports validation accuracy before and after. Images that cannot be decoded are left out
+of training and counted in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.export_model import CLASSES_FILE, MODEL_FILE, load_exported
+from transforms import storage
+from transforms.head import stratified_split
+from transforms.images import ImageError, load_image
+from transforms.listing import list_sources
+
+REPORT_FILE = "finetune_report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.finetune", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--images", action="append", required=True, help="labelled images; repeatable"
+    )
+    parser.add_argument("--val-images", action="append", default=[], help="validation images")
+    parser.add_argument("--val-split", type=float, default=0.2, help="when no --val-images")
+    parser.add_argument("--from", dest="source", required=True, help="an export_model --model-dir")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--unfreeze-top", type=int, default=20, help="backbone layers to train")
+    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _labelled(sources, classes) -> tuple[list[str], np.ndarray]:
+    refs = [r for r in list_sources(sources) if r.label is not None]
+    unknown = sorted({r.label for r in refs} - set(classes))
+    if unknown:
+        raise ValueError(f"labels the model does not know: {unknown}; it knows {classes}")
+    return [r.uri for r in refs], np.array([classes.index(r.label) for r in refs], dtype=np.int64)
+
+
+def _dataset(uris, targets, size, *, batch_size, shuffle_seed=None):
+    """tf.data over URIs: our Pillow decoder in a numpy_function; undecodable images dropped."""
+    import tensorflow as tf
+
+    def load(uri):
+        try:
+            return load_image(storage.read_bytes(uri.decode()), size).pixels, True
+        except (ImageError, OSError):
+            return np.zeros((*size, 3), np.uint8), False
+
+    ds = tf.data.Dataset.from_tensor_slices((uris, targets))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(uris), seed=shuffle_seed, reshuffle_each_iteration=True)
+    ds = ds.map(
+        lambda u, t: (*tf.numpy_function(load, [u], (tf.uint8, tf.bool)), t),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.filter(lambda x, ok, t: ok).map(
+        lambda x, ok, t: (tf.ensure_shape(tf.cast(x, tf.float32), (*size, 3)), t)
+    )
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def unfreeze_top(model, n: int) -> int:
+    """Makes the top ``n`` layers of the nested backbone trainable (BatchNorm stays frozen);
+    returns how many layers now train."""
+    import keras
+
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    backbone.trainable = True
+    count = 0
+    for i, layer in enumerate(backbone.layers):
+        train = i >= len(backbone.layers) - n and not isinstance(
+            layer, keras.layers.BatchNormalization
+        )
+        layer.trainable = train
+        count += bool(train and layer.weights)
+    return count
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    import keras
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    model, classes = load_exported(args.source)
+    size = tuple(model.input_shape[1:3])
+    try:
+        uris, targets = _labelled(args.images, classes)
+        if args.val_images:
+            val_uris, val_targets = _labelled(args.val_images, classes)
+        else:
+            tr, va = stratified_split(targets, args.val_split, seed=args.seed)
+            val_uris, val_targets = [uris[i] for i in va], targets[va]
+            uris, targets = [uris[i] for i in tr], targets[tr]
+    except ValueError as exc:
+        parser.error(str(exc))
+    keras.utils.set_random_seed(args.seed)
+    train_ds = _dataset(uris, targets, size, batch_size=args.batch_size, shuffle_seed=args.seed)
+    if args.steps:
+        train_ds = train_ds.repeat()  # a fixed number of steps may span more than one pass
+    val_ds = _dataset(val_uris, val_targets, size, batch_size=64)
+
+    trainable = unfreeze_top(model, args.unfreeze_top)
+    model.compile(
+        optimizer=keras.optimizers.Adam(args.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    before = float(model.evaluate(val_ds, verbose=0)[1])
+    history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0).history
+    after = float(model.evaluate(val_ds, verbose=0)[1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, MODEL_FILE)
+        model.save(local)
+        data = open(local, "rb").read()  # noqa: SIM115
+    storage.write_atomically(storage.join(args.model_dir, MODEL_FILE), lambda f: f.write(data))
+    storage.write_atomically(
+        storage.join(args.model_dir, CLASSES_FILE), lambda f: f.write(json.dumps(classes).encode())
+    )
+    report = {
+        "val_accuracy_before": before,
+        "val_accuracy_after": after,
+        "train_images": len(uris),
+        "val_images": len(val_uris),
+        "unfrozen_layers_with_weights": trainable,
+        "learning_rate": args.learning_rate,
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps,
+        "train_loss": history.get("loss", []),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    payload = json.dumps(report, indent=2).encode()
+    storage.write_atomically(storage.join(args.model_dir, REPORT_FILE), lambda f: f.write(payload))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    r = run(argv)
+    print(
+        f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "
+        f"({r['unfrozen_layers_with_weights']} layers trained, {r['train_images']} images, {r['seconds']} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

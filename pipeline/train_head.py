@@ -1,0 +1,230 @@
+"""Train a new classifier head on a feature table.
+
+    python -m pipeline.train_head --features OUT_DIR [--val-features VAL_DIR | --val-split 0.2] \\
+        --model-dir HEAD_DIR [--head logistic|mlp] [--epochs N] [--learning-rate X]
+
+Writes to HEAD_DIR: ``head.keras`` (the Keras head: normalisation + softmax), ``report.json``
+(classes, counts, accuracy, per-class precision/recall, confusion matrix, the feature table's
+fingerprint and metadata), and three pictures: ``confusion_matrix.png``, ``learning_curves.png``
+and ``features_pca.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from transforms import storage
+from transforms.head import (
+    HEADS,
+    FeatureSet,
+    build_head,
+    classification_report,
+    pca_2d,
+    read_features,
+    stratified_split,
+)
+
+_LOG = logging.getLogger(__name__)
+HEAD_FILE = "head.keras"
+REPORT_FILE = "report.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train_head", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--features", action="append", required=True, help="table folder; repeatable"
+    )
+    parser.add_argument("--val-features", action="append", default=[], help="validation table(s)")
+    parser.add_argument(
+        "--val-split", type=float, default=0.2, help="stratified fraction when no --val-features"
+    )
+    parser.add_argument(
+        "--model-dir", required=True, help="where the head and report go (local or gs://)"
+    )
+    parser.add_argument("--head", default="logistic", choices=HEADS)
+    parser.add_argument("--hidden-units", type=int, default=256, help="mlp only")
+    parser.add_argument("--dropout", type=float, default=0.3, help="mlp only")
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--patience", type=int, default=15, help="early-stopping patience (epochs)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _split(train: FeatureSet, val: FeatureSet | None, fraction: float, seed: int):
+    if val is not None:
+        return train.x, train.labels, val.x, val.labels
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-split must be in (0, 1), got {fraction}")
+    tr, va = stratified_split(train.labels, fraction, seed=seed)
+    return train.x[tr], train.labels[tr], train.x[va], train.labels[va]
+
+
+def _save_plots(model_dir: str, history: dict, report: dict, classes, x, labels) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def save(fig, name):
+        path = storage.join(model_dir, name)
+        with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
+            fig.savefig(tmp.name, dpi=110, bbox_inches="tight")
+            data = open(tmp.name, "rb").read()  # noqa: SIM115
+        plt.close(fig)
+        storage.write_atomically(path, lambda f: f.write(data))
+        files.append(name)
+
+    confusion = np.array(report["confusion_matrix"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(classes), 1 + 0.6 * len(classes)))
+    ax.imshow(confusion, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (i, j), v in np.ndenumerate(confusion):
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            color="black" if v < confusion.max() / 2 else "white",
+        )
+    ax.set_title(f"validation accuracy {report['accuracy']:.3f}")
+    save(fig, "confusion_matrix.png")
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
+        ax.plot(history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    save(fig, "learning_curves.png")
+
+    points = pca_2d(x)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name in classes:
+        mask = labels == name
+        ax.scatter(points[mask, 0], points[mask, 1], s=8, alpha=0.7, label=name)
+    ax.set_title("features, first two principal components")
+    ax.legend(markerscale=2, fontsize="small")
+    save(fig, "features_pca.png")
+    return files
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains the head; returns the report (also written to ``report.json``)."""
+    import keras
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        train = read_features(args.features)
+        val = (
+            read_features(args.val_features, metadata=train.metadata) if args.val_features else None
+        )
+        x_train, y_train, x_val, y_val = _split(train, val, args.val_split, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    classes = sorted(set(y_train.tolist()))
+    if len(classes) < 2:
+        parser.error(f"need at least two classes to train a classifier, found {classes}")
+    unknown = sorted(set(y_val.tolist()) - set(classes))
+    if unknown:
+        parser.error(f"validation labels not seen in training: {unknown}")
+    index = {name: i for i, name in enumerate(classes)}
+    t_train = np.array([index[v] for v in y_train])
+    t_val = np.array([index[v] for v in y_val])
+
+    keras.utils.set_random_seed(args.seed)
+    head = build_head(
+        x_train, len(classes), kind=args.head, hidden=args.hidden_units, dropout=args.dropout
+    )
+    head.compile(
+        optimizer=keras.optimizers.Adam(args.learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    stop = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=args.patience, restore_best_weights=True
+    )
+    history = head.fit(
+        x_train,
+        t_train,
+        validation_data=(x_val, t_val),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        callbacks=[stop],
+        verbose=0,
+    ).history
+    predicted = head.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
+    report = {
+        "classes": classes,
+        "counts": {
+            "train": {c: int((y_train == c).sum()) for c in classes},
+            "validation": {c: int((y_val == c).sum()) for c in classes},
+        },
+        **classification_report(t_val, predicted, classes),
+        "head": args.head,
+        "epochs_run": len(history["loss"]),
+        "seed": args.seed,
+        "validation": "tables" if val is not None else f"stratified split {args.val_split}",
+        "feature_table_fingerprint": train.fingerprint,
+        "feature_table_metadata": train.metadata,
+        "feature_tables": list(args.features),
+    }
+    storage.makedirs(args.model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, HEAD_FILE)
+        head.save(local)
+        data = open(local, "rb").read()  # noqa: SIM115
+    storage.write_atomically(storage.join(args.model_dir, HEAD_FILE), lambda f: f.write(data))
+    report["pictures"] = _save_plots(
+        args.model_dir,
+        history,
+        report,
+        classes,
+        np.concatenate([x_train, x_val]),
+        np.concatenate([y_train, y_val]),
+    )
+    report["seconds"] = round(time.monotonic() - started, 2)
+    payload = json.dumps(report, indent=2).encode()
+    storage.write_atomically(storage.join(args.model_dir, REPORT_FILE), lambda f: f.write(payload))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    report = run(argv)
+    print(
+        f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "
+        f"examples, {len(report['classes'])} classes, {report['epochs_run']} epochs, {report['seconds']} s"
+    )
+    for name, stats in report["per_class"].items():
+        print(
+            f"  {name}: precision {stats['precision']:.3f} recall {stats['recall']:.3f} ({stats['support']})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The downstream jobs: train a head on a table, classify, export, fine-tune."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_transforms import run_extract
+
+from pipeline import classify, export_model, finetune, train_head
+from transforms import table
+from transforms.classify import TopK
+from transforms.head import check_compatible, classification_report, read_features, stratified_split
+
+
+def test_stratified_split_keeps_class_proportions():
+    labels = np.array(["a"] * 10 + ["b"] * 5)
+    train, val = stratified_split(labels, 0.2, seed=0)
+    assert sorted(np.concatenate([train, val])) == list(range(15))
+    assert sorted(labels[val]) == ["a", "a", "b"]
+    assert np.array_equal(stratified_split(labels, 0.2, seed=0)[1], val)
+
+
+def test_classification_report_values():
+    report = classification_report(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["x", "y"])
+    assert report["accuracy"] == 0.75
+    assert report["confusion_matrix"] == [[1, 1], [0, 2]]
+    assert report["per_class"]["y"] == {"precision": 2 / 3, "recall": 1.0, "support": 2}
+
+
+def test_top_k_rows():
+    row = {"image_id": "i", "uri": "u", "label": None, "split": None, "width": 1, "height": 1}
+    out = TopK(2, ["a", "b", "c"])({**row, "feature": np.array([0.2, 0.7, 0.1], np.float32)})
+    assert (out["prediction"], out["top_classes"]) == ("b", ["b", "a"])
+    assert out["top_probabilities"] == pytest.approx([0.7, 0.2])
+    assert "feature" not in out
+
+
+def test_incompatible_tables_are_refused():
+    with pytest.raises(ValueError, match="weights_fingerprint is 'b'"):
+        check_compatible({"weights_fingerprint": "a"}, {"weights_fingerprint": "b"}, "t")
+
+
+def test_train_head_on_a_small_table(image_tree, tmp_path):
+    run_extract(str(image_tree / "train"), tmp_path / "train")
+    run_extract(str(image_tree / "val"), tmp_path / "val")
+    report = train_head.run(
+        ["--features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")]
+        + ["--model-dir", str(tmp_path / "head"), "--head", "mlp", "--epochs", "3"]
+    )
+    assert report["classes"] == ["cats", "dogs"]
+    assert report["counts"]["validation"] == {"cats": 3, "dogs": 3}
+    assert len(report["confusion_matrix"]) == 2 and report["epochs_run"] <= 3
+    files = {p.name for p in (tmp_path / "head").iterdir()}
+    assert {"head.keras", "report.json", "confusion_matrix.png", "learning_curves.png"} <= files
+    assert "features_pca.png" in files
+    assert json.loads((tmp_path / "head" / "report.json").read_text())["feature_table_fingerprint"]
+
+
+def test_tables_without_labels_or_with_one_class_are_refused(image_tree, tmp_path, capsys):
+    run_extract(str(image_tree / "train" / "cats"), tmp_path / "nolabels")
+    with pytest.raises(ValueError, match="no row has a label"):
+        read_features([str(tmp_path / "nolabels")])
+    run_extract(str(image_tree / "train"), tmp_path / "t")
+    run_extract(str(image_tree / "val" / "*" / "0.png"), tmp_path / "v")  # labelled, both classes
+    with pytest.raises(SystemExit):
+        train_head.run(
+            ["--features", str(tmp_path / "v"), "--model-dir", str(tmp_path / "h")]
+            + ["--val-split", "1.5"]
+        )
+    assert "--val-split must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_four_uses_on_ants_and_bees(hymenoptera, sample_weights, tmp_path):
+    from pipeline.extract import run as extract
+
+    for split in ("train", "val"):
+        extract(
+            ["--input", str(hymenoptera / split), "--output", str(tmp_path / split)]
+            + ["--backbone", "mobilenet_v2", "--weights", "sample"]
+        )
+    # 1. a new head on the frozen features
+    report = train_head.run(
+        ["--features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")]
+        + ["--model-dir", str(tmp_path / "head")]
+    )
+    print(f"\nhead val accuracy {report['accuracy']:.3f}")
+    assert report["accuracy"] >= 0.90
+    # 2. classify new images with backbone + head
+    summary = classify.run(
+        ["--input", str(hymenoptera / "val"), "--output", str(tmp_path / "pred")]
+        + ["--head", str(tmp_path / "head"), "--top-k", "2"]
+    )
+    predictions = table.read_table(str(tmp_path / "pred"))
+    assert summary["rows"] == predictions.num_rows == 153
+    labels = np.array(predictions.column("label").to_pylist())
+    predicted = np.array(predictions.column("prediction").to_pylist())
+    assert (labels == predicted).mean() == pytest.approx(report["accuracy"], abs=0.01)
+    # 3. one exported model equals the two-step path
+    exported = export_model.run(
+        ["--head", str(tmp_path / "head"), "--model-dir", str(tmp_path / "model")]
+    )
+    assert exported["max_abs_difference"] <= 1e-4 and exported["argmax_agreement"] == 1.0
+    # 4. fine-tuning a few steps runs and reports both accuracies
+    tuned = finetune.run(
+        ["--images", str(hymenoptera / "train"), "--val-images", str(hymenoptera / "val")]
+        + ["--from", str(tmp_path / "model"), "--model-dir", str(tmp_path / "ft")]
+        + ["--unfreeze-top", "10", "--steps", "3", "--batch-size", "8"]
+    )
+    print(f"fine-tuning: {tuned['val_accuracy_before']:.3f} -> {tuned['val_accuracy_after']:.3f}")
+    assert tuned["val_accuracy_before"] == pytest.approx(report["accuracy"], abs=0.01)
+    assert 0.0 <= tuned["val_accuracy_after"] <= 1.0 and tuned["unfrozen_layers_with_weights"] > 0

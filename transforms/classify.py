@@ -1,0 +1,75 @@
+"""Classification output: top-k classes and probabilities per image, as table rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+_LOG = logging.getLogger(__name__)
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("prediction", pa.string(), nullable=False),
+        pa.field("probability", pa.float32(), nullable=False),
+        pa.field("top_classes", pa.list_(pa.string()), nullable=False),
+        pa.field("top_probabilities", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+
+class TopK:
+    """Maps a row whose ``feature`` holds class probabilities to a prediction row."""
+
+    def __init__(self, k: int, class_names: list[str]):
+        if k < 1:
+            raise ValueError(f"top-k must be >= 1, got {k}")
+        self._k = min(k, len(class_names))
+        self._names = list(class_names)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        probabilities = np.asarray(row["feature"], dtype=np.float32)
+        if probabilities.shape != (len(self._names),):
+            raise ValueError(
+                f"expected {len(self._names)} probabilities, got {probabilities.shape}"
+            )
+        order = np.argsort(-probabilities, kind="stable")[: self._k]
+        out = {k: v for k, v in row.items() if k != "feature"}
+        out["prediction"] = self._names[order[0]]
+        out["probability"] = float(probabilities[order[0]])
+        out["top_classes"] = [self._names[i] for i in order]
+        out["top_probabilities"] = [float(probabilities[i]) for i in order]
+        return out
+
+
+def imagenet_class_names() -> list[str]:
+    """Keras' own ImageNet class index (downloaded once into Keras' cache).
+
+    Offline and not cached, the names fall back to ``imagenet:<index>`` with a warning: the
+    probabilities are still right, only the names are missing.
+    """
+    try:
+        import keras
+        from keras.src.applications import imagenet_utils
+
+        path = keras.utils.get_file(
+            "imagenet_class_index.json",
+            imagenet_utils.CLASS_INDEX_PATH,
+            cache_subdir="models",
+            file_hash="c2c37ea517e94d9795004a39431a14cb",
+        )
+        with open(path) as f:
+            index = json.load(f)
+        return [index[str(i)][1] for i in range(1000)]
+    except Exception as exc:  # no internet: Keras cannot fetch the class index
+        _LOG.warning("ImageNet class names unavailable (%s); using imagenet:<index>", exc)
+        return [f"imagenet:{i}" for i in range(1000)]
