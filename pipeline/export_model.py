@@ -10,9 +10,7 @@ table that the exported model's probabilities equal backbone -> features -> head
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import tempfile
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +19,7 @@ import numpy as np
 
 from pipeline.config import model_spec_from_metadata
 from pipeline.train_head import HEAD_FILE, REPORT_FILE
-from transforms import storage, table
+from transforms import model_io, storage, table
 from transforms.images import load_image
 
 MODEL_FILE = "model.keras"
@@ -44,28 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_exported(model_dir: str):
     """Loads an exported model and its class names."""
-    import keras
-
-    import transforms.keras_layers  # noqa: F401  (registers Preprocess for load_model)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        data = storage.read_bytes(storage.join(model_dir, MODEL_FILE))
-        with open(local, "wb") as f:
-            f.write(data)
-        model = keras.models.load_model(local, compile=False)
-    classes = json.loads(storage.read_bytes(storage.join(model_dir, CLASSES_FILE)))
-    return model, classes
+    model = model_io.load_keras(storage.join(model_dir, MODEL_FILE))
+    return model, model_io.read_json(storage.join(model_dir, CLASSES_FILE))
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import keras
 
     from transforms.backbones import build_classifier
     from transforms.embed import Embedder
 
     args = build_parser().parse_args(argv)
-    report = json.loads(storage.read_bytes(storage.join(args.head, REPORT_FILE)))
+    report = model_io.read_json(storage.join(args.head, REPORT_FILE))
     meta = report["feature_table_metadata"]
     spec = model_spec_from_metadata(meta)
     weights = (
@@ -73,18 +60,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if spec.weights in ("imagenet", "none")
         else storage.local_copy(spec.weights, tempfile.gettempdir())
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        head_path = os.path.join(tmp, HEAD_FILE)
-        with open(head_path, "wb") as f:
-            f.write(storage.read_bytes(storage.join(args.head, HEAD_FILE)))
-        head = keras.models.load_model(head_path, compile=False)
-        model = build_classifier(spec, head, weights_path=weights)
-        local = os.path.join(tmp, MODEL_FILE)
-        model.save(local)
-        data = open(local, "rb").read()  # noqa: SIM115
-    storage.write_atomically(storage.join(args.model_dir, MODEL_FILE), lambda f: f.write(data))
-    classes = json.dumps(report["classes"]).encode()
-    storage.write_atomically(storage.join(args.model_dir, CLASSES_FILE), lambda f: f.write(classes))
+    head = model_io.load_keras(storage.join(args.head, HEAD_FILE))
+    model = build_classifier(spec, head, weights_path=weights)
+    model_io.save_keras(model, storage.join(args.model_dir, MODEL_FILE))
+    model_io.write_json(storage.join(args.model_dir, CLASSES_FILE), report["classes"])
 
     # The check: the saved-and-reloaded model against the two-step path on real images.
     uris = table.read_table(report["feature_tables"][0], columns=["uri"]).column("uri").to_pylist()

@@ -13,10 +13,7 @@ of training and counted in the report.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.export_model import CLASSES_FILE, MODEL_FILE, load_exported
-from transforms import storage
+from transforms import model_io, storage
 from transforms.head import stratified_split
 from transforms.images import ImageError, load_image
 from transforms.listing import list_sources
@@ -134,14 +131,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0).history
     after = float(model.evaluate(val_ds, verbose=0)[1])
 
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, MODEL_FILE)
-        model.save(local)
-        data = open(local, "rb").read()  # noqa: SIM115
-    storage.write_atomically(storage.join(args.model_dir, MODEL_FILE), lambda f: f.write(data))
-    storage.write_atomically(
-        storage.join(args.model_dir, CLASSES_FILE), lambda f: f.write(json.dumps(classes).encode())
-    )
+    model_io.save_keras(model, storage.join(args.model_dir, MODEL_FILE))
+    model_io.write_json(storage.join(args.model_dir, CLASSES_FILE), classes)
     report = {
         "val_accuracy_before": before,
         "val_accuracy_after": after,
@@ -154,8 +145,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_loss": history.get("loss", []),
         "seconds": round(time.monotonic() - started, 1),
     }
-    payload = json.dumps(report, indent=2).encode()
-    storage.write_atomically(storage.join(args.model_dir, REPORT_FILE), lambda f: f.write(payload))
+    model_io.write_json(storage.join(args.model_dir, REPORT_FILE), report)
     return report
 
 

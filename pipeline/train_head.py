@@ -12,9 +12,7 @@ and ``features_pca.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms import storage
+from transforms import model_io, storage
 from transforms.head import (
     HEADS,
     FeatureSet,
@@ -192,11 +190,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "feature_tables": list(args.features),
     }
     storage.makedirs(args.model_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, HEAD_FILE)
-        head.save(local)
-        data = open(local, "rb").read()  # noqa: SIM115
-    storage.write_atomically(storage.join(args.model_dir, HEAD_FILE), lambda f: f.write(data))
+    model_io.save_keras(head, storage.join(args.model_dir, HEAD_FILE))
     report["pictures"] = _save_plots(
         args.model_dir,
         history,
@@ -206,8 +200,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         np.concatenate([y_train, y_val]),
     )
     report["seconds"] = round(time.monotonic() - started, 2)
-    payload = json.dumps(report, indent=2).encode()
-    storage.write_atomically(storage.join(args.model_dir, REPORT_FILE), lambda f: f.write(payload))
+    model_io.write_json(storage.join(args.model_dir, REPORT_FILE), report)
     return report
 
 
