@@ -52,8 +52,8 @@ def test_names_are_normalised():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(backbone="vgg16", layer="fc9"), "valid layers: fc1, fc2"),
-        (dict(backbone="resnet50", layer="fc2"), "none for this backbone"),
+        (dict(backbone="vgg16", layer="fc9"), "valid layers: fc1, fc2, predictions"),
+        (dict(backbone="resnet50", layer="fc2"), "valid layers: predictions"),
         (dict(backbone="vgg16", layer="fc2", image_size=160), "fixed at 224"),
         (dict(backbone="resnet50", pooling="mean"), "pooling must be one of"),
         (dict(backbone="inception_v3", image_size=40), ">= 75"),

@@ -155,7 +155,7 @@ class ModelSpec:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.layer is not None and self.layer not in spec.layers:
-            valid = ", ".join(spec.layers) or "none for this backbone"
+            valid = ", ".join(spec.layers)
             raise ValueError(f"unknown layer {self.layer!r} for {spec.name}; valid layers: {valid}")
         size = self.image_size or spec.input_size
         if self.layer is not None and size != spec.input_size:
