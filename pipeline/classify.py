@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from pipeline import runners
 from pipeline.config import add_model_flags, model_spec_from_args, model_spec_from_metadata
 from pipeline.extract import prepare_output
 from pipeline.train_head import HEAD_FILE, REPORT_FILE
-from transforms import listing, storage, table
+from transforms import listing, model_io, storage, table
 from transforms.backbones import PREDICTIONS
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
 from transforms.embed import BackboneModelHandler
@@ -50,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str], dict[str, str]]:
     try:
         if args.head:
-            report = json.loads(storage.read_bytes(storage.join(args.head, REPORT_FILE)))
+            report = model_io.read_json(storage.join(args.head, REPORT_FILE))
             spec = model_spec_from_metadata(report["feature_table_metadata"])
             classes = report["classes"]
             handler = BackboneModelHandler(
@@ -105,9 +104,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runners.configure_logging()
     try:
         summary = run(argv)
     except (FileExistsError, FileNotFoundError) as exc:

@@ -10,13 +10,13 @@ table that the exported model's probabilities equal backbone -> features -> head
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from pipeline import runners
 from pipeline.config import model_spec_from_metadata
 from pipeline.train_head import HEAD_FILE, REPORT_FILE
 from transforms import model_io, storage, table
@@ -90,9 +90,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runners.configure_logging()
     result = run(argv)
     print(
         f"exported {result['model']}; on {result['checked_images']} images its probabilities equal "

@@ -98,9 +98,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runners.configure_logging()
     try:
         summary = run(argv)
     except (FileExistsError, FileNotFoundError) as exc:

@@ -13,13 +13,13 @@ of training and counted in the report.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from pipeline import runners
 from pipeline.export_model import CLASSES_FILE, MODEL_FILE, load_exported
 from transforms import model_io, storage
 from transforms.head import stratified_split
@@ -150,9 +150,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runners.configure_logging()
     r = run(argv)
     print(
         f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "

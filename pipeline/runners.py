@@ -40,6 +40,15 @@ class LocalRunner(PipelineRunner):
         return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
 
 
+def configure_logging() -> None:
+    """The jobs' log format: time, level, logger, message, at INFO."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
 def keep_loopback_unproxied() -> None:
     """Adds loopback hosts to ``NO_PROXY``/``no_proxy`` when any proxy variable is set."""
     if not any(

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import runners
 from transforms import model_io, storage
 from transforms.head import (
     HEADS,
@@ -205,9 +206,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    runners.configure_logging()
     report = run(argv)
     print(
         f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "

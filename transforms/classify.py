@@ -9,16 +9,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from transforms.table import IMAGE_FIELDS
+
 _LOG = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = pa.schema(
     [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("width", pa.int32()),
-        pa.field("height", pa.int32()),
+        *IMAGE_FIELDS,
         pa.field("prediction", pa.string(), nullable=False),
         pa.field("probability", pa.float32(), nullable=False),
         pa.field("top_classes", pa.list_(pa.string()), nullable=False),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from transforms import table
 
@@ -71,9 +72,10 @@ def read_features(
     xs, labels, uris = [], [], []
     reference = metadata
     for table_dir in table_dirs:
-        for path in table.shard_files(table_dir):
-            import pyarrow.parquet as pq
-
+        files = table.shard_files(table_dir)
+        if not files:
+            raise ValueError(f"{table_dir}: no features-*.parquet shards")
+        for path in files:
             fs, inner = table.storage.filesystem(path)
             shard = pq.read_table(inner, filesystem=fs, columns=["uri", "label", "feature"])
             meta = table.table_metadata(shard.schema)
@@ -83,8 +85,6 @@ def read_features(
             xs.append(table.features_matrix(shard))
             labels.extend(shard.column("label").to_pylist())
             uris.extend(shard.column("uri").to_pylist())
-        if not table.shard_files(table_dir):
-            raise ValueError(f"{table_dir}: no features-*.parquet shards")
     labelled = np.array([label is not None for label in labels], dtype=bool)
     if not labelled.any():
         raise ValueError(

@@ -54,18 +54,21 @@ ERROR_SCHEMA = pa.schema(
 _SHARD_RE = re.compile(r"^(?P<prefix>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
 
 
+#: The columns that identify an image; every per-image table starts with them.
+IMAGE_FIELDS = (
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("label", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+)
+
+
 def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """The feature table's schema, with ``metadata`` stored under ``featurebeam.*`` keys."""
     schema = pa.schema(
-        [
-            pa.field("image_id", pa.string(), nullable=False),
-            pa.field("uri", pa.string(), nullable=False),
-            pa.field("label", pa.string()),
-            pa.field("split", pa.string()),
-            pa.field("width", pa.int32()),
-            pa.field("height", pa.int32()),
-            pa.field("feature", pa.list_(pa.float32(), dim), nullable=False),
-        ]
+        [*IMAGE_FIELDS, pa.field("feature", pa.list_(pa.float32(), dim), nullable=False)]
     )
     if metadata:
         schema = schema.with_metadata(
