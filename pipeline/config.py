@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from pipeline import sample_weights
 from transforms import storage
-from transforms.backbones import BACKBONES, POOLINGS, ModelSpec
+from transforms.backbones import BACKBONES, POOLINGS, PRECISIONS, ModelSpec
+from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 from transforms.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 
 
@@ -40,7 +41,13 @@ class ExtractConfig:
         batch_size: images per model call.
         resize: ``squash`` or ``crop``.
         max_pixels: decompression-bomb guard.
-        num_shards: fixed shard count, 0 for automatic.
+        mode: ``full`` (new table) or ``incremental`` (add what is new or changed; resumes).
+        chunk_size: images per work unit and per shard file.
+        decode_threads: decoding threads per worker process.
+        retry_errors: in incremental mode, retry images that failed before.
+        precision: ``float32`` or ``bfloat16`` (Keras mixed precision) for the backbone.
+        intra_op_threads: TensorFlow threads per worker process; 0 = its own default, or a
+            share of the cores when several local worker processes run (see ``runners``).
         overwrite: replace an existing table in ``output``.
         cache_dir: where remote weights are copied on workers.
     """
@@ -51,7 +58,12 @@ class ExtractConfig:
     batch_size: int = 32
     resize: str = "squash"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    num_shards: int = 0
+    mode: str = "full"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    decode_threads: int = 2
+    retry_errors: bool = False
+    precision: str = "float32"
+    intra_op_threads: int = 0
     overwrite: bool = False
     cache_dir: str | None = None
 
@@ -64,8 +76,14 @@ class ExtractConfig:
             raise ValueError(f"--resize must be one of {RESIZE_MODES}")
         if self.max_pixels < 1:
             raise ValueError("--max-pixels must be >= 1")
-        if self.num_shards < 0:
-            raise ValueError("--num-shards must be >= 0")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.decode_threads < 1:
+            raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
+        if self.intra_op_threads < 0:
+            raise ValueError("--intra-op-threads must be >= 0")
+        if self.mode == "incremental" and self.overwrite:
+            raise ValueError("--overwrite starts a new table; it cannot be --mode incremental")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +160,44 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="default: %(default)s"
     )
     parser.add_argument(
-        "--num-shards", type=int, default=0, help="feature shards; 0 = about 64 MiB each"
+        "--mode",
+        default="full",
+        choices=MODES,
+        help="full: write a new table (default); incremental: embed only images not yet in "
+        "--output or whose file changed, and finish a run that was killed",
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help="images per work unit and per shard file; a killed run loses at most the "
+        "chunks in flight (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="incremental mode: also retry images whose earlier attempt is in _errors/",
+    )
+    parser.add_argument(
+        "--decode-threads",
+        type=int,
+        default=2,
+        help="image decoding threads per worker process, overlapping the model (default: 2)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=PRECISIONS,
+        help="bfloat16 runs the backbone in Keras mixed precision: faster on CPUs with bf16 "
+        "support and on GPUs for large convnets, slower for depthwise nets (MobileNet); "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="TensorFlow threads per worker process (default: all cores for one process, "
+        "an equal share when --direct_num_workers processes share the machine)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
     parser.add_argument("--cache-dir", default=None, help="worker cache for remote weight files")
@@ -181,7 +236,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
             batch_size=args.batch_size,
             resize=args.resize,
             max_pixels=args.max_pixels,
-            num_shards=args.num_shards,
+            mode=args.mode,
+            chunk_size=args.chunk_size,
+            decode_threads=args.decode_threads,
+            retry_errors=args.retry_errors,
+            precision=args.precision,
+            intra_op_threads=args.intra_op_threads,
             overwrite=args.overwrite,
             cache_dir=args.cache_dir,
         )

@@ -20,6 +20,7 @@ import apache_beam as beam
 from pipeline import runners
 from pipeline.config import ExtractConfig, parse_args
 from transforms import listing, storage, table
+from transforms import plan as plans
 from transforms.embed import BackboneModelHandler
 from transforms.extract import ExtractFeatures
 
@@ -34,32 +35,41 @@ def prepare_output(output: str, *, overwrite: bool) -> None:
         FileExistsError: the output already holds a table and ``--overwrite`` was not given.
     """
     existing = [f for p in _TABLE_PREFIXES for f in table.shard_files(output, p)]
-    summary = storage.join(output, table.SUMMARY_FILE)
-    if storage.exists(summary):
-        existing.append(summary)
+    for name in (table.SUMMARY_FILE, plans.PLANS_DIR):
+        if storage.exists(storage.join(output, name)):
+            existing.append(storage.join(output, name))
     if not existing:
         return
     if not overwrite:
         raise FileExistsError(
-            f"{output} already holds a feature table ({len(existing)} files); "
-            "pass --overwrite to replace it or choose another --output"
+            f"{output} already holds a feature table ({len(existing)} files); pass --overwrite "
+            "to replace it, --mode incremental to add new images to it (or to finish a run "
+            "that was killed), or choose another --output"
         )
     fs, _ = storage.filesystem(output)
-    fs.rm([storage.filesystem(f)[1] for f in existing])
+    fs.rm([storage.filesystem(f)[1] for f in existing], recursive=True)
 
 
-def build(pipeline: beam.Pipeline, config: ExtractConfig):
+def build(pipeline: beam.Pipeline, config: ExtractConfig, *, processes_per_machine: int = 1):
     """Adds the extraction graph for ``config`` to ``pipeline``; returns the summary PCollection."""
+    threads = config.intra_op_threads or runners.thread_share(processes_per_machine)
     handler = BackboneModelHandler(
-        config.model, batch_size=config.batch_size, cache_dir=config.cache_dir
+        config.model,
+        batch_size=config.batch_size,
+        cache_dir=config.cache_dir,
+        precision=config.precision,
+        intra_op_threads=threads,
     )
     return pipeline | "ExtractFeatures" >> ExtractFeatures(
         list(config.inputs),
         config.output,
         model_handler=handler,
+        mode=config.mode,
+        chunk_size=config.chunk_size,
+        decode_threads=config.decode_threads,
+        retry_errors=config.retry_errors,
         resize=config.resize,
         max_pixels=config.max_pixels,
-        num_shards=config.num_shards,
     )
 
 
@@ -69,11 +79,16 @@ def run(
     """Parses flags, builds the graph, runs it; returns the table summary plus ``seconds``."""
     config, beam_args = parse_args(argv)
     listing.check_sources(config.inputs)
-    prepare_output(config.output, overwrite=config.overwrite)
+    if config.mode == "full":
+        prepare_output(config.output, overwrite=config.overwrite)
     started = time.monotonic()
-    runners.run_graph(lambda p: build(p, config), beam_args, test_pipeline)
+    processes = runners.local_processes(beam_args)
+    runners.run_graph(
+        lambda p: build(p, config, processes_per_machine=processes), beam_args, test_pipeline
+    )
     summary = table.read_summary(config.output)
     summary["seconds"] = time.monotonic() - started
+    summary["mode"] = config.mode
     summary["output"] = config.output
     return summary
 
@@ -82,13 +97,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     out = summary["output"]
     meta = summary["metadata"]
     rate = summary["inputs"] / summary["seconds"] if summary["seconds"] else 0.0
+    run = summary.get("run", {})
     return "\n".join(
         [
             f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}",
+            f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
+            f"images in {run.get('chunks', 0)} chunks -> {run.get('new_rows', 0)} new rows, "
+            f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "
+            f"removed {run.get('stale_rows_removed', 0)} stale rows",
             f"backbone {meta['backbone']} ({meta.get('layer') or 'pooling=' + meta.get('pooling', '')}), "
             f"{meta['feature_dim']}-d vectors at {meta['input_size']} px, weights {meta['weights_fingerprint'][:23]}",
             f"{summary['seconds']:.1f} s wall time, {rate:.1f} images/s end to end (model load included)",
-            f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shards)",
+            f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shards, "
+            f"{summary.get('table_rows', summary['rows'])} rows)",
             f"errors: {out}/_errors/errors-*.parquet",
             "read it:",
             f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
@@ -101,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runners.configure_logging()
     try:
         summary = run(argv)
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (FileExistsError, FileNotFoundError, plans.IncompatibleTableError) as exc:
         sys.exit(f"error: {exc}")
     print(format_summary(summary))
     if summary["errors"]:

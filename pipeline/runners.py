@@ -5,8 +5,17 @@ binary from the internet on every run (with no timeout) before falling back. Off
 When the user names no runner, or names ``DirectRunner``, we run Beam's in-process ``FnApiRunner``
 directly, exactly as the ``DirectRunner`` does after that fallback; it honours
 ``--direct_num_workers`` and ``--direct_running_mode`` (``in_memory``, ``multi_threading``,
-``multi_processing``). Any other ``--runner`` (``PrismRunner``, ``DataflowRunner``, ``FlinkRunner``,
-...) is left to Beam.
+``multi_processing``).
+
+``--runner dask`` (or ``DaskRunner``, or its full class name) runs on a ``dask.distributed``
+cluster: the one at ``--dask_client_address``, or, when none is given, a local cluster of
+``--dask_local_workers`` worker processes (default: one per core) started for the run and stopped
+after it. Unless ``--dask_npartitions``/``--dask_partition_size`` say otherwise, every element of a
+``Create`` becomes its own Dask partition (``--dask_partition_size 1``): our graphs create one
+element per chunk of work, and the DaskRunner maps each Beam transform over partitions, so that is
+what spreads the chunks over the workers.
+
+Any other ``--runner`` (``PrismRunner``, ``DataflowRunner``, ``FlinkRunner``, ...) is left to Beam.
 
 Multi-process mode talks gRPC over loopback; a proxy configured in the environment must not
 capture those connections, so loopback is added to ``NO_PROXY`` when a proxy is set.
@@ -14,6 +23,7 @@ capture those connections, so loopback is added to ``NO_PROXY`` when a proxy is 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,7 +32,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.runners.runner import PipelineRunner
 
 _LOCAL_NAMES = ("", "directrunner", "direct")
+_DASK_NAMES = ("dask", "daskrunner", "apache_beam.runners.dask.dask_runner.daskrunner")
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
+_DASK_LOCAL_WORKERS = "--dask_local_workers"
 
 
 class LocalRunner(PipelineRunner):
@@ -42,8 +54,6 @@ class LocalRunner(PipelineRunner):
 
 def configure_logging() -> None:
     """The jobs' log format: time, level, logger, message, at INFO."""
-    import logging
-
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -63,17 +73,101 @@ def keep_loopback_unproxied() -> None:
             os.environ[name] = ",".join(current + missing)
 
 
+def _pop_flag(args: list[str], flag: str) -> str | None:
+    """Removes ``flag VALUE`` or ``flag=VALUE`` from ``args``; returns the value."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+            del args[i : i + 2]
+            return value
+        if arg.startswith(flag + "="):
+            del args[i]
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _runner_name(options: PipelineOptions) -> str:
+    name = options.view_as(StandardOptions).runner or ""
+    return name.lower() if isinstance(name, str) else ""
+
+
+def is_dask(beam_args: Sequence[str]) -> bool:
+    args = [a for a in beam_args if not a.startswith(_DASK_LOCAL_WORKERS)]
+    return _runner_name(PipelineOptions(args)) in _DASK_NAMES
+
+
+def _has_dask_flag(args: Sequence[str], *flags: str) -> bool:
+    return any(a == f or a.startswith(f + "=") for a in args for f in flags)
+
+
+def dask_local_workers(beam_args: Sequence[str]) -> int:
+    """How many worker processes a local Dask cluster for these flags gets (0: none started)."""
+    args = list(beam_args)
+    value = _pop_flag(args, _DASK_LOCAL_WORKERS)
+    if not is_dask(args) or _has_dask_flag(args, "--dask_client_address", "--dask_scheduler_file"):
+        return 0
+    workers = int(value) if value else (os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"{_DASK_LOCAL_WORKERS} must be >= 1, got {workers}")
+    return workers
+
+
+def local_processes(beam_args: Sequence[str]) -> int:
+    """Worker processes that this run starts on this machine (they share its cores)."""
+    options = PipelineOptions([a for a in beam_args if not a.startswith(_DASK_LOCAL_WORKERS)])
+    if _runner_name(options) in _LOCAL_NAMES:
+        direct = options.get_all_options()
+        if direct.get("direct_running_mode") == "multi_processing":
+            return max(1, direct.get("direct_num_workers") or 1)
+        return 1
+    return dask_local_workers(beam_args) or 1
+
+
+def thread_share(processes: int) -> int:
+    """TensorFlow threads for each of ``processes`` processes sharing this machine (0: default)."""
+    if processes <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def start_local_dask_cluster(workers: int):
+    """A ``distributed.LocalCluster`` of ``workers`` single-threaded worker processes.
+
+    One thread per worker: the backbone already uses the process's share of cores, and a second
+    task thread would hold a second batch of images in memory for no speed-up.
+    """
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+    )
+    logging.getLogger(__name__).info(
+        "started a local Dask cluster at %s with %d worker processes",
+        cluster.scheduler_address,
+        workers,
+    )
+    return cluster
+
+
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return PipelineOptions(list(beam_args))
 
 
 def choose_runner(options: PipelineOptions) -> PipelineRunner | None:
-    """Our in-process runner for local runs, or None to let Beam create the named runner."""
-    name = options.view_as(StandardOptions).runner or ""
-    name = name if isinstance(name, str) else ""
-    if name.lower() in _LOCAL_NAMES:
+    """Our in-process runner for local runs, the DaskRunner for ``dask``, else None (Beam's)."""
+    name = _runner_name(options)
+    if name in _LOCAL_NAMES:
         keep_loopback_unproxied()
         return LocalRunner()
+    if name in _DASK_NAMES:
+        from apache_beam.runners.dask.dask_runner import DaskRunner
+
+        keep_loopback_unproxied()
+        return DaskRunner()
     return None
 
 
@@ -84,9 +178,22 @@ def run_graph(
 ) -> None:
     """Builds a graph with ``build(pipeline)`` on our runner choice and runs it to completion."""
     if test_pipeline is not None:
-        pipeline = test_pipeline
-    else:
-        options = pipeline_options(beam_args)
+        with test_pipeline:
+            build(test_pipeline)
+        return
+    args = list(beam_args)
+    workers = dask_local_workers(args)
+    _pop_flag(args, _DASK_LOCAL_WORKERS)
+    if is_dask(args) and not _has_dask_flag(args, "--dask_npartitions", "--dask_partition_size"):
+        args.append("--dask_partition_size=1")
+    cluster = start_local_dask_cluster(workers) if workers else None
+    try:
+        if cluster is not None:
+            args.append(f"--dask_client_address={cluster.scheduler_address}")
+        options = pipeline_options(args)
         pipeline = beam.Pipeline(runner=choose_runner(options), options=options)
-    with pipeline:
-        build(pipeline)
+        with pipeline:
+            build(pipeline)
+    finally:
+        if cluster is not None:
+            cluster.close()

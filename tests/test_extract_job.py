@@ -45,6 +45,8 @@ def test_run_writes_the_table_and_matches_a_direct_computation(image_tree, tmp_p
         "split",
         "width",
         "height",
+        "file_size",
+        "file_version",
         "feature",
     ]
     assert features.schema.field("feature").type == pa.list_(pa.float32(), 576)

@@ -101,39 +101,39 @@ def run_extract(sources, output, **kwargs):
 def test_extract_features_writes_a_reconciled_table(image_tree, tmp_path):
     expected_errors = add_bad_files(image_tree)
     out = tmp_path / "table"
-    summary = run_extract(str(image_tree), out, num_shards=3, max_pixels=4_000_000)
+    summary = run_extract(
+        str(image_tree), out, chunk_size=6, max_pixels=4_000_000, run_id="20261129T000000abcd"
+    )
 
     assert summary["inputs"] == 16
     assert (summary["rows"], summary["errors"]) == (12, len(expected_errors))
     assert summary["inputs"] == summary["rows"] + summary["errors"]
-    assert sorted(os.listdir(out)) == [
-        "_SUMMARY.json",
-        "_errors",
-        "features-00000-of-00003.parquet",
-        "features-00001-of-00003.parquet",
-        "features-00002-of-00003.parquet",
-    ]
+    assert summary["run"]["chunks"] == 3
+    names = sorted(os.listdir(out))
+    assert names[:2] == ["_SUMMARY.json", "_errors"]
+    assert all(
+        n.startswith("features-20261129T000000abcd-0000") and n.endswith("-of-00003.parquet")
+        for n in names[2:]
+    ), names
+    assert [os.path.basename(f) for f in summary["feature_files"]] == names[2:]
     features = table.read_table(str(out))
     assert features.num_rows == 12
     assert features.schema.field("feature").type.list_size == 3
     assert table.table_metadata(features.schema)["backbone"] == "mean_color"
     assert set(features.column("label").to_pylist()) == {"cats", "dogs"}
     assert set(features.column("split").to_pylist()) == {"train", "val"}
+    assert all(s > 0 for s in features.column("file_size").to_pylist())
     errors = table.read_table(str(out), prefix=table.ERRORS)
     assert sorted(errors.column("stage").to_pylist()) == sorted(expected_errors.values())
-    # every shard is sorted by image_id and holds only its own hash bucket
-    for i, path in enumerate(table.shard_files(str(out))):
-        ids = pq.read_table(path).column("image_id").to_pylist()
-        assert ids == sorted(ids)
-        assert all(table.shard_index(x, 3) == i for x in ids)
+    # chunks are consecutive image-id ranges, each shard sorted, so the table is sorted
+    ids = features.column("image_id").to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == 12
 
 
-def test_same_inputs_give_identical_files(image_tree, tmp_path):
+def test_same_inputs_give_identical_rows(image_tree, tmp_path):
     run_extract(str(image_tree), tmp_path / "a")
     run_extract(str(image_tree), tmp_path / "b")
-    a = pq.read_table(tmp_path / "a" / "features-00000-of-00001.parquet")
-    b = pq.read_table(tmp_path / "b" / "features-00000-of-00001.parquet")
-    assert a.equals(b)
+    assert table.read_table(str(tmp_path / "a")).equals(table.read_table(str(tmp_path / "b")))
 
 
 def test_no_images_still_writes_readable_empty_tables(tmp_path):

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 POOLINGS = ("avg", "max")
+#: ``bfloat16`` builds the backbone under Keras' ``mixed_bfloat16`` policy (variables stay float32).
+PRECISIONS = ("float32", "bfloat16")
 
 #: ``--weights`` keywords; anything else is a local or remote path to a weights or model file.
 WEIGHT_KEYWORDS = ("imagenet", "none", "sample")

@@ -9,13 +9,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from transforms.table import IMAGE_FIELDS
+from transforms.table import IMAGE_FIELDS, SOURCE_FIELDS
 
 _LOG = logging.getLogger(__name__)
 
 PREDICTION_SCHEMA = pa.schema(
     [
         *IMAGE_FIELDS,
+        *SOURCE_FIELDS,
         pa.field("prediction", pa.string(), nullable=False),
         pa.field("probability", pa.float32(), nullable=False),
         pa.field("top_classes", pa.list_(pa.string()), nullable=False),

@@ -10,6 +10,7 @@ each batch through one compiled ``tf.function`` that also casts and applies the 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -22,7 +23,7 @@ import numpy as np
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
 
 from transforms import storage
-from transforms.backbones import ModelSpec, build_model, preprocess, preprocess_fn
+from transforms.backbones import PRECISIONS, ModelSpec, build_model, preprocess, preprocess_fn
 from transforms.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from transforms.listing import ImageRef
 
@@ -41,7 +42,44 @@ class Decoded(NamedTuple):
 
 def error_row(ref: ImageRef, stage: str, reason: str) -> dict[str, Any]:
     """One row of the errors table."""
-    return {"image_id": ref.image_id, "uri": ref.uri, "stage": stage, "reason": reason[:2000]}
+    return {
+        "image_id": ref.image_id,
+        "uri": ref.uri,
+        "stage": stage,
+        "reason": reason[:2000],
+        "file_size": ref.size,
+        "file_version": ref.version,
+    }
+
+
+def feature_row(ref: ImageRef, width: int, height: int, vector: np.ndarray) -> dict[str, Any]:
+    """One row of the feature table."""
+    return {
+        "image_id": ref.image_id,
+        "uri": ref.uri,
+        "label": ref.label,
+        "split": ref.split,
+        "width": width,
+        "height": height,
+        "file_size": ref.size,
+        "file_version": ref.version,
+        "feature": vector,
+    }
+
+
+def read_and_decode(
+    ref: ImageRef, size: tuple[int, int], resize: str, max_pixels: int
+) -> tuple[Decoded, np.ndarray] | dict[str, Any]:
+    """``(Decoded, uint8 pixels)`` for a readable image, else its error row."""
+    try:
+        data = storage.read_bytes(ref.uri)
+    except Exception as exc:  # missing, permission, network: all become error rows
+        return error_row(ref, "read", f"{type(exc).__name__}: {exc}")
+    try:
+        image = load_image(data, size, resize=resize, max_pixels=max_pixels)
+    except ImageError as exc:
+        return error_row(ref, exc.stage, exc.reason)
+    return Decoded(ref, image.width, image.height), image.pixels
 
 
 class _Progress:
@@ -80,23 +118,14 @@ class _DecodeDoFn(beam.DoFn):
         self._failed = beam.metrics.Metrics.counter(NAMESPACE, "decode_errors")
 
     def process(self, ref: ImageRef):
-        try:
-            data = storage.read_bytes(ref.uri)
-        except Exception as exc:  # missing, permission, network: all become error rows
-            yield self._error(ref, "read", f"{type(exc).__name__}: {exc}")
-            return
-        try:
-            image = load_image(data, self._size, resize=self._resize, max_pixels=self._max_pixels)
-        except ImageError as exc:
-            yield self._error(ref, exc.stage, exc.reason)
-            return
-        self._decoded.inc()
-        yield (Decoded(ref, image.width, image.height), image.pixels)
-
-    def _error(self, ref: ImageRef, stage: str, reason: str):
-        self._failed.inc()
-        _Progress.add(errors=1)
-        return beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(ref, stage, reason))
+        result = read_and_decode(ref, self._size, self._resize, self._max_pixels)
+        if isinstance(result, dict):
+            self._failed.inc()
+            _Progress.add(errors=1)
+            yield beam.pvalue.TaggedOutput(ERRORS_TAG, result)
+        else:
+            self._decoded.inc()
+            yield result
 
 
 class DecodeImages(beam.PTransform):
@@ -121,12 +150,25 @@ class Embedder:
     uint8 batch in, float32 vectors (or class probabilities) out."""
 
     def __init__(
-        self, model_spec: ModelSpec, weights_path: str | None, head_path: str | None = None
+        self,
+        model_spec: ModelSpec,
+        weights_path: str | None,
+        head_path: str | None = None,
+        precision: str = "float32",
     ):
+        import keras
         import tensorflow as tf
 
         self.model_spec = model_spec
-        self.model = build_model(model_spec, weights_path=weights_path)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        previous = keras.mixed_precision.global_policy()
+        if precision == "bfloat16":
+            keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        try:
+            self.model = build_model(model_spec, weights_path=weights_path)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
         self.head = None
         if head_path is not None:
             import keras
@@ -140,13 +182,56 @@ class Embedder:
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)], autograph=False
         )
         def embed(pixels):
-            features = self.model(preprocess(spec, pixels), training=False)
+            features = tf.cast(self.model(preprocess(spec, pixels), training=False), tf.float32)
             return features if self.head is None else self.head(features, training=False)
 
         self._embed = embed
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._embed(pixels).numpy().astype(np.float32, copy=False)
+
+
+def set_tf_threads(intra_op: int) -> None:
+    """Gives this process ``intra_op`` TensorFlow threads, intra- and inter-op (TensorFlow's
+    default for both is every core of the machine). No-op when 0."""
+    if intra_op <= 0:
+        return
+    import tensorflow as tf
+
+    threading_config = tf.config.threading
+    if threading_config.get_intra_op_parallelism_threads() == intra_op:
+        return
+    try:
+        threading_config.set_intra_op_parallelism_threads(intra_op)
+        threading_config.set_inter_op_parallelism_threads(intra_op)
+    except RuntimeError as exc:  # TensorFlow already ran an op in this process
+        _LOG.warning("cannot set TensorFlow threads to %d here: %s", intra_op, exc)
+
+
+_MODELS: dict[str, Any] = {}
+_MODELS_LOCK = threading.Lock()
+_MAX_CACHED_MODELS = 2
+
+
+def model_cache_key(handler: FeatureModelHandler) -> str:
+    return f"{type(handler).__qualname__}:{json.dumps(handler.table_metadata(), sort_keys=True)}"
+
+
+def cached_model(handler: FeatureModelHandler) -> Any:
+    """The handler's model, loaded once per worker process and shared by all its threads.
+
+    Beam's ``Shared`` (what ``RunInference`` uses) frees a model when the last DoFn holding it is
+    torn down; runners that set DoFns up per bundle (the DaskRunner does, per partition) would then
+    reload the backbone for every bundle. This cache keeps the last two models for the life of
+    the process.
+    """
+    key = model_cache_key(handler)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            while len(_MODELS) >= _MAX_CACHED_MODELS:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key] = handler.load_model()
+        return _MODELS[key]
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
@@ -178,6 +263,9 @@ class BackboneModelHandler(FeatureModelHandler):
         head: a trained head (``head.keras``, local or remote) applied to the features; the
             outputs are then class probabilities, ``head_classes`` wide.
         head_classes: the head's output width.
+        precision: ``float32`` or ``bfloat16`` (mixed precision; vectors are still float32).
+        intra_op_threads: TensorFlow's intra-op threads in each worker process (0: its default,
+            every core). Worker processes sharing a machine should each get their share.
     """
 
     def __init__(
@@ -188,8 +276,15 @@ class BackboneModelHandler(FeatureModelHandler):
         cache_dir: str | None = None,
         head: str | None = None,
         head_classes: int = 0,
+        precision: str = "float32",
+        intra_op_threads: int = 0,
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self._precision = precision
+        self._metadata: dict[str, str] | None = None
+        self._intra_op_threads = intra_op_threads
         self._model_spec = model_spec
         self._head = head
         self._head_classes = head_classes
@@ -206,6 +301,11 @@ class BackboneModelHandler(FeatureModelHandler):
         return self._head_classes if self._head else self._model_spec.feature_dim
 
     def table_metadata(self) -> dict[str, str]:
+        if self._metadata is None:  # the fingerprint hashes the weights: do it once
+            self._metadata = self._table_metadata()
+        return dict(self._metadata)
+
+    def _table_metadata(self) -> dict[str, str]:
         spec = self._model_spec
         return {
             "backbone": spec.backbone,
@@ -216,6 +316,8 @@ class BackboneModelHandler(FeatureModelHandler):
             "layer": spec.layer or "",
             "preprocessing": spec.spec.preprocessing,
             "feature_dim": str(spec.feature_dim),
+            "precision": self._precision,
+            "head": self._head or "",
         }
 
     def load_model(self) -> Embedder:
@@ -230,8 +332,9 @@ class BackboneModelHandler(FeatureModelHandler):
             import transforms.keras_layers  # noqa: F401  (registers our layers for load_model)
 
             head = storage.local_copy(self._head, self._cache_dir)
+        set_tf_threads(self._intra_op_threads)
         started = time.monotonic()
-        embedder = Embedder(self._model_spec, path, head)
+        embedder = Embedder(self._model_spec, path, head, self._precision)
         _LOG.info(
             "loaded %s (%s, weights=%s) in %.1fs in pid %d",
             self._model_spec.backbone,
@@ -261,16 +364,7 @@ class BackboneModelHandler(FeatureModelHandler):
 
 def _feature_row(element: tuple[Decoded, np.ndarray]) -> dict[str, Any]:
     key, vector = element
-    ref = key.ref
-    return {
-        "image_id": ref.image_id,
-        "uri": ref.uri,
-        "label": ref.label,
-        "split": ref.split,
-        "width": key.width,
-        "height": key.height,
-        "feature": vector,
-    }
+    return feature_row(key.ref, key.width, key.height, vector)
 
 
 def _failed_batch_rows(failure) -> Iterable[dict[str, Any]]:

@@ -42,16 +42,26 @@ METADATA_PREFIX = "featurebeam."
 #: Target shard size: about 64 MiB of vectors.
 TARGET_SHARD_BYTES = 64 << 20
 
+#: The source file's size and version (generation/etag/mtime) when it was read: the change
+#: signal incremental runs compare against.
+SOURCE_FIELDS = (
+    pa.field("file_size", pa.int64()),
+    pa.field("file_version", pa.string()),
+)
+
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
         pa.field("uri", pa.string(), nullable=False),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
+        *SOURCE_FIELDS,
     ]
 )
 
-_SHARD_RE = re.compile(r"^(?P<prefix>[a-z]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$")
+_SHARD_RE = re.compile(
+    r"^(?P<prefix>[a-z]+)-(?:(?P<run>[0-9A-Za-z]+)-)?(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet$"
+)
 
 
 #: The columns that identify an image; every per-image table starts with them.
@@ -68,7 +78,11 @@ IMAGE_FIELDS = (
 def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """The feature table's schema, with ``metadata`` stored under ``featurebeam.*`` keys."""
     schema = pa.schema(
-        [*IMAGE_FIELDS, pa.field("feature", pa.list_(pa.float32(), dim), nullable=False)]
+        [
+            *IMAGE_FIELDS,
+            *SOURCE_FIELDS,
+            pa.field("feature", pa.list_(pa.float32(), dim), nullable=False),
+        ]
     )
     if metadata:
         schema = schema.with_metadata(
@@ -87,8 +101,10 @@ def table_metadata(schema: pa.Schema) -> dict[str, str]:
     }
 
 
-def shard_name(prefix: str, index: int, count: int) -> str:
-    return f"{prefix}-{index:05d}-of-{count:05d}.parquet"
+def shard_name(prefix: str, index: int, count: int, *, run_id: str = "") -> str:
+    """``features-RUN-00003-of-00010.parquet`` (``RUN`` omitted when empty)."""
+    run = f"{run_id}-" if run_id else ""
+    return f"{prefix}-{run}{index:05d}-of-{count:05d}.parquet"
 
 
 def shard_index(image_id: str, num_shards: int) -> int:
