@@ -59,6 +59,7 @@ def configure_logging() -> None:
     )
 
 
+
 def keep_loopback_unproxied() -> None:
     """Adds loopback hosts to ``NO_PROXY``/``no_proxy`` when any proxy variable is set."""
     if not any(
@@ -136,8 +137,11 @@ def start_local_dask_cluster(workers: int):
     One thread per worker: the backbone already uses the process's share of cores, and a second
     task thread would hold a second batch of images in memory for no speed-up.
     """
+    # Dask logs every connection at INFO; its workers read this from the environment.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from distributed import LocalCluster
 
+    logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
     cluster = LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
@@ -192,8 +196,14 @@ def run_graph(
             args.append(f"--dask_client_address={cluster.scheduler_address}")
         options = pipeline_options(args)
         pipeline = beam.Pipeline(runner=choose_runner(options), options=options)
-        with pipeline:
-            build(pipeline)
+        build(pipeline)
+        result = pipeline.run()
+        try:
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)  # the DaskRunner's; it outlives the run
+            if client is not None:
+                client.close()
     finally:
         if cluster is not None:
             cluster.close()

@@ -7,7 +7,6 @@ import pathlib
 
 import apache_beam as beam
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from conftest import encode, local_pipeline

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -136,7 +138,13 @@ class _EmbedChunk(beam.DoFn):
         self._embedded.inc(len(rows))
         self._failed.inc(len(errors))
         _Progress.add(errors=len(errors))
-        yield {"chunk": chunk, "rows": len(rows), "errors": len(errors), "files": files}
+        yield {
+            "chunk": chunk,
+            "rows": len(rows),
+            "errors": len(errors),
+            "files": files,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }
 
 
 def _finalize(element, *, run: plans.RunPlan, schema: pa.Schema, metadata: dict[str, str]):
@@ -174,6 +182,7 @@ def _finalize(element, *, run: plans.RunPlan, schema: pa.Schema, metadata: dict[
             "kept_rows": run.kept_rows,
             "kept_errors": run.kept_errors,
             "stale_rows_removed": run.removed,
+            "workers": sorted({r["worker"] for r in results}),
         },
     }
     table.write_summary(out, summary)

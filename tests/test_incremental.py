@@ -1,0 +1,159 @@
+"""Incremental runs and resuming a killed run: each image in the table exactly once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import encode, gradient, write_image_tree
+from fakes import MeanColorHandler
+from test_transforms import add_bad_files, run_extract
+
+from pipeline.extract import run
+from transforms import listing, table
+
+
+class NoModelHandler(MeanColorHandler):
+    """Fails if any model work is attempted."""
+
+    def load_model(self):
+        raise AssertionError("the model was loaded")
+
+
+def incremental(sources, out, handler=None, **kwargs):
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from pipeline.runners import LocalRunner
+    from transforms.extract import ExtractFeatures
+
+    with TestPipeline(runner=LocalRunner()) as p:
+        p | ExtractFeatures(
+            str(sources),
+            str(out),
+            model_handler=handler or MeanColorHandler(),
+            mode="incremental",
+            max_pixels=4_000_000,
+            **kwargs,
+        )
+    return table.read_summary(str(out))
+
+
+def ids_in(out) -> collections.Counter:
+    return collections.Counter(table.read_table(str(out)).column("image_id").to_pylist())
+
+
+def mtimes(out) -> dict[str, float]:
+    return {f: os.path.getmtime(f) for f in table.shard_files(str(out))}
+
+
+def test_only_new_images_are_embedded_and_unchanged_input_does_no_model_work(
+    image_tree, tmp_path
+):
+    add_bad_files(image_tree)
+    out = tmp_path / "t"
+    first = incremental(image_tree, out, chunk_size=5)
+    assert (first["rows"], first["errors"], first["run"]["embedded"]) == (12, 4, 16)
+    before = mtimes(out)
+
+    new = image_tree / "train" / "cats"
+    for i in range(3):
+        (new / f"new{i}.png").write_bytes(encode(gradient(seed=100 + i)))
+    second = incremental(image_tree, out, chunk_size=5)
+    assert second["run"]["embedded"] == 3 and second["run"]["new_rows"] == 3
+    assert (second["inputs"], second["rows"], second["errors"]) == (19, 15, 4)
+    assert {f: os.path.getmtime(f) for f in before} == before  # old shards untouched
+    counts = ids_in(out)
+    assert len(counts) == 15 and set(counts.values()) == {1}
+
+    third = incremental(image_tree, out, NoModelHandler(), chunk_size=5)
+    assert third["run"]["embedded"] == 0 and third["run"]["new_rows"] == 0
+    assert (third["inputs"], third["rows"], third["errors"]) == (19, 15, 4)
+    assert ids_in(out) == counts
+
+
+def test_a_changed_file_replaces_its_row(image_tree, tmp_path):
+    out = tmp_path / "t"
+    incremental(image_tree, out, chunk_size=4)
+    target = image_tree / "val" / "dogs" / "0.png"
+    old = table.read_table(str(out)).to_pandas().set_index("uri").loc[str(target)]
+
+    target.write_bytes(encode(gradient(50, 50, seed=999)))  # new size and mtime
+    summary = incremental(image_tree, out, chunk_size=4)
+    assert summary["run"]["embedded"] == 1 and summary["run"]["stale_rows_removed"] == 1
+    frame = table.read_table(str(out)).to_pandas()
+    assert frame["image_id"].is_unique and len(frame) == 12
+    new = frame.set_index("uri").loc[str(target)]
+    assert (new["width"], new["height"]) == (50, 50) != (old["width"], old["height"])
+    assert new["file_size"] == target.stat().st_size
+
+
+def test_errors_are_kept_unless_retried(image_tree, tmp_path):
+    add_bad_files(image_tree)
+    out = tmp_path / "t"
+    incremental(image_tree, out)
+    kept = incremental(image_tree, out)
+    assert kept["run"]["embedded"] == 0 and kept["errors"] == 4
+    retried = incremental(image_tree, out, retry_errors=True)
+    assert retried["run"]["embedded"] == 4 and retried["run"]["new_errors"] == 4
+    errors = table.read_table(str(out), prefix=table.ERRORS)
+    assert errors.num_rows == 4 and len(set(errors.column("image_id").to_pylist())) == 4
+
+
+def test_a_table_made_with_other_settings_is_refused(image_tree, tmp_path):
+    out = tmp_path / "t"
+    incremental(image_tree, out)
+    with pytest.raises(ValueError, match="resize"):
+        incremental(image_tree, out, resize="crop")
+
+
+def test_full_mode_refuses_an_existing_table(image_tree, tmp_path):
+    out = tmp_path / "t"
+    run_extract(str(image_tree), out)
+    with pytest.raises(FileExistsError, match="--mode incremental"):
+        run_extract(str(image_tree), out)
+
+
+SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_midway_is_finished_by_the_next_run(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
+    out = tmp_path / "t"
+    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.extract", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(table.shard_files(str(out))) < 2:
+            assert job.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before the kill"
+
+    committed = table.shard_files(str(out))
+    before = {f: os.path.getmtime(f) for f in committed}
+    done = sum(pq.read_metadata(f).num_rows for f in committed)  # every visible shard is whole
+    assert 0 < done < 120
+
+    summary = run([*argv, "--mode", "incremental"])
+    assert summary["run"]["embedded"] == 120 - done
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (120, 120, 0)
+    assert {f: os.path.getmtime(f) for f in committed} == before  # not recomputed
+    counts = ids_in(out)
+    expected = {r.image_id for r in listing.list_sources([str(images)])}
+    assert set(counts) == expected and set(counts.values()) == {1}
