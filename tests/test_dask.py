@@ -35,6 +35,7 @@ def test_dask_runner_matches_the_direct_runner(image_tree, dask_cluster, tmp_pat
     assert on_dask["inputs"] == on_dask["rows"] + on_dask["errors"]
     assert len(on_dask["run"]["workers"]) == 2, on_dask["run"]["workers"]
     assert on_dask["run"]["chunks"] == 6
+    assert (direct["rows"], direct["errors"]) == (on_dask["rows"], on_dask["errors"])
 
     def rows(name):
         t = table.read_table(str(tmp_path / name)).sort_by("image_id")
