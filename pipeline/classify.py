@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import runners
-from pipeline.config import add_model_flags, model_spec_from_args, model_spec_from_metadata
+from pipeline.config import (
+    add_model_flags,
+    model_spec_from_args,
+    model_spec_from_metadata,
+    underscore_aliases,
+)
 from pipeline.extract import prepare_output
 from pipeline.train_head import HEAD_FILE, REPORT_FILE
 from transforms import listing, model_io, storage, table
@@ -75,7 +80,9 @@ def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str],
 
 def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(
+        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
+    )
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     handler, classes, extra = _handler_and_classes(args, parser)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,7 +133,7 @@ def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
         backbone=args.backbone,
         weights=weights,
         pooling=args.pooling,
-        layer=args.layer,
+        layer=args.layer or None,
         image_size=image_size,
     )
 
@@ -210,6 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Accepts ``--batch_size`` for our ``--batch-size`` (Beam's own flags use underscores, and
+    Dataflow flex-template parameter names cannot hold dashes). Beam's flags are left alone."""
+    ours = {o for action in parser._actions for o in action.option_strings}
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        dashed = "--" + name[2:].replace("_", "-")
+        if arg.startswith("--") and name not in ours and dashed in ours:
+            arg = dashed + eq + value
+        out.append(arg)
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
     """Parses our flags; returns the config and the remaining (Beam) flags.
 
@@ -217,7 +232,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
         SystemExit: on bad flags, with argparse's usage message.
     """
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(
+        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
+    )
     if args.demo:
         args.input = args.input or [demo_images_dir()]
         args.output = args.output or os.path.join("out", "demo")

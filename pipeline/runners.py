@@ -59,7 +59,6 @@ def configure_logging() -> None:
     )
 
 
-
 def keep_loopback_unproxied() -> None:
     """Adds loopback hosts to ``NO_PROXY``/``no_proxy`` when any proxy variable is set."""
     if not any(

@@ -52,9 +52,7 @@ def mtimes(out) -> dict[str, float]:
     return {f: os.path.getmtime(f) for f in table.shard_files(str(out))}
 
 
-def test_only_new_images_are_embedded_and_unchanged_input_does_no_model_work(
-    image_tree, tmp_path
-):
+def test_only_new_images_are_embedded_and_unchanged_input_does_no_model_work(image_tree, tmp_path):
     add_bad_files(image_tree)
     out = tmp_path / "t"
     first = incremental(image_tree, out, chunk_size=5)

@@ -129,7 +129,9 @@ def read_copies(output_dir: str) -> dict[str, list[Copy]]:
             n = len(ids)
             sizes = t.column("file_size").to_pylist() if "file_size" in t.column_names else [0] * n
             versions = (
-                t.column("file_version").to_pylist() if "file_version" in t.column_names else [""] * n
+                t.column("file_version").to_pylist()
+                if "file_version" in t.column_names
+                else [""] * n
             )
             for image_id, size, version in zip(ids, sizes, versions, strict=True):
                 copies.setdefault(image_id, []).append(Copy(uri, kind, size or 0, version or ""))

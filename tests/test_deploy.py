@@ -1,0 +1,174 @@
+"""deploy/: the Dataflow and Flink launch scripts build a valid job offline, without submitting.
+
+Each script prints the exact arguments it would run (``--dry-run``). From those we parse our flags
+and Beam's, validate the pipeline options with Beam's own validator for that runner, plan and build
+the real graph, translate it to the runner API proto, and read it back (which unpickles every
+DoFn). For Dataflow, Beam's ``--dry_run`` test option goes further: the DataflowRunner performs its
+whole job translation and stops just before the API call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+
+import apache_beam as beam
+import pytest
+from apache_beam.internal import pickler
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions
+from apache_beam.options.pipeline_options_validator import PipelineOptionsValidator
+from apache_beam.portability import common_urns
+from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.transforms import environments
+from apache_beam.utils import proto_utils
+
+from pipeline.config import parse_args
+from pipeline.extract import build
+from pipeline.stage_weights import stage
+
+DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
+IMAGE = "us-central1-docker.pkg.dev/my-project/ml/featurebeam:0.2.0"
+
+
+@pytest.fixture(scope="module")
+def staged_weights(tmp_path_factory) -> str:
+    return stage("mobilenet_v2", "none", str(tmp_path_factory.mktemp("weights")))
+
+
+def script_args(script: str, **env) -> list[str]:
+    out = subprocess.run(
+        ["bash", str(DEPLOY / script), "--dry-run"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert out[:2] == ["-m", "pipeline.extract"]
+    return out[2:]
+
+
+def check_graph(pipeline: beam.Pipeline, proto: beam_runner_api_pb2.Pipeline) -> None:
+    """Every ParDo's DoFn and every PCollection's coder survive pickling; the proto reads back."""
+    for transform in proto.components.transforms.values():
+        if transform.spec.urn == common_urns.primitives.PAR_DO.urn:
+            payload = proto_utils.parse_Bytes(
+                transform.spec.payload, beam_runner_api_pb2.ParDoPayload
+            )
+            pickler.loads(payload.do_fn.payload)
+    for pcoll in proto.components.pcollections.values():
+        assert pcoll.coder_id in proto.components.coders
+
+    class Coders(beam.pipeline.PipelineVisitor):
+        def visit_transform(self, node):
+            for pcoll in node.outputs.values():
+                coder = beam.coders.registry.get_coder(pcoll.element_type)
+                pickler.loads(pickler.dumps(coder))
+
+    pipeline.visit(Coders())
+    beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options)
+
+
+def test_dataflow_gpu_job_translates_offline(image_tree, tmp_path, staged_weights):
+    argv = script_args(
+        "dataflow/run.sh",
+        PROJECT="my-project",
+        BUCKET="featurebeam-staging",
+        IMAGE=IMAGE,
+        INPUT=str(image_tree),
+        OUTPUT=str(tmp_path / "out"),
+        WEIGHTS=staged_weights,
+        BACKBONE="mobilenet_v2",
+    )
+    config, beam_args = parse_args(argv)
+    assert config.model.weights == staged_weights and config.mode == "incremental"
+    options = PipelineOptions([*beam_args, "--dry_run=True"])
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+
+    runner = DataflowRunner()
+    assert PipelineOptionsValidator(options, runner).validate() == []
+    all_options = options.get_all_options()
+    assert all_options["dataflow_service_options"] == [
+        "worker_accelerator=type:nvidia-tesla-t4;count:1;install-nvidia-driver"
+    ]
+    assert "no_use_multiple_sdk_containers" in all_options["experiments"]
+
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build(pipeline, config)
+    assert pipeline.run().state == "DONE"  # dry run: translated, not submitted
+    proto = runner.proto_pipeline
+    (environment,) = proto.components.environments.values()
+    docker = beam_runner_api_pb2.DockerPayload.FromString(environment.payload)
+    assert docker.container_image == IMAGE
+    check_graph(pipeline, proto)
+    assert runner.job is not None
+
+
+def test_flink_job_translates_offline(image_tree, tmp_path, staged_weights):
+    argv = script_args(
+        "flink/run.sh",
+        INPUT=str(image_tree),
+        OUTPUT=str(tmp_path / "out"),
+        WEIGHTS=staged_weights,
+        BACKBONE="mobilenet_v2",
+    )
+    config, beam_args = parse_args(argv)
+    options = PipelineOptions(beam_args)
+    from apache_beam.runners.portability.flink_runner import FlinkRunner
+
+    runner = FlinkRunner()
+    assert PipelineOptionsValidator(options, runner).validate() == []
+    assert config.intra_op_threads == 4
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build(pipeline, config)
+    environment = environments.Environment.from_options(options.view_as(PortableOptions))
+    proto = pipeline.to_runner_api(default_environment=environment)
+    (env,) = proto.components.environments.values()
+    assert env.urn == common_urns.environments.EXTERNAL.urn
+    external = beam_runner_api_pb2.ExternalPayload.FromString(env.payload)
+    assert external.endpoint.url == "localhost:50000"
+    check_graph(pipeline, proto)
+
+
+def test_flex_template_parameters_are_job_flags():
+    metadata = json.loads((DEPLOY / "dataflow" / "metadata.json").read_text())
+    flags = [f"--{p['name']}=1" for p in metadata["parameters"]]
+    values = {
+        "--pooling=1": "--pooling=avg",
+        "--mode=1": "--mode=full",
+        "--image_size=1": "--image_size=96",
+    }
+    values |= {"--precision=1": "--precision=float32", "--weights=1": "--weights=none"}
+    values |= {"--layer=1": "--layer=", "--backbone=1": "--backbone=mobilenet_v2"}
+    config, beam_args = parse_args([values.get(f, f) for f in flags])
+    assert beam_args == [], f"template parameters the job does not know: {beam_args}"
+    assert (config.batch_size, config.chunk_size, config.decode_threads) == (1, 1, 1)
+
+
+def test_staged_weights_give_the_same_vectors(image_tree, tmp_path, staged_weights):
+    from pipeline.extract import run
+    from transforms import table
+
+    common = ["--input", str(image_tree), "--backbone", "mobilenet_v2", "--image-size", "64"]
+    run([*common, "--weights", "none", "--output", str(tmp_path / "a")])
+    run([*common, "--weights", staged_weights, "--output", str(tmp_path / "b")])
+    a = table.read_table(str(tmp_path / "a")).sort_by("image_id")
+    b = table.read_table(str(tmp_path / "b")).sort_by("image_id")
+    assert abs(table.features_matrix(a) - table.features_matrix(b)).max() < 1e-5
+
+
+def test_schedule_examples_are_well_formed():
+    compile((DEPLOY / "schedule" / "airflow_dag.py").read_text(), "airflow_dag.py", "exec")
+    for script in (
+        "schedule/cloud_scheduler.sh",
+        "dataflow/build.sh",
+        "dataflow/launch_template.sh",
+    ):
+        subprocess.run(["bash", "-n", str(DEPLOY / script)], check=True)
+    cron = [
+        line
+        for line in (DEPLOY / "schedule" / "crontab").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert len(cron) == 1 and "--mode incremental" in cron[0]
