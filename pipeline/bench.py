@@ -1,0 +1,424 @@
+"""Throughput and memory benchmark: our pipeline against the model's limit, Beam RunInference and
+plain Keras, on the same images and backbone, in one run.
+
+    python -m pipeline.bench                      # ants/bees x4 (1,584 images), MobileNetV2 + ResNet50
+    python -m pipeline.bench --images DIR --count 400 --backbones resnet50 --skip memory,bf16
+
+Every figure is measured in its own fresh Python process (so each pays its own imports and model
+load exactly as a user's job would, and its peak RSS is its own); this process only prints.
+
+For each backbone:
+
+1. ``limit``: our compiled function (uint8 in, preprocessing in the graph) on pre-decoded batches:
+   the model-only images/s; decoding the same images with Pillow in one thread is timed
+   separately, and ``decode+model`` = images / (decode time + model time) is what one process
+   doing both, one after the other, could reach (model load excluded).
+2. ``ours``: ``pipeline.extract`` end to end (listing, reading, decoding, embedding, Parquet,
+   model load included) in one process, and with 2 worker processes (each with its share of
+   TensorFlow threads).
+3. ``runinference``: the obvious Beam pipeline: ``MatchFiles`` -> ``ReadMatches`` -> Pillow decode +
+   ``preprocess_input`` -> ``RunInference(TFModelHandlerNumpy)`` with its defaults ->
+   ``WriteToParquet``, on the same in-process runner.
+4. ``keras``: ``keras.utils.image_dataset_from_directory`` + ``model.predict``.
+
+Then: peak RSS of our one-process job on N and 10xN images (flat means memory is bounded by the
+model and a few batches, not the dataset), and ``--precision bfloat16`` against float32 (speed,
+cosine of the vectors, and for the real sample weights the ants/bees head accuracy).
+
+The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
+URIs, so every one is embedded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+SIZES = {"mobilenet_v2": 160, "resnet50": 224}
+_SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from transforms.listing import IMAGE_EXTENSIONS
+
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def make_input(source: Path, count: int, target: Path) -> Path:
+    """``count`` symlinks cycling over the images under ``source`` in one flat folder."""
+    files = _image_files(source)
+    if not files:
+        raise SystemExit(f"no images under {source}")
+    target.mkdir(parents=True)
+    for i in range(count):
+        src = files[i % len(files)]
+        (target / f"img_{i:06d}{src.suffix.lower()}").symlink_to(src.resolve())
+    return target
+
+
+# --- measurements, each run in its own process (python -m pipeline.bench --measure KIND ...) ---
+
+
+def _model_spec(backbone: str, weights: str):
+    from pipeline import sample_weights
+    from transforms.backbones import ModelSpec
+
+    if weights == "sample":
+        weights = sample_weights.ensure_sample_weights()
+    return ModelSpec(backbone=backbone, weights=weights, image_size=SIZES[backbone])
+
+
+def measure_limit(args) -> dict:
+    import numpy as np
+
+    from transforms.embed import Embedder
+    from transforms.images import load_image
+
+    spec = _model_spec(args.backbone, args.weights)
+    files = sorted(Path(args.input).iterdir())
+    started = time.perf_counter()
+    embedder = Embedder(
+        spec,
+        None if args.weights in ("none", "imagenet") else spec.weights,
+        precision=args.precision,
+    )
+    load_s = time.perf_counter() - started
+
+    started = time.perf_counter()
+    pixels = [load_image(f.read_bytes(), spec.size).pixels for f in files]
+    decode_s = time.perf_counter() - started
+    batches = [
+        np.stack(pixels[i : i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)
+    ]
+    embedder(batches[0])  # trace and warm up
+    started = time.perf_counter()
+    for batch in batches:
+        embedder(batch)
+    model_s = time.perf_counter() - started
+    n = len(files)
+    return {
+        "images": n,
+        "model_load_s": load_s,
+        "decode_per_s": n / decode_s,
+        "model_per_s": n / model_s,
+        "decode_model_per_s": n / (decode_s + model_s),
+    }
+
+
+def measure_ours(args) -> dict:
+    from pipeline.extract import run
+
+    out = Path(args.work) / f"ours-{os.getpid()}"
+    argv = ["--input", args.input, "--output", str(out), "--backbone", args.backbone]
+    argv += ["--weights", args.weights, "--image-size", str(SIZES[args.backbone])]
+    argv += ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)]
+    argv += ["--precision", args.precision]
+    if args.processes > 1:
+        argv += ["--direct_num_workers", str(args.processes)]
+        argv += ["--direct_running_mode", "multi_processing"]
+    started = time.perf_counter()
+    summary = run(argv)
+    seconds = time.perf_counter() - started
+    return {"images": summary["rows"] + summary["errors"], "seconds": seconds, "table": str(out)}
+
+
+def measure_runinference(args) -> dict:
+    import apache_beam as beam
+    import numpy as np
+    import pyarrow as pa
+    from apache_beam.ml.inference.base import RunInference
+    from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
+    from PIL import Image
+
+    from pipeline.runners import LocalRunner
+    from transforms.backbones import build_model, preprocess_fn
+
+    spec = _model_spec(args.backbone, args.weights)
+    model_path = str(Path(args.work) / f"{args.backbone}.keras")
+    if not os.path.exists(model_path):
+        weights = None if args.weights in ("none", "imagenet") else spec.weights
+        build_model(spec, weights_path=weights).save(model_path)
+    size = spec.image_size
+    preprocess_input = preprocess_fn(spec.spec)
+
+    def decode(readable):
+        with Image.open(readable.open()) as image:
+            rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
+        return readable.metadata.path, preprocess_input(np.asarray(rgb, dtype=np.float32))
+
+    schema = pa.schema([("uri", pa.string()), ("feature", pa.list_(pa.float32()))])
+    out = Path(args.work) / f"runinference-{os.getpid()}"
+    started = time.perf_counter()
+    with beam.Pipeline(runner=LocalRunner()) as p:
+        keyed = (
+            p
+            | beam.io.fileio.MatchFiles(os.path.join(args.input, "*"))
+            | beam.io.fileio.ReadMatches()
+            | beam.Map(decode)
+        )
+        (
+            keyed
+            | RunInference(
+                beam.ml.inference.base.KeyedModelHandler(TFModelHandlerNumpy(model_path))
+            )
+            | beam.Map(lambda kv: {"uri": kv[0], "feature": kv[1].inference.numpy().tolist()})
+            | beam.io.WriteToParquet(str(out / "part"), schema)
+        )
+    seconds = time.perf_counter() - started
+    return {"images": len(os.listdir(args.input)), "seconds": seconds}
+
+
+def measure_keras(args) -> dict:
+    import keras
+
+    from transforms.backbones import build_model, preprocess_fn
+
+    spec = _model_spec(args.backbone, args.weights)
+    started = time.perf_counter()
+    model = build_model(
+        spec, weights_path=None if args.weights in ("none", "imagenet") else spec.weights
+    )
+    preprocess_input = preprocess_fn(spec.spec)
+    dataset = keras.utils.image_dataset_from_directory(
+        args.input,
+        labels=None,
+        image_size=(spec.image_size, spec.image_size),
+        batch_size=args.batch_size,
+        shuffle=False,
+    ).map(preprocess_input)
+    vectors = model.predict(dataset, verbose=0)
+    return {"images": len(vectors), "seconds": time.perf_counter() - started}
+
+
+MEASURES = {
+    "limit": measure_limit,
+    "ours": measure_ours,
+    "runinference": measure_runinference,
+    "keras": measure_keras,
+}
+
+
+def _measure_main(args) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    result = MEASURES[args.measure](args)
+    result["rss_mb"] = _peak_rss_mb()
+    Path(args.result).write_text(json.dumps(result))
+
+
+# --- the driver ---
+
+
+def _measure(kind: str, work: Path, **options) -> dict:
+    result = work / f"result-{kind}-{time.monotonic_ns()}.json"
+    argv = [sys.executable, "-m", "pipeline.bench", "--measure", kind, "--result", str(result)]
+    argv += ["--work", str(work)]
+    for key, value in options.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} {options} failed:\n{proc.stderr[-4000:]}")
+    data = json.loads(result.read_text())
+    if "seconds" in data:
+        data["per_s"] = data["images"] / data["seconds"]
+    return data
+
+
+def _cosines(table_a: str, table_b: str):
+    import numpy as np
+
+    from transforms import table
+
+    a = table.read_table(table_a).sort_by("image_id")
+    b = table.read_table(table_b).sort_by("image_id")
+    x, y = table.features_matrix(a), table.features_matrix(b)
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
+    return float(cos.min()), float(cos.mean())
+
+
+def _head_accuracy(source: Path, work: Path, precision: str) -> float:
+    """Ants/bees val accuracy of a logistic-regression head on sample-weight features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pipeline.extract import run
+    from transforms import table
+
+    def features(split):
+        out = work / f"head-{precision}-{split}"
+        run(
+            ["--input", str(source / split), "--output", str(out), "--backbone", "mobilenet_v2"]
+            + ["--weights", "sample", "--precision", precision]
+        )
+        t = table.read_table(str(out))
+        return table.features_matrix(t), t.column("label").to_pylist()
+
+    (x, y), (vx, vy) = features("train"), features("val")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(x, y)
+    return float(clf.score(vx, vy))
+
+
+def _row(name: str, per_s: float, limit: float, baseline: float | None, rss: float) -> str:
+    base = f"{per_s / baseline:5.2f}x" if baseline else "    - "
+    return f"  {name:<34} {per_s:8.1f} {per_s / limit:8.2f} {base:>9} {rss:9.0f}"
+
+
+def run_bench(args) -> None:
+    source = Path(args.images)
+    work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
+    print(f"machine: {os.cpu_count()} cores; images: {args.count} from {source}")
+    inputs = str(make_input(source, args.count, work / "images"))
+    for backbone in args.backbones:
+        weights = args.weights or ("sample" if backbone == "mobilenet_v2" else "none")
+        common = dict(backbone=backbone, weights=weights, batch_size=args.batch_size)
+        print(f"\n{backbone} @ {SIZES[backbone]} px, weights {weights}, batch {args.batch_size}")
+        limit = _measure("limit", work, input=inputs, **common)
+        ours1 = _measure("ours", work, input=inputs, chunk_size=args.chunk_size, **common)
+        ours2 = _measure(
+            "ours", work, input=inputs, chunk_size=args.chunk_size, processes=2, **common
+        )
+        ri = _measure("runinference", work, input=inputs, **common)
+        keras_ = _measure("keras", work, input=inputs, **common)
+        ref = limit["decode_model_per_s"]
+        print(
+            f"  model load {limit['model_load_s']:.1f} s; Pillow decode (1 thread) "
+            f"{limit['decode_per_s']:.0f} images/s"
+        )
+        print(f"  {'':<34} {'images/s':>8} {'x limit':>8} {'x RunInf':>9} {'RSS MiB':>9}")
+        print(
+            _row(
+                "1. model only (compiled)", limit["model_per_s"], ref, ri["per_s"], limit["rss_mb"]
+            )
+        )
+        print(_row("1. decode+model limit", ref, ref, ri["per_s"], limit["rss_mb"]))
+        print(_row("2. ours, 1 process", ours1["per_s"], ref, ri["per_s"], ours1["rss_mb"]))
+        print(_row("2. ours, 2 processes", ours2["per_s"], ref, ri["per_s"], ours2["rss_mb"]))
+        print(
+            _row(
+                "3. RunInference + TFModelHandlerNumpy", ri["per_s"], ref, ri["per_s"], ri["rss_mb"]
+            )
+        )
+        print(
+            _row("4. Keras dataset + predict", keras_["per_s"], ref, ri["per_s"], keras_["rss_mb"])
+        )
+        print(f"  scaling 2 processes / 1 process: {ours2['per_s'] / ours1['per_s']:.2f}x")
+
+        if "bf16" not in args.skip:
+            bf_limit = _measure("limit", work, input=inputs, precision="bfloat16", **common)
+            bf_ours = _measure(
+                "ours",
+                work,
+                input=inputs,
+                chunk_size=args.chunk_size,
+                precision="bfloat16",
+                **common,
+            )
+            low, mean = _cosines(ours1["table"], bf_ours["table"])
+            print(
+                f"  bfloat16: model only {bf_limit['model_per_s']:.1f} images/s "
+                f"({bf_limit['model_per_s'] / limit['model_per_s']:.2f}x float32), end to end "
+                f"{bf_ours['per_s']:.1f} ({bf_ours['per_s'] / ours1['per_s']:.2f}x); "
+                f"cosine to float32 min {low:.5f} mean {mean:.5f}"
+            )
+
+    if "memory" not in args.skip:
+        backbone = args.backbones[0]
+        weights = args.weights or ("sample" if backbone == "mobilenet_v2" else "none")
+        small = str(make_input(source, args.memory_count, work / "mem-small"))
+        large = str(make_input(source, 10 * args.memory_count, work / "mem-large"))
+        rss = [
+            _measure(
+                "ours",
+                work,
+                input=folder,
+                backbone=backbone,
+                weights=weights,
+                batch_size=args.batch_size,
+                chunk_size=args.chunk_size,
+            )["rss_mb"]
+            for folder in (small, large)
+        ]
+        print(
+            f"\nmemory ({backbone}, one process): peak RSS {rss[0]:.0f} MiB for "
+            f"{args.memory_count} images, {rss[1]:.0f} MiB for {10 * args.memory_count} "
+            f"({rss[1] / rss[0]:.2f}x)"
+        )
+
+    if "bf16" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
+        acc = {p: _head_accuracy(source, work, p) for p in ("float32", "bfloat16")}
+        print(
+            f"\nants/bees head accuracy with the real sample weights: float32 "
+            f"{acc['float32']:.3f}, bfloat16 {acc['bfloat16']:.3f}"
+        )
+    print(f"\nwork folder (safe to delete): {work}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--images",
+        default=str(_SHARED) if _SHARED.is_dir() else None,
+        help="folder of images (default: ../shared/data/hymenoptera)",
+    )
+    parser.add_argument("--count", type=int, default=1584, help="images per measurement")
+    parser.add_argument(
+        "--backbones",
+        default="mobilenet_v2,resnet50",
+        type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="default: sample for mobilenet_v2 (real weights), none otherwise",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chunk-size", type=int, default=200)
+    parser.add_argument("--memory-count", type=int, default=100)
+    parser.add_argument(
+        "--skip", default="", type=lambda s: set(s.split(",")), help="comma list of: bf16, memory"
+    )
+    # internal: one measurement in this process
+    parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--backbone", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        _measure_main(args)
+        return
+    if not args.images:
+        parser.error("--images is required (../shared/data/hymenoptera is not here)")
+    unknown = [b for b in args.backbones if b not in SIZES]
+    if unknown:
+        parser.error(f"benchmarked backbones: {sorted(SIZES)}; got {unknown}")
+    run_bench(args)
+
+
+if __name__ == "__main__":
+    main()
