@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -186,6 +187,9 @@ class Embedder:
             return features if self.head is None else self.head(features, training=False)
 
         self._embed = embed
+        # Trace now (one trace serves every batch size), so that a model loaded in the background
+        # is ready to run at full speed.
+        self(np.zeros((1, size, size, 3), np.uint8))
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._embed(pixels).numpy().astype(np.float32, copy=False)
@@ -208,7 +212,7 @@ def set_tf_threads(intra_op: int) -> None:
         _LOG.warning("cannot set TensorFlow threads to %d here: %s", intra_op, exc)
 
 
-_MODELS: dict[str, Any] = {}
+_MODELS: dict[str, Future] = {}
 _MODELS_LOCK = threading.Lock()
 _MAX_CACHED_MODELS = 2
 
@@ -217,21 +221,38 @@ def model_cache_key(handler: FeatureModelHandler) -> str:
     return f"{type(handler).__qualname__}:{json.dumps(handler.table_metadata(), sort_keys=True)}"
 
 
-def cached_model(handler: FeatureModelHandler) -> Any:
-    """The handler's model, loaded once per worker process and shared by all its threads.
+def load_model_async(handler: FeatureModelHandler) -> Future:
+    """The handler's model, loaded once per worker process (in a background thread) and shared
+    by all its threads; ``.result()`` waits for it and re-raises a failed load.
 
     Beam's ``Shared`` (what ``RunInference`` uses) frees a model when the last DoFn holding it is
     torn down; runners that set DoFns up per bundle (the DaskRunner does, per partition) would then
     reload the backbone for every bundle. This cache keeps the last two models for the life of
-    the process.
+    the process. Loading in the background lets the caller decode images meanwhile: building a
+    Keras model is mostly single-threaded Python, so another core is free.
     """
     key = model_cache_key(handler)
     with _MODELS_LOCK:
-        if key not in _MODELS:
+        future = _MODELS.get(key)
+        if future is None or (future.done() and future.exception() is not None):
             while len(_MODELS) >= _MAX_CACHED_MODELS:
                 _MODELS.pop(next(iter(_MODELS)))
-            _MODELS[key] = handler.load_model()
-        return _MODELS[key]
+            future = Future()
+            _MODELS[key] = future
+
+            def load():
+                try:
+                    future.set_result(handler.load_model())
+                except BaseException as exc:  # handed to whoever waits for the model
+                    future.set_exception(exc)
+
+            threading.Thread(target=load, name="load-model", daemon=True).start()
+        return future
+
+
+def cached_model(handler: FeatureModelHandler) -> Any:
+    """The handler's model (see :func:`load_model_async`), waiting for it if needed."""
+    return load_model_async(handler).result()
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):

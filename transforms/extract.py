@@ -7,7 +7,8 @@ The graph is ``Create(chunk numbers) -> Reshuffle -> EmbedChunk -> GroupByKey ->
 - ``EmbedChunk`` reads, decodes and embeds one chunk and commits its shard files atomically.
   Decoding runs in a small thread pool, ``prefetch`` batches ahead of the model, so Pillow
   (which releases the GIL) works while TensorFlow runs the previous batch. The model is loaded once
-  per worker process (``embed.cached_model``) and only when a chunk has a decodable image;
+  per worker process (``embed.load_model_async``), in the background when the first chunk
+  arrives, and images keep decoding while it loads; a run with nothing to embed never loads it;
 - ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json`` and removes the plan.
 
 We do not use ``RunInference`` here (``EmbedImages`` does, for pipelines that compose their own
@@ -24,7 +25,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -38,9 +39,9 @@ from transforms.embed import (
     Decoded,
     FeatureModelHandler,
     _Progress,
-    cached_model,
     error_row,
     feature_row,
+    load_model_async,
     read_and_decode,
 )
 from transforms.images import DEFAULT_MAX_PIXELS
@@ -49,6 +50,8 @@ _LOG = logging.getLogger(__name__)
 TOOL_VERSION = "0.2.0"
 MODES = ("full", "incremental")
 DEFAULT_CHUNK_SIZE = 1000
+#: Decoded pixels a worker thread may hold while its model loads (then two batches).
+PREFETCH_BYTES = 256 << 20
 
 
 class _EmbedChunk(beam.DoFn):
@@ -81,26 +84,32 @@ class _EmbedChunk(beam.DoFn):
     def teardown(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decoded_batches(self, refs, errors) -> Iterator[list[tuple[Decoded, np.ndarray]]]:
-        """Decoded images in batches, decoding up to two batches ahead of the consumer."""
+    def _decoded_batches(
+        self, refs, errors, model: Future
+    ) -> Iterator[list[tuple[Decoded, np.ndarray]]]:
+        """Decoded images in batches, decoding two batches ahead of the consumer, and as far as
+        ``PREFETCH_BYTES`` allows while the model is still loading."""
         batch_size = self._handler.batch_elements_kwargs().get("max_batch_size", 32)
         size = self._handler.input_size
+        ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * size[0] * size[1]))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
 
-        def submit():
-            ref = next(refs_left, None)
-            if ref is not None:
+        def fill():
+            limit = 2 * batch_size if model.done() else ahead_loading
+            while len(pending) < limit:
+                ref = next(refs_left, None)
+                if ref is None:
+                    return
                 pending.append(
                     self._pool.submit(read_and_decode, ref, size, self._resize, self._max_pixels)
                 )
 
-        for _ in range(2 * batch_size):
-            submit()
+        fill()
         batch: list[tuple[Decoded, np.ndarray]] = []
         while pending:
             result = pending.popleft().result()
-            submit()
+            fill()
             if isinstance(result, dict):
                 errors.append(result)
                 continue
@@ -115,8 +124,10 @@ class _EmbedChunk(beam.DoFn):
         refs = plans.read_chunk(self._run.plan_uri, chunk)
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        for batch in self._decoded_batches(refs, errors):
-            model = cached_model(self._handler)  # a model that cannot load fails the run
+        # Start loading the model (once per process) now; images decode while it loads.
+        model_future = load_model_async(self._handler) if refs else None
+        for batch in self._decoded_batches(refs, errors, model_future):
+            model = model_future.result()  # a model that cannot load fails the run
             try:
                 vectors = self._handler.run_inference([pixels for _, pixels in batch], model)
             except Exception as exc:  # a batch the model rejects: one error row per image

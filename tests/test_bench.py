@@ -1,0 +1,36 @@
+"""The benchmark stays runnable: a tiny run of every measurement (figures are not asserted)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline import bench
+
+
+@pytest.mark.slow
+def test_bench_runs_every_measurement(image_tree, capsys):
+    bench.main(
+        ["--images", str(image_tree), "--count", "12", "--backbones", "mobilenet_v2"]
+        + ["--weights", "none", "--skip", "memory,bf16", "--chunk-size", "4"]
+    )
+    out = capsys.readouterr().out
+    for name in (
+        "model only",
+        "decode+model limit",
+        "ours, 1 process",
+        "ours, 2 processes",
+        "RunInference",
+        "Keras dataset",
+    ):
+        line = next(x for x in out.splitlines() if name in x)
+        assert re.search(r"\d+\.\d+\s+\d+\.\d+", line), line
+    assert "scaling 2 processes / 1 process" in out
+
+
+def test_bench_input_is_distinct_links(image_tree, tmp_path):
+    folder = bench.make_input(image_tree, 30, tmp_path / "links")
+    links = sorted(folder.iterdir())
+    assert len(links) == 30 and all(p.is_symlink() for p in links)
+    assert len({p.resolve() for p in links}) == 12  # cycles over the 12 images
