@@ -15,8 +15,8 @@ For each backbone:
    doing both, one after the other, could reach once its model is loaded; ``load+decode+model``
    adds the model load (imports, build, weights): a plain script with no framework overhead.
 2. ``ours``: ``pipeline.extract`` end to end (listing, reading, decoding, embedding, Parquet,
-   model load included) in one process, and with 2 worker processes (each with its share of
-   TensorFlow threads).
+   model load included) in one process, and with 2 worker processes, each with its share of
+   TensorFlow threads (and, for comparison, each with all of them).
 3. ``runinference``: the obvious Beam pipeline: ``MatchFiles`` -> ``ReadMatches`` -> Pillow decode +
    ``preprocess_input`` -> ``RunInference(TFModelHandlerNumpy)`` with its defaults ->
    ``WriteToParquet``, on the same in-process runner.
@@ -133,6 +133,8 @@ def measure_ours(args) -> dict:
     argv += ["--weights", args.weights, "--image-size", str(SIZES[args.backbone])]
     argv += ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)]
     argv += ["--precision", args.precision]
+    if args.intra_op_threads:
+        argv += ["--intra-op-threads", str(args.intra_op_threads)]
     if args.processes > 1:
         argv += ["--direct_num_workers", str(args.processes)]
         argv += ["--direct_running_mode", "multi_processing"]
@@ -301,6 +303,16 @@ def run_bench(args) -> None:
         ours2 = _measure(
             "ours", work, input=inputs, chunk_size=args.chunk_size, processes=2, **common
         )
+        # Without the thread share, each process's TensorFlow takes every core.
+        ours2_all = _measure(
+            "ours",
+            work,
+            input=inputs,
+            chunk_size=args.chunk_size,
+            processes=2,
+            intra_op_threads=os.cpu_count() or 1,
+            **common,
+        )
         ri = _measure("runinference", work, input=inputs, **common)
         keras_ = _measure("keras", work, input=inputs, **common)
         ref = limit["decode_model_per_s"]
@@ -326,6 +338,15 @@ def run_bench(args) -> None:
         )
         print(_row("2. ours, 1 process", ours1["per_s"], ref, ri["per_s"], ours1["rss_mb"]))
         print(_row("2. ours, 2 processes", ours2["per_s"], ref, ri["per_s"], ours2["rss_mb"]))
+        print(
+            _row(
+                "   2 processes, all cores each",
+                ours2_all["per_s"],
+                ref,
+                ri["per_s"],
+                ours2_all["rss_mb"],
+            )
+        )
         print(
             _row(
                 "3. RunInference + TFModelHandlerNumpy", ri["per_s"], ref, ri["per_s"], ri["rss_mb"]
@@ -427,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--intra-op-threads", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         _measure_main(args)
