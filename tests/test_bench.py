@@ -21,6 +21,8 @@ def test_bench_runs_every_measurement(image_tree, capsys):
         "decode+model limit",
         "ours, 1 process",
         "ours, 2 processes",
+        "2 processes, all cores each",
+        "load+decode+model",
         "RunInference",
         "Keras dataset",
     ):
