@@ -102,13 +102,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         [
             f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}",
             f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
-            f"images in {run.get('chunks', 0)} chunks -> {run.get('new_rows', 0)} new rows, "
+            f"images in {run.get('chunks', 0)} chunk(s) -> {run.get('new_rows', 0)} new rows, "
             f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "
             f"removed {run.get('stale_rows_removed', 0)} stale rows",
             f"backbone {meta['backbone']} ({meta.get('layer') or 'pooling=' + meta.get('pooling', '')}), "
             f"{meta['feature_dim']}-d vectors at {meta['input_size']} px, weights {meta['weights_fingerprint'][:23]}",
             f"{summary['seconds']:.1f} s wall time, {rate:.1f} images/s end to end (model load included)",
-            f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shards, "
+            f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shard(s), "
             f"{summary.get('table_rows', summary['rows'])} rows)",
             f"errors: {out}/_errors/errors-*.parquet",
             "read it:",
