@@ -105,3 +105,20 @@ def test_bucket_to_bucket_round_trip(gcs_emulator, tmp_path):
     errors = table.read_table(out, prefix=table.ERRORS)
     assert errors.column("uri").to_pylist() == [f"{gcs_emulator}/images/val/cats/broken.jpg"]
     assert table.read_summary(out)["rows"] == 8
+
+    # Incremental on the bucket: a new object is embedded alone, a replaced object (new
+    # generation) replaces its row, and the plan file is gone afterwards.
+    fs.put(str(local / "train" / "cats" / "0.png"), f"{BUCKET}/images/train/cats/new.png")
+    fs.put(str(local / "val" / "dogs" / "0.png"), f"{BUCKET}/images/train/dogs/0.png")
+    again = run(
+        ["--input", f"{gcs_emulator}/images", "--output", out, "--mode", "incremental"]
+        + ["--backbone", "mobilenet_v3_small", "--image-size", "32"]
+        + ["--weights", f"{gcs_emulator}/models/w.weights.h5", "--cache-dir", str(tmp_path / "c")]
+    )
+    assert again["run"]["embedded"] == 2 and again["run"]["stale_rows_removed"] == 1
+    assert (again["inputs"], again["rows"], again["errors"]) == (10, 9, 1)
+    ids = table.read_table(out).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 9
+    assert not fs.exists(f"{BUCKET}/tables/run1/_plans") or not fs.ls(
+        f"{BUCKET}/tables/run1/_plans"
+    )
