@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.extract",
         description="Embed an image collection with a pretrained headless CNN into a Parquet "
         "feature table. Unknown flags are Beam pipeline options (e.g. --runner, "
-        "--direct_num_workers 2 --direct_running_mode multi_processing).",
+        "--direct_num_workers 2 --direct_running_mode multi_processing; --runner dask with "
+        "--dask_client_address HOST:PORT, or --dask_local_workers N for a local cluster).",
     )
     parser.add_argument(
         "--input",
