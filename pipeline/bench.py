@@ -290,7 +290,11 @@ def _row(name: str, per_s: float, limit: float, baseline: float | None, rss: flo
 
 def run_bench(args) -> None:
     source = Path(args.images)
-    args.chunk_size = args.chunk_size or max(1, -(-args.count // 4))
+
+    def chunks_for(processes: int) -> int:
+        # The job's default, or smaller so that every worker process gets a chunk.
+        return args.chunk_size or min(DEFAULT_CHUNK_SIZE, -(-args.count // processes))
+
     work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
     print(f"machine: {os.cpu_count()} cores; images: {args.count} from {source}")
     inputs = str(make_input(source, args.count, work / "images"))
@@ -299,16 +303,16 @@ def run_bench(args) -> None:
         common = dict(backbone=backbone, weights=weights, batch_size=args.batch_size)
         print(f"\n{backbone} @ {SIZES[backbone]} px, weights {weights}, batch {args.batch_size}")
         limit = _measure("limit", work, input=inputs, **common)
-        ours1 = _measure("ours", work, input=inputs, chunk_size=args.chunk_size, **common)
+        ours1 = _measure("ours", work, input=inputs, chunk_size=chunks_for(1), **common)
         ours2 = _measure(
-            "ours", work, input=inputs, chunk_size=args.chunk_size, processes=2, **common
+            "ours", work, input=inputs, chunk_size=chunks_for(2), processes=2, **common
         )
         # Without the thread share, each process's TensorFlow takes every core.
         ours2_all = _measure(
             "ours",
             work,
             input=inputs,
-            chunk_size=args.chunk_size,
+            chunk_size=chunks_for(2),
             processes=2,
             intra_op_threads=os.cpu_count() or 1,
             **common,
@@ -363,7 +367,7 @@ def run_bench(args) -> None:
                 "ours",
                 work,
                 input=inputs,
-                chunk_size=args.chunk_size,
+                chunk_size=chunks_for(1),
                 precision="bfloat16",
                 **common,
             )
@@ -434,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--chunk-size",
         type=int,
         default=0,
-        help="images per chunk; default: a quarter of --count (2 chunks per process with 2)",
+        help="images per chunk; default: the job's (1000), or --count / processes if smaller, "
+        "so that each worker process gets a chunk",
     )
     parser.add_argument("--memory-count", type=int, default=100)
     parser.add_argument(
