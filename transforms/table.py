@@ -1,21 +1,23 @@
 """The Parquet feature table: its schema (declared once), WriteTable, and reading tables back.
 
-A table is a folder of deterministic, zero-padded shards written by :class:`WriteTable`::
+A table is a folder of zero-padded shards::
 
-    features-00000-of-00002.parquet   one row per image; the vector is fixed_size_list<float32>[D]
-    features-00001-of-00002.parquet
-    _errors/errors-00000-of-00001.parquet   one row per input that could not become a feature row
+    features-RUN-00000-of-00002.parquet   one row per image; the vector is fixed_size_list<float32>[D]
+    features-RUN-00001-of-00002.parquet   (RUN: the run id; an incremental run adds its own shards)
+    _errors/errors-RUN-00000-of-00002.parquet   one row per input that could not become a feature row
     _SUMMARY.json                     counts (inputs = rows + errors) and the table metadata
 
-Readers skip names starting with ``_`` or ``.``, so ``pandas.read_parquet(folder)``,
-``pyarrow.dataset`` and DuckDB's ``folder/*.parquet`` see exactly the feature rows.
+The extraction job writes one shard per chunk of work (``transforms.extract``). :class:`WriteTable`
+is the Beam sink for graphs that compose their own rows (e.g. with ``EmbedImages``): it hash-shards
+rows by ``image_id`` into ``features-NNNNN-of-MMMMM.parquet`` with the same schema. Readers here
+accept both names.
 
-A row's shard is a hash of its ``image_id``; rows inside a shard are sorted by ``image_id``, so the
-same inputs always give byte-for-byte the same rows in the same files. Each shard is committed only
-when complete (see ``storage.write_atomically``), so readers never see half a file. We write shards
-ourselves instead of using Beam's ``WriteToParquet`` because its temp-file finalisation depends on
-the runner (on the DaskRunner it leaves the rows in ``beam-temp-*``) and its shard names are not
-stable across runs.
+Readers skip names starting with ``_`` or ``.``, so ``pandas.read_parquet(folder)``,
+``pyarrow.dataset`` and DuckDB's ``folder/*.parquet`` see exactly the feature rows. Rows inside a
+shard are sorted by ``image_id``. Each shard is committed only when complete (see
+``storage.write_atomically``), so readers never see half a file. We write shards ourselves instead
+of using Beam's ``WriteToParquet`` because its temp-file finalisation depends on the runner (on the
+DaskRunner it leaves the rows in ``beam-temp-*``) and its shard names are not stable across runs.
 """
 
 from __future__ import annotations
