@@ -17,17 +17,6 @@ import pyarrow.parquet as pq
 
 from transforms import table
 
-#: Metadata keys that must agree for two tables' vectors to be comparable.
-COMPATIBILITY_KEYS = (
-    "backbone",
-    "weights_fingerprint",
-    "input_size",
-    "pooling",
-    "layer",
-    "preprocessing",
-    "resize",
-    "feature_dim",
-)
 HEADS = ("logistic", "mlp")
 
 
@@ -43,18 +32,20 @@ class FeatureSet:
     @property
     def fingerprint(self) -> str:
         """Identifies what produced the vectors (not which images)."""
-        key = json.dumps({k: self.metadata.get(k, "") for k in COMPATIBILITY_KEYS}, sort_keys=True)
+        key = json.dumps(
+            {k: self.metadata.get(k, "") for k in table.COMPATIBILITY_KEYS}, sort_keys=True
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def check_compatible(first: dict[str, str], other: dict[str, str], where: str) -> None:
     """Raises ValueError naming the first metadata key on which two tables differ."""
-    for key in COMPATIBILITY_KEYS:
-        if first.get(key, "") != other.get(key, ""):
-            raise ValueError(
-                f"{where}: incompatible feature tables: {key} is {other.get(key)!r} here but "
-                f"{first.get(key)!r} in the first table; re-extract with the same backbone settings"
-            )
+    key = table.first_difference(first, other)
+    if key is not None:
+        raise ValueError(
+            f"{where}: incompatible feature tables: {key} is {other.get(key)!r} here but "
+            f"{first.get(key)!r} in the first table; re-extract with the same backbone settings"
+        )
 
 
 def read_features(

@@ -38,18 +38,6 @@ from transforms.listing import ImageRef, list_sources
 _LOG = logging.getLogger(__name__)
 
 PLANS_DIR = "_plans"
-#: Metadata keys that must agree for new rows to join an existing table.
-COMPATIBILITY_KEYS = (
-    "backbone",
-    "weights_fingerprint",
-    "input_size",
-    "pooling",
-    "layer",
-    "feature_dim",
-    "resize",
-    "precision",
-    "head",
-)
 _PLAN_SCHEMA = pa.schema(
     [
         pa.field("chunk", pa.int32(), nullable=False),
@@ -149,13 +137,13 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
         return
     fs, path = storage.filesystem(files[0])
     existing = table.table_metadata(pq.read_schema(path, filesystem=fs))
-    for key in COMPATIBILITY_KEYS:
+    key = table.first_difference({k: str(v) for k, v in metadata.items()}, existing)
+    if key is not None:
         ours, theirs = str(metadata.get(key, "")), existing.get(key, "")
-        if ours != theirs:
-            raise IncompatibleTableError(
-                f"{output_dir} holds a table made with {key}={theirs!r}, this run would add rows "
-                f"with {key}={ours!r}; use another --output, or --overwrite to start over"
-            )
+        raise IncompatibleTableError(
+            f"{output_dir} holds a table made with {key}={theirs!r}, this run would add rows "
+            f"with {key}={ours!r}; use another --output, or --overwrite to start over"
+        )
 
 
 def _decide(

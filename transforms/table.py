@@ -77,6 +77,27 @@ IMAGE_FIELDS = (
 )
 
 
+#: Metadata keys that must agree for two tables' vectors to be comparable: to train one head on
+#: both, or to add new rows to an existing table.
+COMPATIBILITY_KEYS = (
+    "backbone",
+    "weights_fingerprint",
+    "input_size",
+    "pooling",
+    "layer",
+    "preprocessing",
+    "resize",
+    "feature_dim",
+    "precision",
+    "head",
+)
+
+
+def first_difference(a: Mapping[str, str], b: Mapping[str, str]) -> str | None:
+    """The first of :data:`COMPATIBILITY_KEYS` on which two tables' metadata differ, or None."""
+    return next((k for k in COMPATIBILITY_KEYS if a.get(k, "") != b.get(k, "")), None)
+
+
 def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """The feature table's schema, with ``metadata`` stored under ``featurebeam.*`` keys."""
     schema = pa.schema(
