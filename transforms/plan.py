@@ -41,12 +41,8 @@ PLANS_DIR = "_plans"
 _PLAN_SCHEMA = pa.schema(
     [
         pa.field("chunk", pa.int32(), nullable=False),
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("file_size", pa.int64()),
-        pa.field("file_version", pa.string()),
+        *(f for f in table.IMAGE_FIELDS if f.name in ("image_id", "uri", "label", "split")),
+        *table.SOURCE_FIELDS,
     ]
 )
 
@@ -171,31 +167,28 @@ def _decide(
     return todo, remove, kept_rows, kept_errors
 
 
-def remove_rows(files_and_ids: Mapping[str, set[str]]) -> int:
-    """Rewrites each shard in place, atomically, without the given image ids; returns rows removed.
+def remove_rows(output_dir: str, files_and_ids: Mapping[str, set[str]]) -> int:
+    """Rewrites each shard of the table in ``output_dir`` in place, atomically, without the given
+    image ids; returns rows removed.
 
     A shard left with no rows is deleted, unless it is the table's only feature shard (readers need
     one file to know the schema).
     """
     removed = 0
+    feature_shards = len(table.shard_files(output_dir, table.FEATURES))
     for uri, ids in sorted(files_and_ids.items()):
         fs, path = storage.filesystem(uri)
         t = pq.read_table(path, filesystem=fs)
         kept = t.filter(pc.invert(pc.is_in(t.column("image_id"), pa.array(sorted(ids)))))
         removed += t.num_rows - kept.num_rows
         is_errors = path.rsplit("/", 1)[-1].startswith(table.ERRORS)
-        if kept.num_rows == 0 and (
-            is_errors or len(table.shard_files(_table_root(uri), table.FEATURES)) > 1
-        ):
+        if kept.num_rows == 0 and (is_errors or feature_shards > 1):
             fs.rm(path)
+            if not is_errors:
+                feature_shards -= 1
         else:
             table.write_parquet(uri, kept)
     return removed
-
-
-def _table_root(shard_uri: str) -> str:
-    folder = shard_uri.rsplit("/", 1)[0]
-    return folder[: -len(table.ERRORS_DIR) - 1] if folder.endswith(table.ERRORS_DIR) else folder
 
 
 def _chunks(refs: Sequence[ImageRef], chunk_size: int) -> list[list[ImageRef]]:
@@ -270,7 +263,7 @@ def plan_run(
         for image_id, cs in copies.items()
         if image_id not in listed_ids and any(c.kind == table.FEATURES for c in cs)
     )
-    removed = remove_rows(remove)
+    removed = remove_rows(output_dir, remove)
     chunks = _chunks(todo, chunk_size)
     plan_uri = None
     if chunks:
