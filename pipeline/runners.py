@@ -91,8 +91,14 @@ def _runner_name(options: PipelineOptions) -> str:
     return name.lower() if isinstance(name, str) else ""
 
 
+def _split_local_workers(beam_args: Sequence[str]) -> tuple[list[str], str | None]:
+    """Beam's flags without our ``--dask_local_workers`` (Beam does not know it), and its value."""
+    args = list(beam_args)
+    return args, _pop_flag(args, _DASK_LOCAL_WORKERS)
+
+
 def is_dask(beam_args: Sequence[str]) -> bool:
-    args = [a for a in beam_args if not a.startswith(_DASK_LOCAL_WORKERS)]
+    args, _ = _split_local_workers(beam_args)
     return _runner_name(PipelineOptions(args)) in _DASK_NAMES
 
 
@@ -102,8 +108,7 @@ def _has_dask_flag(args: Sequence[str], *flags: str) -> bool:
 
 def dask_local_workers(beam_args: Sequence[str]) -> int:
     """How many worker processes a local Dask cluster for these flags gets (0: none started)."""
-    args = list(beam_args)
-    value = _pop_flag(args, _DASK_LOCAL_WORKERS)
+    args, value = _split_local_workers(beam_args)
     if not is_dask(args) or _has_dask_flag(args, "--dask_client_address", "--dask_scheduler_file"):
         return 0
     workers = int(value) if value else (os.cpu_count() or 1)
@@ -114,7 +119,8 @@ def dask_local_workers(beam_args: Sequence[str]) -> int:
 
 def local_processes(beam_args: Sequence[str]) -> int:
     """Worker processes that this run starts on this machine (they share its cores)."""
-    options = PipelineOptions([a for a in beam_args if not a.startswith(_DASK_LOCAL_WORKERS)])
+    args, _ = _split_local_workers(beam_args)
+    options = PipelineOptions(args)
     if _runner_name(options) in _LOCAL_NAMES:
         direct = options.get_all_options()
         if direct.get("direct_running_mode") == "multi_processing":
@@ -184,9 +190,8 @@ def run_graph(
         with test_pipeline:
             build(test_pipeline)
         return
-    args = list(beam_args)
-    workers = dask_local_workers(args)
-    _pop_flag(args, _DASK_LOCAL_WORKERS)
+    workers = dask_local_workers(beam_args)
+    args, _ = _split_local_workers(beam_args)
     if is_dask(args) and not _has_dask_flag(args, "--dask_npartitions", "--dask_partition_size"):
         args.append("--dask_partition_size=1")
     cluster = start_local_dask_cluster(workers) if workers else None

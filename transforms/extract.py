@@ -158,31 +158,35 @@ class _EmbedChunk(beam.DoFn):
         }
 
 
+def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
+    """The table's shards of ``prefix``; when there are none, writes an empty one first, because
+    readers (pyarrow, DuckDB, pandas) need at least one file to know the schema."""
+    files = table.shard_files(run.output_dir, prefix)
+    if files:
+        return files
+    uri = storage.join(
+        table.table_dir_for(run.output_dir, prefix),
+        table.shard_name(prefix, 0, 1, run_id=run.run_id),
+    )
+    table.write_parquet(uri, table.to_arrow([], schema))
+    return [uri]
+
+
 def _finalize(element, *, run: plans.RunPlan, schema: pa.Schema, metadata: dict[str, str]):
     _, results = element
     results = [r for r in results if r is not None]
     new_rows = sum(r["rows"] for r in results)
     new_errors = sum(r["errors"] for r in results)
     out = run.output_dir
-    feature_files = table.shard_files(out, table.FEATURES)
-    if not feature_files:
-        # Readers (pyarrow, DuckDB, pandas) need at least one file to know the schema.
-        uri = storage.join(out, table.shard_name(table.FEATURES, 0, 1, run_id=run.run_id))
-        table.write_parquet(uri, table.to_arrow([], schema))
-        feature_files = [uri]
-    if not table.shard_files(out, table.ERRORS):
-        uri = storage.join(
-            table.table_dir_for(out, table.ERRORS),
-            table.shard_name(table.ERRORS, 0, 1, run_id=run.run_id),
-        )
-        table.write_parquet(uri, table.to_arrow([], table.ERROR_SCHEMA))
+    feature_files = _shards_or_empty_one(run, table.FEATURES, schema)
+    error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
     summary = {
         "inputs": run.listed,
         "rows": run.kept_rows + new_rows,
         "errors": run.kept_errors + new_errors,
         "table_rows": run.kept_rows + new_rows + run.unlisted_rows,
         "feature_files": feature_files,
-        "error_files": table.shard_files(out, table.ERRORS),
+        "error_files": error_files,
         "metadata": metadata,
         "run": {
             "run_id": run.run_id,
