@@ -78,13 +78,12 @@ def make_input(source: Path, count: int, target: Path) -> Path:
 # --- measurements, each run in its own process (python -m pipeline.bench --measure KIND ...) ---
 
 
-def _model_spec(backbone: str, weights: str):
-    from pipeline import sample_weights
-    from transforms.backbones import ModelSpec
+def _recipe(backbone: str, weights: str, precision: str = "float32"):
+    from transforms.recipe import FeatureRecipe
 
-    if weights == "sample":
-        weights = sample_weights.ensure_sample_weights()
-    return ModelSpec(backbone=backbone, weights=weights, image_size=SIZES[backbone])
+    return FeatureRecipe.from_flags(
+        backbone=backbone, weights=weights, image_size=SIZES[backbone], precision=precision
+    )
 
 
 def measure_limit(args) -> dict:
@@ -93,14 +92,10 @@ def measure_limit(args) -> dict:
     from transforms.embed import Embedder
     from transforms.images import load_image
 
-    spec = _model_spec(args.backbone, args.weights)
+    spec = _recipe(args.backbone, args.weights, args.precision)
     files = sorted(Path(args.input).iterdir())
     started = time.perf_counter()
-    embedder = Embedder(
-        spec,
-        None if args.weights in ("none", "imagenet") else spec.weights,
-        precision=args.precision,
-    )
+    embedder = Embedder(spec, spec.weights_file)
     load_s = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -155,11 +150,10 @@ def measure_runinference(args) -> dict:
     from pipeline.runners import LocalRunner
     from transforms.backbones import build_model, preprocess_fn
 
-    spec = _model_spec(args.backbone, args.weights)
+    spec = _recipe(args.backbone, args.weights)
     model_path = str(Path(args.work) / f"{args.backbone}.keras")
     if not os.path.exists(model_path):
-        weights = None if args.weights in ("none", "imagenet") else spec.weights
-        build_model(spec, weights_path=weights).save(model_path)
+        build_model(spec, weights_path=spec.weights_file).save(model_path)
     size = spec.image_size
     preprocess_input = preprocess_fn(spec.spec)
 
@@ -195,11 +189,9 @@ def measure_keras(args) -> dict:
 
     from transforms.backbones import build_model, preprocess_fn
 
-    spec = _model_spec(args.backbone, args.weights)
+    spec = _recipe(args.backbone, args.weights)
     started = time.perf_counter()
-    model = build_model(
-        spec, weights_path=None if args.weights in ("none", "imagenet") else spec.weights
-    )
+    model = build_model(spec, weights_path=spec.weights_file)
     preprocess_input = preprocess_fn(spec.spec)
     dataset = keras.utils.image_dataset_from_directory(
         args.input,

@@ -5,7 +5,9 @@
 
 Runs the same Beam read/decode path as extraction and writes a Parquet table of predictions
 (``prediction``, ``probability``, ``top_classes``, ``top_probabilities`` per image), with the same
-error rows and ``_SUMMARY.json``.
+error rows and ``_SUMMARY.json``. With ``--head``, images are made into vectors with exactly the
+recipe the head was trained on (backbone, weights, size, pooling, resize, precision), read from
+the head's report; a recipe flag that contradicts it is refused.
 """
 
 from __future__ import annotations
@@ -17,20 +19,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import runners
-from pipeline.config import (
-    add_model_flags,
-    model_spec_from_args,
-    model_spec_from_metadata,
-    underscore_aliases,
-)
-from pipeline.extract import prepare_output
-from pipeline.train_head import HEAD_FILE, REPORT_FILE
-from transforms import listing, model_io, storage, table
+from pipeline import cli
+from pipeline.launch import TableRun, launch
+from transforms import lease as leases
+from transforms import model_io
 from transforms.backbones import PREDICTIONS
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
 from transforms.embed import BackboneModelHandler
-from transforms.extract import ExtractFeatures
+from transforms.extract import ExtractFeatures, run_metadata
+from transforms.recipe import FeatureRecipe
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--head", default=None, help="a train_head --model-dir; else the ImageNet top"
     )
-    add_model_flags(parser)
+    cli.add_recipe_flags(parser)
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32)
+    cli.add_batch_size_flag(parser)
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--cache-dir", default=None)
     return parser
@@ -54,72 +51,72 @@ def build_parser() -> argparse.ArgumentParser:
 def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str], dict[str, str]]:
     try:
         if args.head:
-            report = model_io.read_json(storage.join(args.head, REPORT_FILE))
-            spec = model_spec_from_metadata(report["feature_table_metadata"])
+            report = model_io.read_head_report(args.head)
+            recipe = model_io.head_recipe(report)
+            recipe.check_flags(**cli.recipe_flags(args))
             classes = report["classes"]
             handler = BackboneModelHandler(
-                spec,
+                recipe,
                 batch_size=args.batch_size,
                 cache_dir=args.cache_dir,
-                head=storage.join(args.head, HEAD_FILE),
+                head=model_io.head_file(args.head),
                 head_classes=len(classes),
             )
-            return (
-                handler,
-                classes,
-                {"head": args.head, "head_fingerprint": report["feature_table_fingerprint"]},
-            )
-        args.layer = PREDICTIONS
-        args.image_size = None
-        spec = model_spec_from_args(args)
+            extra = {"head": args.head, "head_fingerprint": report["feature_table_fingerprint"]}
+            return handler, classes, extra
+        if args.layer not in (None, PREDICTIONS):
+            parser.error(f"without --head the ImageNet top is used: --layer must be {PREDICTIONS}")
+        flags = {**cli.recipe_flags(args), "layer": PREDICTIONS, "pooling": None}
+        recipe = FeatureRecipe.from_flags(**flags)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    handler = BackboneModelHandler(spec, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    handler = BackboneModelHandler(recipe, batch_size=args.batch_size, cache_dir=args.cache_dir)
     return handler, imagenet_class_names(), {"head": "imagenet"}
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]:
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(
-        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
-    )
+    args, beam_args = cli.parse_known(parser, argv)
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     handler, classes, extra = _handler_and_classes(args, parser)
-    listing.check_sources(args.input)
-    prepare_output(args.output, overwrite=args.overwrite)
+    metadata = run_metadata(handler, {**extra, "classes": json.dumps(classes)})
     started = time.monotonic()
-    runners.run_graph(
-        lambda p: (
-            p
-            | "ClassifyImages"
-            >> ExtractFeatures(
-                args.input,
-                args.output,
-                model_handler=handler,
-                extra_metadata={**extra, "classes": json.dumps(classes)},
-                to_row=TopK(args.top_k, classes),
-                schema=PREDICTION_SCHEMA,
-            )
-        ),
-        beam_args,
-        test_pipeline,
+
+    def build(pipeline, planned, lease):
+        return pipeline | "ClassifyImages" >> ExtractFeatures(
+            planned,
+            model_handler=handler,
+            metadata=metadata,
+            to_row=TopK(args.top_k, classes),
+            schema=PREDICTION_SCHEMA,
+            lease=lease,
+        )
+
+    summary = launch(
+        TableRun(inputs=tuple(args.input), output=args.output, overwrite=args.overwrite),
+        metadata=metadata,
+        build=build,
+        beam_args=beam_args,
+        test_pipeline=test_pipeline,
     )
-    summary = table.read_summary(args.output)
     summary.update(seconds=time.monotonic() - started, output=args.output)
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     try:
         summary = run(argv)
-    except (FileExistsError, FileNotFoundError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:
         sys.exit(f"error: {exc}")
     meta = summary["metadata"]
     out = summary["output"]
     print(f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}")
-    print(f"classifier: {meta['backbone']} + {meta['head']}, {summary['seconds']:.1f} s")
+    print(
+        f"classifier: {meta['backbone']} ({meta['resize']}, {meta['precision']}) + {meta['head']}, "
+        f"{summary['seconds']:.1f} s"
+    )
     print(f"predictions: {out}/features-*.parquet (prediction, probability, top_classes, ...)")
     print(f"errors: {out}/_errors/errors-*.parquet")
 

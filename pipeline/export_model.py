@@ -2,9 +2,11 @@
 
     python -m pipeline.export_model --head HEAD_DIR --model-dir MODEL_DIR
 
-Saves ``MODEL_DIR/model.keras`` (load it after ``import transforms.keras_layers``, which registers
-the preprocessing layer) and ``MODEL_DIR/classes.json``, then checks on a few images of the feature
-table that the exported model's probabilities equal backbone -> features -> head.
+Rebuilds the exact recipe the head was trained on (from its report), saves
+``MODEL_DIR/model.keras`` (load it after ``import transforms.keras_layers``, which registers the
+preprocessing layer), ``classes.json`` and ``recipe.json`` (how its input pixels must be made:
+size and resize), then checks on a few images of the feature table that the exported model's
+probabilities equal backbone -> features -> head.
 """
 
 from __future__ import annotations
@@ -16,14 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import runners
-from pipeline.config import model_spec_from_metadata
-from pipeline.train_head import HEAD_FILE, REPORT_FILE
+from pipeline import cli
 from transforms import model_io, storage, table
 from transforms.images import load_image
-
-MODEL_FILE = "model.keras"
-CLASSES_FILE = "classes.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,49 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_exported(model_dir: str):
-    """Loads an exported model and its class names."""
-    model = model_io.load_keras(storage.join(model_dir, MODEL_FILE))
-    return model, model_io.read_json(storage.join(model_dir, CLASSES_FILE))
-
-
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-
     from transforms.backbones import build_classifier
     from transforms.embed import Embedder
 
     args = build_parser().parse_args(argv)
-    report = model_io.read_json(storage.join(args.head, REPORT_FILE))
-    meta = report["feature_table_metadata"]
-    spec = model_spec_from_metadata(meta)
-    weights = (
-        None
-        if spec.weights in ("imagenet", "none")
-        else storage.local_copy(spec.weights, tempfile.gettempdir())
-    )
-    head = model_io.load_keras(storage.join(args.head, HEAD_FILE))
-    model = build_classifier(spec, head, weights_path=weights)
-    model_io.save_keras(model, storage.join(args.model_dir, MODEL_FILE))
-    model_io.write_json(storage.join(args.model_dir, CLASSES_FILE), report["classes"])
+    report = model_io.read_head_report(args.head)
+    recipe = model_io.head_recipe(report)
+    weights = None
+    if recipe.weights_file is not None:
+        weights = storage.local_copy(recipe.weights_file, tempfile.gettempdir())
+    head = model_io.load_keras(model_io.head_file(args.head))
+    model = build_classifier(recipe, head, weights_path=weights)
+    model_io.save_model_dir(args.model_dir, model, report["classes"], recipe.to_metadata())
 
     # The check: the saved-and-reloaded model against the two-step path on real images.
     uris = table.read_table(report["feature_tables"][0], columns=["uri"]).column("uri").to_pylist()
     uris = uris[: args.check_images]
     pixels = np.stack(
-        [
-            load_image(storage.read_bytes(u), spec.size, resize=meta.get("resize", "squash")).pixels
-            for u in uris
-        ]
+        [load_image(storage.read_bytes(u), recipe.size, resize=recipe.resize).pixels for u in uris]
     )
-    exported, _ = load_exported(args.model_dir)
+    exported, _, _ = model_io.load_model_dir(args.model_dir)
     one_step = exported.predict(pixels.astype(np.float32), verbose=0)
-    two_step = head.predict(Embedder(spec, weights)(pixels), verbose=0)
+    two_step = head.predict(Embedder(recipe, weights)(pixels), verbose=0)
     max_diff = float(np.abs(one_step - two_step).max())
     agree = float((one_step.argmax(1) == two_step.argmax(1)).mean())
     if max_diff > 1e-4:
         raise RuntimeError(f"exported model disagrees with backbone -> head: max |diff| {max_diff}")
     return {
-        "model": storage.join(args.model_dir, MODEL_FILE),
+        "model": storage.join(args.model_dir, model_io.MODEL_FILE),
+        "recipe": recipe.to_metadata(),
         "checked_images": len(uris),
         "max_abs_difference": max_diff,
         "argmax_agreement": agree,
@@ -90,7 +74,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     result = run(argv)
     print(
         f"exported {result['model']}; on {result['checked_images']} images its probabilities equal "

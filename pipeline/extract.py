@@ -9,87 +9,91 @@ See ``python -m pipeline.extract --help``.
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
 
-from pipeline import runners
+from pipeline import cli, runners
 from pipeline.config import ExtractConfig, parse_args
-from transforms import listing, storage, table
+from pipeline.launch import TableRun, launch
+from transforms import lease as leases
 from transforms import plan as plans
+from transforms import table
 from transforms.embed import BackboneModelHandler
-from transforms.extract import ExtractFeatures
-
-_LOG = logging.getLogger(__name__)
-_TABLE_PREFIXES = (table.FEATURES, table.ERRORS)
+from transforms.extract import ExtractFeatures, run_metadata
 
 
-def prepare_output(output: str, *, overwrite: bool) -> None:
-    """Refuses to mix with an existing table unless ``overwrite``, which removes it first.
-
-    Raises:
-        FileExistsError: the output already holds a table and ``--overwrite`` was not given.
-    """
-    existing = [f for p in _TABLE_PREFIXES for f in table.shard_files(output, p)]
-    for name in (table.SUMMARY_FILE, plans.PLANS_DIR):
-        if storage.exists(storage.join(output, name)):
-            existing.append(storage.join(output, name))
-    if not existing:
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"{output} already holds a feature table ({len(existing)} files); pass --overwrite "
-            "to replace it, --mode incremental to add new images to it (or to finish a run "
-            "that was killed), or choose another --output"
-        )
-    fs, _ = storage.filesystem(output)
-    fs.rm([storage.filesystem(f)[1] for f in existing], recursive=True)
-
-
-def build(pipeline: beam.Pipeline, config: ExtractConfig, *, processes_per_machine: int = 1):
-    """Adds the extraction graph for ``config`` to ``pipeline``; returns the summary PCollection."""
+def model_handler(config: ExtractConfig, *, processes_per_machine: int = 1) -> BackboneModelHandler:
     threads = config.intra_op_threads or runners.thread_share(processes_per_machine)
-    handler = BackboneModelHandler(
-        config.model,
+    return BackboneModelHandler(
+        config.recipe,
         batch_size=config.batch_size,
         cache_dir=config.cache_dir,
-        precision=config.precision,
         intra_op_threads=threads,
     )
-    return pipeline | "ExtractFeatures" >> ExtractFeatures(
-        list(config.inputs),
-        config.output,
-        model_handler=handler,
+
+
+def table_run(config: ExtractConfig) -> TableRun:
+    return TableRun(
+        inputs=config.inputs,
+        output=config.output,
         mode=config.mode,
         chunk_size=config.chunk_size,
-        decode_threads=config.decode_threads,
         retry_errors=config.retry_errors,
-        resize=config.resize,
+        prune=config.prune,
+        overwrite=config.overwrite,
+        plan_only=config.plan_only,
+        include_all_files=config.include_all_files,
+        stat_manifest=config.stat_manifest,
+        break_lease=config.break_lease,
+        lease_expiry_s=config.lease_expiry_s,
+    )
+
+
+def build(
+    pipeline: beam.Pipeline,
+    config: ExtractConfig,
+    run: plans.RunPlan,
+    *,
+    lease: leases.Lease | None = None,
+    processes_per_machine: int = 1,
+):
+    """Adds the extraction graph for a planned run to ``pipeline``; returns the summary
+    PCollection. Builds only: nothing is listed, read or written here."""
+    handler = model_handler(config, processes_per_machine=processes_per_machine)
+    return pipeline | "ExtractFeatures" >> ExtractFeatures(
+        run,
+        model_handler=handler,
+        metadata=run_metadata(handler),
+        decode_threads=config.decode_threads,
         max_pixels=config.max_pixels,
+        lease=lease,
     )
 
 
 def run(
     argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None
 ) -> dict[str, Any]:
-    """Parses flags, builds the graph, runs it; returns the table summary plus ``seconds``."""
+    """Parses flags, plans, builds the graph, runs it; returns the table summary (or, with
+    ``--plan-only``, the plan) plus ``seconds``, ``mode`` and ``output``."""
+    import time
+
     config, beam_args = parse_args(argv)
-    listing.check_sources(config.inputs)
-    if config.mode == "full":
-        prepare_output(config.output, overwrite=config.overwrite)
     started = time.monotonic()
     processes = runners.local_processes(beam_args)
-    runners.run_graph(
-        lambda p: build(p, config, processes_per_machine=processes), beam_args, test_pipeline
+    metadata = run_metadata(model_handler(config))
+    summary = launch(
+        table_run(config),
+        metadata=metadata,
+        build=lambda p, planned, lease: build(
+            p, config, planned, lease=lease, processes_per_machine=processes
+        ),
+        beam_args=beam_args,
+        test_pipeline=test_pipeline,
     )
-    summary = table.read_summary(config.output)
-    summary["seconds"] = time.monotonic() - started
-    summary["mode"] = config.mode
-    summary["output"] = config.output
+    summary.update(seconds=time.monotonic() - started, mode=config.mode, output=config.output)
     return summary
 
 
@@ -98,32 +102,47 @@ def format_summary(summary: dict[str, Any]) -> str:
     meta = summary["metadata"]
     rate = summary["inputs"] / summary["seconds"] if summary["seconds"] else 0.0
     run = summary.get("run", {})
-    return "\n".join(
-        [
-            f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}",
-            f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
-            f"images in {run.get('chunks', 0)} chunk(s) -> {run.get('new_rows', 0)} new rows, "
-            f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "
-            f"removed {run.get('stale_rows_removed', 0)} stale rows",
-            f"backbone {meta['backbone']} ({meta.get('layer') or 'pooling=' + meta.get('pooling', '')}), "
-            f"{meta['feature_dim']}-d vectors at {meta['input_size']} px, weights {meta['weights_fingerprint'][:23]}",
-            f"{summary['seconds']:.1f} s wall time, {rate:.1f} images/s end to end (model load included)",
-            f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shard(s), "
-            f"{summary.get('table_rows', summary['rows'])} rows)",
-            f"errors: {out}/_errors/errors-*.parquet",
-            "read it:",
-            f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
-            f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
-        ]
-    )
+    what = meta.get("layer") or "pooling=" + meta.get("pooling", "")
+    lines = [
+        f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}"
+        f"; skipped {summary.get('skipped', 0)} files that are not images",
+        f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
+        f"images in {run.get('chunks', 0)} chunk(s) -> {run.get('new_rows', 0)} new rows, "
+        f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "
+        f"removed {run.get('stale_rows_removed', 0)} stale rows",
+        f"unlisted rows: {run.get('unlisted_rows_kept', 0)} kept, "
+        f"{run.get('unlisted_rows_removed', 0)} removed",
+        f"backbone {meta['backbone']} ({what}), {meta['feature_dim']}-d vectors at "
+        f"{meta['input_size']} px, resize {meta.get('resize')}, {meta.get('precision')}, "
+        f"weights {meta['weights_fingerprint'][:23]}",
+        f"{summary['seconds']:.1f} s wall time, {rate:.1f} images/s end to end (model load included)",
+        f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shard(s), "
+        f"{summary.get('table_rows', summary['rows'])} rows)",
+        f"errors: {out}/_errors/errors-*.parquet",
+        "read it:",
+        f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
+        f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
+    ]
+    if summary.get("skipped_examples"):
+        lines.append(f"  skipped files, e.g. {', '.join(summary['skipped_examples'][:3])}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     try:
         summary = run(argv)
-    except (FileExistsError, FileNotFoundError, plans.IncompatibleTableError) as exc:
+    except (
+        FileExistsError,
+        FileNotFoundError,
+        ValueError,
+        leases.LeaseHeld,
+    ) as exc:
         sys.exit(f"error: {exc}")
+    if "plan" in summary:
+        print(("dry run" if summary["dry_run"] else "plan only") + ", nothing was changed:")
+        print(summary["plan"].describe())
+        return
     print(format_summary(summary))
     if summary["errors"]:
         import pyarrow.compute as pc

@@ -6,8 +6,9 @@
 Reads the same image listing as extraction (folders, globs, manifests; labels from class folders)
 through ``tf.data``, unfreezes the top N layers of the backbone, keeps every BatchNormalization
 layer frozen and in inference mode (as Keras recommends for fine-tuning), trains with a low learning
-rate, and reports validation accuracy before and after. Images that cannot be decoded are left out
-of training and counted in the report.
+rate, and reports validation accuracy before and after. Images are decoded with the recipe the model
+was exported with (its ``recipe.json``: size and resize), exactly as its head was trained. Images
+that cannot be decoded are left out of training and counted in the report.
 """
 
 from __future__ import annotations
@@ -19,14 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import runners
-from pipeline.export_model import CLASSES_FILE, MODEL_FILE, load_exported
+from pipeline import cli
 from transforms import model_io, storage
 from transforms.head import stratified_split
 from transforms.images import ImageError, load_image
 from transforms.listing import list_sources
-
-REPORT_FILE = "finetune_report.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,13 +55,17 @@ def _labelled(sources, classes) -> tuple[list[str], np.ndarray]:
     return [r.uri for r in refs], np.array([classes.index(r.label) for r in refs], dtype=np.int64)
 
 
-def _dataset(uris, targets, size, *, batch_size, shuffle_seed=None):
-    """tf.data over URIs: our Pillow decoder in a numpy_function; undecodable images dropped."""
+def _dataset(uris, targets, recipe, *, batch_size, shuffle_seed=None):
+    """tf.data over URIs: our Pillow decoder (the recipe's size and resize) in a numpy_function;
+    undecodable images dropped."""
     import tensorflow as tf
+
+    size = recipe.size
 
     def load(uri):
         try:
-            return load_image(storage.read_bytes(uri.decode()), size).pixels, True
+            data = storage.read_bytes(uri.decode())
+            return load_image(data, size, resize=recipe.resize).pixels, True
         except (ImageError, OSError):
             return np.zeros((*size, 3), np.uint8), False
 
@@ -103,8 +105,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
-    model, classes = load_exported(args.source)
-    size = tuple(model.input_shape[1:3])
+    model, classes, recipe = model_io.load_model_dir(args.source)
     try:
         uris, targets = _labelled(args.images, classes)
         if args.val_images:
@@ -116,10 +117,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as exc:
         parser.error(str(exc))
     keras.utils.set_random_seed(args.seed)
-    train_ds = _dataset(uris, targets, size, batch_size=args.batch_size, shuffle_seed=args.seed)
+    train_ds = _dataset(uris, targets, recipe, batch_size=args.batch_size, shuffle_seed=args.seed)
     if args.steps:
         train_ds = train_ds.repeat()  # a fixed number of steps may span more than one pass
-    val_ds = _dataset(val_uris, val_targets, size, batch_size=64)
+    val_ds = _dataset(val_uris, val_targets, recipe, batch_size=64)
 
     trainable = unfreeze_top(model, args.unfreeze_top)
     model.compile(
@@ -131,8 +132,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0).history
     after = float(model.evaluate(val_ds, verbose=0)[1])
 
-    model_io.save_keras(model, storage.join(args.model_dir, MODEL_FILE))
-    model_io.write_json(storage.join(args.model_dir, CLASSES_FILE), classes)
+    model_io.save_model_dir(args.model_dir, model, classes, recipe.to_metadata())
     report = {
         "val_accuracy_before": before,
         "val_accuracy_after": after,
@@ -143,14 +143,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "epochs": args.epochs,
         "steps_per_epoch": args.steps,
         "train_loss": history.get("loss", []),
+        "resize": recipe.resize,
         "seconds": round(time.monotonic() - started, 1),
     }
-    model_io.write_json(storage.join(args.model_dir, REPORT_FILE), report)
+    model_io.write_json(storage.join(args.model_dir, model_io.FINETUNE_REPORT_FILE), report)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     r = run(argv)
     print(
         f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "

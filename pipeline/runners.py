@@ -52,13 +52,6 @@ class LocalRunner(PipelineRunner):
         return fn_runner.FnApiRunner(provision_info=provision).run_pipeline(pipeline, options)
 
 
-def configure_logging() -> None:
-    """The jobs' log format: time, level, logger, message, at INFO."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
 def keep_loopback_unproxied() -> None:
     """Adds loopback hosts to ``NO_PROXY``/``no_proxy`` when any proxy variable is set."""
     if not any(
@@ -95,6 +88,11 @@ def _split_local_workers(beam_args: Sequence[str]) -> tuple[list[str], str | Non
     """Beam's flags without our ``--dask_local_workers`` (Beam does not know it), and its value."""
     args = list(beam_args)
     return args, _pop_flag(args, _DASK_LOCAL_WORKERS)
+
+
+def beam_flags(beam_args: Sequence[str]) -> list[str]:
+    """The flags Beam itself knows (ours, such as ``--dask_local_workers``, removed)."""
+    return _split_local_workers(beam_args)[0]
 
 
 def is_dask(beam_args: Sequence[str]) -> bool:

@@ -21,9 +21,10 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from pipeline import runners, sample_weights
-from transforms import model_io, storage
-from transforms.backbones import WEIGHT_KEYWORDS, ModelSpec, build_model, get_backbone
+from pipeline import cli
+from transforms import model_io, sample_weights, storage
+from transforms.backbones import build_model, get_backbone
+from transforms.recipe import WEIGHT_KEYWORDS, FeatureRecipe
 
 _LOG = logging.getLogger(__name__)
 
@@ -39,12 +40,12 @@ def stage(backbone: str, weights: str, destination: str) -> str:
         if spec.name != sample_weights.BACKBONE:
             raise ValueError(f"the sample weights are for {sample_weights.BACKBONE} only")
         path = sample_weights.ensure_sample_weights()
-        headless = ModelSpec(
+        headless = FeatureRecipe(
             backbone=spec.name, weights=path, image_size=sample_weights.IMAGE_SIZE
         )  # the sample has no ImageNet top
         model = build_model(headless, weights_path=path)
     elif weights == "none":
-        model = build_model(ModelSpec(backbone=spec.name, weights="none", layer="predictions"))
+        model = build_model(FeatureRecipe(backbone=spec.name, weights="none", layer="predictions"))
     else:
         model = getattr(keras.applications, spec.constructor)(include_top=True, weights="imagenet")
     uri = storage.join(destination, f"{spec.name}-{weights}.keras")
@@ -53,7 +54,7 @@ def stage(backbone: str, weights: str, destination: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     parser = argparse.ArgumentParser(prog="python -m pipeline.stage_weights", description=__doc__)
     parser.add_argument("--backbone", required=True, help="a registered backbone, e.g. resnet50")
     parser.add_argument(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import runners
+from pipeline import cli
 from transforms import model_io, storage
 from transforms.head import (
     HEADS,
@@ -33,8 +33,6 @@ from transforms.head import (
 )
 
 _LOG = logging.getLogger(__name__)
-HEAD_FILE = "head.keras"
-REPORT_FILE = "report.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,8 +188,6 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "feature_table_metadata": train.metadata,
         "feature_tables": list(args.features),
     }
-    storage.makedirs(args.model_dir)
-    model_io.save_keras(head, storage.join(args.model_dir, HEAD_FILE))
     report["pictures"] = _save_plots(
         args.model_dir,
         history,
@@ -201,12 +197,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         np.concatenate([y_train, y_val]),
     )
     report["seconds"] = round(time.monotonic() - started, 2)
-    model_io.write_json(storage.join(args.model_dir, REPORT_FILE), report)
+    model_io.save_head(args.model_dir, head, report)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runners.configure_logging()
+    cli.configure_logging()
     report = run(argv)
     print(
         f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "

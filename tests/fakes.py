@@ -1,30 +1,49 @@
-"""A fake backbone for fast graph tests: the vector is the image's per-channel mean / 255."""
+"""A fake backbone for fast graph tests (the vector is the image's per-channel mean / 255), and
+a helper that runs a table job on it exactly as the jobs do (lease, plan, pipeline)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from transforms.embed import FeatureModelHandler
+from transforms.images import DEFAULT_MAX_PIXELS
 
 
 class MeanColorHandler(FeatureModelHandler):
     """3-d vectors computed without TensorFlow; optionally fails on images whose mean is dark."""
 
-    def __init__(self, *, size: int = 8, batch_size: int = 4, fail_below: float | None = None):
+    def __init__(
+        self,
+        *,
+        size: int = 8,
+        batch_size: int = 4,
+        fail_below: float | None = None,
+        resize: str = "squash",
+    ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self._size = size
         self._fail_below = fail_below
+        self._resize = resize
 
     @property
     def input_size(self):
         return (self._size, self._size)
 
     @property
+    def resize(self) -> str:
+        return self._resize
+
+    @property
     def feature_dim(self) -> int:
         return 3
 
     def table_metadata(self):
-        return {"backbone": "mean_color", "weights_fingerprint": "none", "feature_dim": "3"}
+        return {
+            "backbone": "mean_color",
+            "weights_fingerprint": "none",
+            "feature_dim": "3",
+            "resize": self._resize,
+        }
 
     def load_model(self):
         return lambda batch: np.asarray(batch, np.float32).mean(axis=(1, 2)) / 255.0
@@ -38,3 +57,39 @@ class MeanColorHandler(FeatureModelHandler):
 
 def mean_color(pixels: np.ndarray) -> np.ndarray:
     return pixels.astype(np.float32).mean(axis=(0, 1)) / 255.0
+
+
+def run_table(
+    sources,
+    output,
+    *,
+    handler: FeatureModelHandler | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    run_id: str | None = None,
+    beam_args=(),
+    **table_run,
+) -> dict:
+    """Runs ``ExtractFeatures`` through ``pipeline.launch`` (lease, plan, pipeline) on the fake
+    backbone; ``table_run`` takes ``TableRun``'s fields (mode, chunk_size, prune, ...)."""
+    from conftest import local_pipeline
+
+    from pipeline.launch import TableRun, launch
+    from transforms.extract import ExtractFeatures, run_metadata
+
+    handler = handler or MeanColorHandler()
+    metadata = run_metadata(handler)
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)
+
+    def build(pipeline, planned, lease):
+        return pipeline | ExtractFeatures(
+            planned, model_handler=handler, metadata=metadata, max_pixels=max_pixels, lease=lease
+        )
+
+    return launch(
+        TableRun(inputs=tuple(str(s) for s in sources), output=str(output), **table_run),
+        metadata=metadata,
+        build=build,
+        beam_args=list(beam_args),
+        test_pipeline=None if beam_args else local_pipeline(),
+        run_id=run_id,
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transforms.backbones import BACKBONES, ModelSpec, build_model, get_backbone, preprocess
+from transforms.backbones import BACKBONES, build_model, get_backbone, preprocess
+from transforms.recipe import FeatureRecipe
 
 
 @pytest.fixture(autouse=True)
@@ -19,23 +20,23 @@ def _free_models():
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_with_its_declared_width(name):
     spec = BACKBONES[name]
-    model_spec = ModelSpec(name, weights="none", image_size=max(spec.min_size, 32))
-    model = build_model(model_spec)
+    recipe = FeatureRecipe(name, weights="none", image_size=max(spec.min_size, 32))
+    model = build_model(recipe)
     assert tuple(model.output.shape) == (None, spec.feature_dim)
-    assert model_spec.feature_dim == spec.feature_dim
+    assert recipe.feature_dim == spec.feature_dim
 
 
 @pytest.mark.slow
 def test_named_layer_mode_vgg16_fc2_is_4096():
-    model_spec = ModelSpec("vgg16", weights="none", layer="fc2")
-    model = build_model(model_spec)
+    recipe = FeatureRecipe("vgg16", weights="none", layer="fc2")
+    model = build_model(recipe)
     assert tuple(model.output.shape) == (None, 4096)
-    assert model_spec.feature_dim == 4096 and model_spec.image_size == 224
+    assert recipe.feature_dim == 4096 and recipe.image_size == 224
 
 
 def test_max_pooling_width_matches_avg():
     model = build_model(
-        ModelSpec("mobilenet_v3_small", weights="none", pooling="max", image_size=32)
+        FeatureRecipe("mobilenet_v3_small", weights="none", pooling="max", image_size=32)
     )
     assert tuple(model.output.shape) == (None, 576)
 
@@ -57,18 +58,18 @@ def test_names_are_normalised():
         (dict(backbone="vgg16", layer="fc2", image_size=160), "fixed at 224"),
         (dict(backbone="resnet50", pooling="mean"), "pooling must be one of"),
         (dict(backbone="inception_v3", image_size=40), ">= 75"),
-        (dict(backbone="resnet50", weights="sample"), "resolved to a file path"),
+        (dict(backbone="resnet50", weights="sample"), "must be resolved first"),
     ],
 )
 def test_invalid_specs_fail_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ModelSpec(**kwargs)
+        FeatureRecipe(**kwargs)
 
 
 def test_default_input_sizes():
-    assert ModelSpec("inception_v3").image_size == 299
-    assert ModelSpec("efficientnet_b3").image_size == 300
-    assert ModelSpec("resnet50", image_size=160).size == (160, 160)
+    assert FeatureRecipe("inception_v3").image_size == 299
+    assert FeatureRecipe("efficientnet_b3").image_size == 300
+    assert FeatureRecipe("resnet50", image_size=160).size == (160, 160)
 
 
 def test_preprocess_never_mutates_its_input():
@@ -84,25 +85,25 @@ def test_preprocess_never_mutates_its_input():
 
 
 def test_fingerprints_identify_weights(tmp_path):
-    assert ModelSpec("resnet50").fingerprint() == "keras-applications:ResNet50:imagenet"
-    assert ModelSpec("resnet50", weights="none").fingerprint().startswith("random-init")
-    model_spec = ModelSpec("mobilenet_v3_small", weights="none", image_size=32)
-    model = build_model(model_spec)
+    assert FeatureRecipe("resnet50").fingerprint() == "keras-applications:ResNet50:imagenet"
+    assert FeatureRecipe("resnet50", weights="none").fingerprint().startswith("random-init")
+    recipe = FeatureRecipe("mobilenet_v3_small", weights="none", image_size=32)
+    model = build_model(recipe)
     first, second = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5"
     model.save_weights(first)
     model.save_weights(second)
-    a = ModelSpec("mobilenet_v3_small", weights=str(first), image_size=32).fingerprint()
-    b = ModelSpec("mobilenet_v3_small", weights=str(second), image_size=32).fingerprint()
+    a = FeatureRecipe("mobilenet_v3_small", weights=str(first), image_size=32).fingerprint()
+    b = FeatureRecipe("mobilenet_v3_small", weights=str(second), image_size=32).fingerprint()
     assert a == b and a.startswith("h5-values-sha256:")
 
 
 def test_weights_from_a_file_and_from_a_saved_model_wrapping_the_backbone(tmp_path):
     import keras
 
-    source = build_model(ModelSpec("mobilenet_v3_small", weights="none", image_size=32))
+    source = build_model(FeatureRecipe("mobilenet_v3_small", weights="none", image_size=32))
     path = tmp_path / "backbone.weights.h5"
     source.save_weights(path)
-    spec = ModelSpec("mobilenet_v3_small", weights=str(path), image_size=32)
+    spec = FeatureRecipe("mobilenet_v3_small", weights=str(path), image_size=32)
     x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     expected = source(x).numpy()
     loaded = build_model(spec, weights_path=str(path))
@@ -115,7 +116,7 @@ def test_weights_from_a_file_and_from_a_saved_model_wrapping_the_backbone(tmp_pa
     keras_path = tmp_path / "classifier.keras"
     wrapper.save(keras_path)
     from_saved = build_model(
-        ModelSpec("mobilenet_v3_small", weights=str(keras_path), image_size=32),
+        FeatureRecipe("mobilenet_v3_small", weights=str(keras_path), image_size=32),
         weights_path=str(keras_path),
     )
     np.testing.assert_allclose(from_saved(x).numpy(), expected, rtol=1e-5, atol=1e-5)

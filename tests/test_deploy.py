@@ -24,9 +24,11 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.transforms import environments
 from apache_beam.utils import proto_utils
 
+from pipeline import launch
 from pipeline.config import parse_args
-from pipeline.extract import build
+from pipeline.extract import build, model_handler, run, table_run
 from pipeline.stage_weights import stage
+from transforms.extract import run_metadata
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 IMAGE = "us-central1-docker.pkg.dev/my-project/ml/featurebeam:0.2.0"
@@ -47,6 +49,11 @@ def script_args(script: str, **env) -> list[str]:
     ).stdout.splitlines()
     assert out[:2] == ["-m", "pipeline.extract"]
     return out[2:]
+
+
+def planned(config):
+    """The run's plan, made as the job makes it (nothing is written)."""
+    return launch.plan(table_run(config), run_metadata(model_handler(config))).run
 
 
 def check_graph(pipeline: beam.Pipeline, proto: beam_runner_api_pb2.Pipeline) -> None:
@@ -70,19 +77,23 @@ def check_graph(pipeline: beam.Pipeline, proto: beam_runner_api_pb2.Pipeline) ->
     beam.Pipeline.from_runner_api(proto, pipeline.runner, pipeline._options)
 
 
-def test_dataflow_gpu_job_translates_offline(image_tree, tmp_path, staged_weights):
-    argv = script_args(
+def dataflow_args(image_tree, out, weights) -> list[str]:
+    return script_args(
         "dataflow/run.sh",
         PROJECT="my-project",
         BUCKET="featurebeam-staging",
         IMAGE=IMAGE,
         INPUT=str(image_tree),
-        OUTPUT=str(tmp_path / "out"),
-        WEIGHTS=staged_weights,
+        OUTPUT=str(out),
+        WEIGHTS=weights,
         BACKBONE="mobilenet_v2",
     )
+
+
+def test_dataflow_gpu_job_translates_offline(image_tree, tmp_path, staged_weights):
+    argv = dataflow_args(image_tree, tmp_path / "out", staged_weights)
     config, beam_args = parse_args(argv)
-    assert config.model.weights == staged_weights and config.mode == "incremental"
+    assert config.recipe.weights == staged_weights and config.mode == "incremental"
     options = PipelineOptions([*beam_args, "--dry_run=True"])
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
@@ -95,7 +106,7 @@ def test_dataflow_gpu_job_translates_offline(image_tree, tmp_path, staged_weight
     assert "no_use_multiple_sdk_containers" in all_options["experiments"]
 
     pipeline = beam.Pipeline(runner=runner, options=options)
-    build(pipeline, config)
+    build(pipeline, config, planned(config))
     assert pipeline.run().state == "DONE"  # dry run: translated, not submitted
     proto = runner.proto_pipeline
     (environment,) = proto.components.environments.values()
@@ -121,7 +132,7 @@ def test_flink_job_translates_offline(image_tree, tmp_path, staged_weights):
     assert PipelineOptionsValidator(options, runner).validate() == []
     assert config.intra_op_threads == 4
     pipeline = beam.Pipeline(runner=runner, options=options)
-    build(pipeline, config)
+    build(pipeline, config, planned(config))
     environment = environments.Environment.from_options(options.view_as(PortableOptions))
     proto = pipeline.to_runner_api(default_environment=environment)
     (env,) = proto.components.environments.values()
@@ -172,3 +183,52 @@ def test_schedule_examples_are_well_formed():
         if line and not line.startswith("#")
     ]
     assert len(cron) == 1 and "--mode incremental" in cron[0]
+
+
+def hashes(folder: pathlib.Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_planning_a_dry_run_and_a_translation_change_nothing(image_tree, tmp_path, staged_weights):
+    """Over a table with new, changed and deleted inputs: --plan-only, a Dataflow dry run of the
+    job and a graph translation leave every file of the output byte-identical."""
+    from conftest import encode, gradient
+
+    out = tmp_path / "out"
+    common = ["--backbone", "mobilenet_v2", "--weights", staged_weights, "--image-size", "32"]
+    run(["--input", str(image_tree), "--output", str(out), *common])
+    (image_tree / "train" / "cats" / "new.png").write_bytes(encode(gradient(seed=77)))
+    (image_tree / "val" / "dogs" / "0.png").write_bytes(encode(gradient(50, 50, seed=78)))
+    (image_tree / "val" / "cats" / "1.jpg").unlink()
+    before = hashes(out)
+    incremental = ["--mode", "incremental", "--prune"]
+
+    plan = run(["--input", str(image_tree), "--output", str(out), *common, *incremental,
+                "--plan-only"])["plan"]  # fmt: skip
+    assert (plan.listed, plan.to_embed, plan.new, plan.changed) == (12, 2, 1, 1)
+    assert (plan.kept_rows, plan.stale_rows, plan.unlisted_rows) == (10, 1, 1)
+    assert hashes(out) == before
+
+    argv = dataflow_args(image_tree, out, staged_weights)
+    dry = run([*argv, "--image_size=32", "--prune", "--dry_run=True"])
+    assert dry["dry_run"] and dry["plan"].to_embed == 2
+    assert hashes(out) == before
+
+    config, beam_args = parse_args([*argv, "--image_size=32"])
+    pipeline = beam.Pipeline(options=PipelineOptions([*beam_args, "--dry_run=True"]))
+    build(pipeline, config, planned(config))
+    pipeline.to_runner_api()
+    assert hashes(out) == before
+
+
+def test_classic_templates_are_refused(image_tree, tmp_path, staged_weights):
+    argv = dataflow_args(image_tree, tmp_path / "out", staged_weights)
+    with pytest.raises(ValueError, match="flex template"):
+        run([*argv, "--template_location=gs://featurebeam-staging/templates/t"])
+    assert not (tmp_path / "out").exists()

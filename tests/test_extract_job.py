@@ -11,19 +11,17 @@ from test_transforms import add_bad_files
 
 from pipeline.extract import format_summary, run
 from transforms import table
-from transforms.backbones import ModelSpec
+from transforms.recipe import FeatureRecipe
 from transforms.embed import Embedder
 from transforms.images import load_image
 
 SMALL = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32"]
 
 
-def direct_features(uris, model_spec: ModelSpec) -> np.ndarray:
+def direct_features(uris, recipe: FeatureRecipe) -> np.ndarray:
     """The same features computed without Beam: decode each file, one model call."""
-    pixels = np.stack(
-        [load_image(pathlib.Path(u).read_bytes(), model_spec.size).pixels for u in uris]
-    )
-    return Embedder(model_spec, None)(pixels)
+    pixels = np.stack([load_image(pathlib.Path(u).read_bytes(), recipe.size).pixels for u in uris])
+    return Embedder(recipe, None)(pixels)
 
 
 def test_run_writes_the_table_and_matches_a_direct_computation(image_tree, tmp_path):
@@ -59,7 +57,9 @@ def test_run_writes_the_table_and_matches_a_direct_computation(image_tree, tmp_p
     assert set(features.column("width").to_pylist()) == {40}
 
     uris = features.column("uri").to_pylist()
-    expected = direct_features(uris, ModelSpec("mobilenet_v3_small", weights="none", image_size=32))
+    expected = direct_features(
+        uris, FeatureRecipe("mobilenet_v3_small", weights="none", image_size=32)
+    )
     np.testing.assert_allclose(table.features_matrix(features), expected, rtol=1e-4, atol=1e-5)
 
 

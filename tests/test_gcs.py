@@ -67,7 +67,8 @@ def gcs_emulator():
 def test_bucket_to_bucket_round_trip(gcs_emulator, tmp_path):
     import keras
 
-    from transforms.backbones import ModelSpec, build_model
+    from transforms.backbones import build_model
+    from transforms.recipe import FeatureRecipe
 
     local = tmp_path / "images"
     write_image_tree(local, per_class=2)
@@ -76,7 +77,7 @@ def test_bucket_to_bucket_round_trip(gcs_emulator, tmp_path):
     fs.put(str(local), f"{BUCKET}/images", recursive=True)
 
     # Weights travel through gcsfs too: a backbone saved locally, uploaded, then loaded by path.
-    spec = ModelSpec("mobilenet_v3_small", weights="none", image_size=32)
+    spec = FeatureRecipe("mobilenet_v3_small", weights="none", image_size=32)
     weights = tmp_path / "w.weights.h5"
     build_model(spec).save_weights(weights)
     keras.backend.clear_session()

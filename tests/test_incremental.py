@@ -12,11 +12,12 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from conftest import encode, gradient, write_image_tree
-from fakes import MeanColorHandler
+from fakes import MeanColorHandler, run_table
 from test_transforms import add_bad_files, run_extract
 
 from pipeline.extract import run
 from transforms import listing, table
+from transforms.lease import LeaseHeld
 
 
 class NoModelHandler(MeanColorHandler):
@@ -27,21 +28,9 @@ class NoModelHandler(MeanColorHandler):
 
 
 def incremental(sources, out, handler=None, **kwargs):
-    from apache_beam.testing.test_pipeline import TestPipeline
-
-    from pipeline.runners import LocalRunner
-    from transforms.extract import ExtractFeatures
-
-    with TestPipeline(runner=LocalRunner()) as p:
-        p | ExtractFeatures(
-            str(sources),
-            str(out),
-            model_handler=handler or MeanColorHandler(),
-            mode="incremental",
-            max_pixels=4_000_000,
-            **kwargs,
-        )
-    return table.read_summary(str(out))
+    return run_table(
+        str(sources), out, handler=handler, mode="incremental", max_pixels=4_000_000, **kwargs
+    )
 
 
 def ids_in(out) -> collections.Counter:
@@ -107,7 +96,7 @@ def test_a_table_made_with_other_settings_is_refused(image_tree, tmp_path):
     out = tmp_path / "t"
     incremental(image_tree, out)
     with pytest.raises(ValueError, match="resize"):
-        incremental(image_tree, out, resize="crop")
+        incremental(image_tree, out, MeanColorHandler(resize="crop"))
 
 
 def test_full_mode_refuses_an_existing_table(image_tree, tmp_path):
@@ -147,11 +136,16 @@ def test_a_run_killed_midway_is_finished_by_the_next_run(tmp_path):
     before = {f: os.path.getmtime(f) for f in committed}
     done = sum(pq.read_metadata(f).num_rows for f in committed)  # every visible shard is whole
     assert 0 < done < 120
+    assert len(list((out / "_plans").iterdir())) == 1  # the dead run's plan
 
-    summary = run([*argv, "--mode", "incremental"])
+    # The dead run still holds the lease: a new run refuses, naming it, until it is broken.
+    with pytest.raises(LeaseHeld, match=f"pid {job.pid}"):
+        run([*argv, "--mode", "incremental"])
+    summary = run([*argv, "--mode", "incremental", "--break-lease"])
     assert summary["run"]["embedded"] == 120 - done
     assert (summary["inputs"], summary["rows"], summary["errors"]) == (120, 120, 0)
     assert {f: os.path.getmtime(f) for f in committed} == before  # not recomputed
     counts = ids_in(out)
     expected = {r.image_id for r in listing.list_sources([str(images)])}
     assert set(counts) == expected and set(counts.values()) == {1}
+    assert not (out / "_plans").exists() and not (out / "_LEASE.json").exists()

@@ -15,8 +15,11 @@ from transforms.listing import (
     check_sources,
     image_id,
     label_and_split,
+    list_inputs,
     list_source,
     list_sources,
+    looks_like_image,
+    refs_from_table,
 )
 
 
@@ -41,10 +44,15 @@ def test_image_id_is_stable_and_distinct():
     assert len(image_id("gs://b/x")) == 32
 
 
+def refs_of(source, **options):
+    return refs_from_table(list_source(source, **options)[0])
+
+
 def test_folder_listing_labels_and_skips_non_images(image_tree):
     (image_tree / "README.txt").write_text("not an image")
-    refs, skipped = list_source(str(image_tree))
-    assert skipped == 1
+    table, skipped = list_source(str(image_tree))
+    assert skipped == [str(image_tree / "README.txt")]
+    refs = refs_from_table(table)
     assert len(refs) == 12
     by_name = {os.path.relpath(r.uri, image_tree): r for r in refs}
     ref = by_name[os.path.join("train", "cats", "0.png")]
@@ -55,13 +63,13 @@ def test_folder_listing_labels_and_skips_non_images(image_tree):
 
 def test_relative_paths_become_absolute_uris(image_tree, monkeypatch):
     monkeypatch.chdir(image_tree.parent)
-    refs, _ = list_source("images/val")
+    refs = refs_of("images/val")
     assert all(os.path.isabs(r.uri) for r in refs)
     assert {r.split for r in refs} == {"val"}
 
 
 def test_glob_takes_every_match(image_tree):
-    refs, _ = list_source(str(image_tree / "*" / "dogs" / "*.png"))
+    refs = refs_of(str(image_tree / "*" / "dogs" / "*.png"))
     assert len(refs) == 4
     assert {(r.label, r.split) for r in refs} == {("dogs", "train"), ("dogs", "val")}
 
@@ -69,7 +77,7 @@ def test_glob_takes_every_match(image_tree):
 def test_csv_manifest_with_header_and_relative_paths(image_tree):
     manifest = image_tree / "list.csv"
     manifest.write_text("path,label\ntrain/cats/0.png,kitty\n\n/abs/missing.jpg,\n")
-    refs = list_source(str(manifest))[0]
+    refs = refs_of(str(manifest))
     assert [r.uri for r in refs] == [str(image_tree / "train/cats/0.png"), "/abs/missing.jpg"]
     assert [r.label for r in refs] == ["kitty", None]
 
@@ -77,9 +85,9 @@ def test_csv_manifest_with_header_and_relative_paths(image_tree):
 def test_headerless_csv_and_text_manifests(image_tree):
     (image_tree / "a.csv").write_text("train/cats/0.png,cat,train\n")
     (image_tree / "b.txt").write_text("# comment\ntrain/cats/0.png\n\ngs://b/x.jpg\n")
-    (ref,) = list_source(str(image_tree / "a.csv"))[0]
+    (ref,) = refs_of(str(image_tree / "a.csv"))
     assert (ref.label, ref.split) == ("cat", "train")
-    assert [r.uri for r in list_source(str(image_tree / "b.txt"))[0]] == [
+    assert [r.uri for r in refs_of(str(image_tree / "b.txt"))] == [
         str(image_tree / "train/cats/0.png"),
         "gs://b/x.jpg",
     ]
@@ -104,7 +112,7 @@ def test_missing_input_fails_fast(tmp_path):
 
 
 def test_list_images_composite(image_tree):
-    expected = sorted(r.uri for r in list_source(str(image_tree))[0])
+    expected = sorted(r.uri for r in refs_of(str(image_tree)))
     with local_pipeline() as p:
         uris = p | ListImages(str(image_tree)) | beam.Map(lambda r: r.uri)
         assert_that(uris, equal_to(expected), label="AllImagesOnce")
@@ -113,3 +121,58 @@ def test_list_images_composite(image_tree):
 def test_imageref_is_a_plain_tuple():
     ref = ImageRef("u", "i", None, None, 0, "")
     assert ref._replace(label="x").label == "x"
+
+
+def test_extensionless_images_are_sniffed_and_other_files_counted(tmp_path):
+    from conftest import encode, gradient
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    for fmt in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"):
+        (root / f"{fmt.lower()}0a1b2c").write_bytes(encode(gradient(seed=3), fmt))
+    (root / "named.jpg").write_bytes(encode(gradient(seed=4), "JPEG"))
+    (root / "notes.txt").write_text("hello")
+    (root / "meta.json").write_text("{}")
+    (root / "deadbeef").write_bytes(b"\x00\x01 binary, not an image")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    found = list_inputs([str(root)])
+    names = sorted(u.rsplit("/", 1)[-1] for u in found.images["uri"].to_pylist())
+    assert names == [
+        "bmp0a1b2c", "gif0a1b2c", "jpeg0a1b2c", "named.jpg", "png0a1b2c", "tiff0a1b2c",
+        "webp0a1b2c",
+    ]  # fmt: skip
+    assert found.skipped == 4
+    assert {e.rsplit("/", 1)[-1] for e in found.skipped_examples} == {
+        "notes.txt", "meta.json", "deadbeef", ".DS_Store",
+    }  # fmt: skip
+    everything = list_inputs([str(root)], include_all_files=True)
+    assert everything.images.num_rows == 11 and everything.skipped == 0
+
+
+def test_looks_like_image_uses_pillows_own_checks():
+    from conftest import encode, gradient
+
+    assert looks_like_image(encode(gradient(), "PNG")[:64])
+    assert not looks_like_image(b"plain text")
+    assert not looks_like_image(b"\x89HDF\r\n\x1a\n")  # Pillow identifies HDF5 but cannot decode it
+
+
+def test_manifest_change_signal_columns_and_stat(image_tree):
+    target = image_tree / "train" / "cats" / "0.png"
+    (image_tree / "signal.csv").write_text(
+        "uri,label,file_size,file_version\ntrain/cats/0.png,cat,123,etag-1\n"
+    )
+    (ref,) = refs_of(str(image_tree / "signal.csv"))
+    assert (ref.size, ref.version) == (123, "etag-1")
+    (image_tree / "plain.csv").write_text("uri\ntrain/cats/0.png\nmissing.png\n")
+    plain, missing = refs_of(str(image_tree / "plain.csv"))
+    assert (plain.size, plain.version) == (0, "")
+    stated, gone = refs_of(str(image_tree / "plain.csv"), stat_manifest=True)
+    assert stated.size == target.stat().st_size and stated.version
+    assert (gone.size, gone.version) == (0, "")  # its read fails later, as an error row
+
+
+def test_a_bad_file_size_column_is_a_clear_error(image_tree):
+    (image_tree / "bad.csv").write_text("uri,file_size\nx.jpg,big\n")
+    with pytest.raises(ValueError, match="file_size must be a whole number"):
+        list_source(str(image_tree / "bad.csv"))

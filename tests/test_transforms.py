@@ -1,23 +1,19 @@
-"""Composites with TestPipeline and the fake backbone: decode, embed, write, errors, counts."""
+"""ExtractFeatures with the fake backbone: decode, embed, commit, errors as rows, counts."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 
-import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.util import assert_that, equal_to
-from conftest import encode, local_pipeline
-from fakes import MeanColorHandler, mean_color
+from conftest import encode
+from fakes import MeanColorHandler, mean_color, run_table
 from PIL import Image
 
 from transforms import table
-from transforms.embed import DecodeImages, EmbedImages
-from transforms.extract import ExtractFeatures
 from transforms.images import load_image
-from transforms.listing import list_source
+from transforms.listing import list_sources
 
 
 def add_bad_files(root):
@@ -38,63 +34,53 @@ def add_bad_files(root):
     }
 
 
-def test_decode_images_splits_pixels_and_errors(image_tree):
-    expected_errors = add_bad_files(image_tree)
-    refs = list_source(str(image_tree))[0]
-    with local_pipeline() as p:
-        out = p | beam.Create(refs) | DecodeImages((8, 8), max_pixels=4_000_000)
-        shapes = out["decoded"] | "Shape" >> beam.Map(lambda kv: kv[1].shape)
-        assert_that(shapes, equal_to([(8, 8, 3)] * 12), label="Decoded")
-        stages = out["errors"] | beam.Map(lambda e: (os.path.basename(e["uri"]), e["stage"]))
-        assert_that(stages, equal_to(sorted(expected_errors.items())), label="Errors")
+def run_extract(sources, output, **kwargs):
+    return run_table(sources, output, **kwargs)
+
+
+def stages(out) -> list[tuple[str, str]]:
+    errors = table.read_table(str(out), prefix=table.ERRORS)
+    return sorted(
+        (os.path.basename(u), s)
+        for u, s in zip(errors["uri"].to_pylist(), errors["stage"].to_pylist(), strict=True)
+    )
 
 
 def test_unreadable_file_is_a_read_error(tmp_path):
     (tmp_path / "list.txt").write_text(str(tmp_path / "gone.jpg") + "\n")
-    refs = list_source(str(tmp_path / "list.txt"))[0]
-    with local_pipeline() as p:
-        out = p | beam.Create(refs) | DecodeImages((8, 8))
-        stages = out["errors"] | beam.Map(
-            lambda e: (e["stage"], "FileNotFoundError" in e["reason"])
-        )
-        assert_that(stages, equal_to([("read", True)]))
+    summary = run_extract(str(tmp_path / "list.txt"), tmp_path / "out")
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (1, 0, 1)
+    errors = table.read_table(str(tmp_path / "out"), prefix=table.ERRORS)
+    assert errors["stage"].to_pylist() == ["read"]
+    assert "FileNotFoundError" in errors["reason"][0].as_py()
 
 
-def test_embed_images_rows_match_direct_computation(image_tree):
-    refs = list_source(str(image_tree))[0]
+def test_rows_match_a_direct_computation(image_tree, tmp_path):
+    refs = list_sources([str(image_tree)])
     expected = {
         r.uri: tuple(
             np.round(mean_color(load_image(pathlib.Path(r.uri).read_bytes(), (8, 8)).pixels), 5)
         )
         for r in refs
     }
-    with local_pipeline() as p:
-        decoded = p | beam.Create(refs) | DecodeImages((8, 8))
-        out = decoded["decoded"] | EmbedImages(MeanColorHandler(batch_size=5))
-        got = out["rows"] | beam.Map(lambda r: (r["uri"], tuple(np.round(r["feature"], 5))))
-        assert_that(got, equal_to(list(expected.items())), label="Rows")
-        assert_that(out["errors"], equal_to([]), label="NoErrors")
+    run_extract(str(image_tree), tmp_path / "out", handler=MeanColorHandler(batch_size=5))
+    t = table.read_table(str(tmp_path / "out"))
+    got = {
+        u: tuple(np.round(v, 5))
+        for u, v in zip(t["uri"].to_pylist(), table.features_matrix(t), strict=True)
+    }
+    assert got == expected
 
 
 def test_a_failing_batch_becomes_one_error_row_per_image(tmp_path):
     for i, shade in enumerate([0, 10, 250, 240]):
         (tmp_path / f"{i}.png").write_bytes(encode(Image.new("RGB", (8, 8), (shade,) * 3)))
-    refs = sorted(list_source(str(tmp_path))[0], key=lambda r: r.uri)
-    with local_pipeline() as p:
-        decoded = p | beam.Create(refs) | DecodeImages((8, 8))
-        out = decoded["decoded"] | EmbedImages(MeanColorHandler(batch_size=1, fail_below=0.2))
-        errors = out["errors"] | "Err" >> beam.Map(
-            lambda e: (os.path.basename(e["uri"]), e["stage"])
-        )
-        assert_that(errors, equal_to([("0.png", "embed"), ("1.png", "embed")]), label="Errors")
-        rows = out["rows"] | "Row" >> beam.Map(lambda r: os.path.basename(r["uri"]))
-        assert_that(rows, equal_to(["2.png", "3.png"]), label="Rows")
-
-
-def run_extract(sources, output, **kwargs):
-    with local_pipeline() as p:
-        p | ExtractFeatures(sources, str(output), model_handler=MeanColorHandler(), **kwargs)
-    return table.read_summary(str(output))
+    handler = MeanColorHandler(batch_size=1, fail_below=0.2)
+    summary = run_extract(str(tmp_path), tmp_path / "out", handler=handler)
+    assert (summary["rows"], summary["errors"]) == (2, 2)
+    assert stages(tmp_path / "out") == [("0.png", "embed"), ("1.png", "embed")]
+    rows = table.read_table(str(tmp_path / "out"))["uri"].to_pylist()
+    assert sorted(os.path.basename(u) for u in rows) == ["2.png", "3.png"]
 
 
 def test_extract_features_writes_a_reconciled_table(image_tree, tmp_path):
@@ -103,6 +89,7 @@ def test_extract_features_writes_a_reconciled_table(image_tree, tmp_path):
     summary = run_extract(
         str(image_tree), out, chunk_size=6, max_pixels=4_000_000, run_id="20261129T000000abcd"
     )
+    assert stages(out) == sorted(expected_errors.items())
 
     assert summary["inputs"] == 16
     assert (summary["rows"], summary["errors"]) == (12, len(expected_errors))

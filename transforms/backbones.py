@@ -5,26 +5,25 @@ module whose ``preprocess_input`` it expects, the feature width of its headless 
 ``pooling="avg"`` and ``"max"``: it is the channel count of the last feature map) and, optionally,
 named inner layers of the full classifier that can serve as features (VGG16 ``fc2`` -> 4096-d).
 
-:class:`ModelSpec` is what the pipeline actually runs: a backbone plus weights, pooling or layer,
-and input size, validated once. :func:`build_model` turns it into a Keras model; it is called in
-the worker (``transforms.embed``), never at graph-construction time.
+What the pipeline runs is a :class:`transforms.recipe.FeatureRecipe` (backbone plus weights, pooling
+or layer, input size, resize, precision). :func:`build_model` turns one into a Keras model; it is
+called in the worker (``transforms.embed``), never at graph-construction time.
 
 TensorFlow and Keras are imported lazily so that listing, decoding and table code stay light.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transforms.recipe import FeatureRecipe
 
 POOLINGS = ("avg", "max")
 #: ``bfloat16`` builds the backbone under Keras' ``mixed_bfloat16`` policy (variables stay float32).
 PRECISIONS = ("float32", "bfloat16")
-
-#: ``--weights`` keywords; anything else is a local or remote path to a weights or model file.
-WEIGHT_KEYWORDS = ("imagenet", "none", "sample")
 
 #: Seed for ``weights=none``: every worker process must build the *same* random network.
 RANDOM_INIT_SEED = 1234
@@ -128,109 +127,6 @@ def get_backbone(name: str) -> BackboneSpec:
     return BACKBONES[key]
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that determines a feature vector, validated once at construction.
-
-    Attributes:
-        backbone: registry name.
-        weights: ``"imagenet"`` (Keras' download and cache), ``"none"`` (seeded random init),
-            ``"sample"`` (the offline real MobileNetV2 weights, see ``pipeline.sample_weights``,
-            resolved to a path by the job before it reaches here) or a local / ``gs://`` path to a
-            ``.weights.h5`` / ``.h5`` weights file or a ``.keras`` saved model.
-        pooling: ``"avg"`` or ``"max"`` over the last feature map (ignored with ``layer``).
-        layer: a named layer of the full classifier (``fc2``) instead of pooled features.
-        image_size: square input side; defaults to the backbone's own.
-    """
-
-    backbone: str
-    weights: str = "imagenet"
-    pooling: str = "avg"
-    layer: str | None = None
-    image_size: int | None = None
-
-    def __post_init__(self):
-        spec = get_backbone(self.backbone)
-        object.__setattr__(self, "backbone", spec.name)
-        if self.weights == "sample":
-            raise ValueError("weights='sample' must be resolved to a file path by the job first")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.layer is not None and self.layer not in spec.layers:
-            valid = ", ".join(spec.layers)
-            raise ValueError(f"unknown layer {self.layer!r} for {spec.name}; valid layers: {valid}")
-        size = self.image_size or spec.input_size
-        if self.layer is not None and size != spec.input_size:
-            raise ValueError(
-                f"layer {self.layer!r} needs the full classifier, whose input size is fixed at "
-                f"{spec.input_size}; got image_size={size}"
-            )
-        if size < spec.min_size:
-            raise ValueError(f"{spec.name} needs image_size >= {spec.min_size}, got {size}")
-        object.__setattr__(self, "image_size", size)
-
-    @property
-    def spec(self) -> BackboneSpec:
-        return get_backbone(self.backbone)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.spec.layers[self.layer] if self.layer else self.spec.feature_dim
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return (self.image_size, self.image_size)
-
-    @property
-    def output_name(self) -> str:
-        """``pooling=avg`` or ``layer=fc2``: what the vector is."""
-        return f"layer={self.layer}" if self.layer else f"pooling={self.pooling}"
-
-    def fingerprint(self) -> str:
-        """Identifies the weights: a content hash for files, a description for keywords."""
-        if self.weights == "imagenet":
-            # Keras verifies each ImageNet download against a hash pinned in its own source.
-            return f"keras-applications:{self.spec.constructor}:imagenet"
-        if self.weights == "none":
-            return f"random-init:seed={RANDOM_INIT_SEED}"
-        return weights_fingerprint(self.weights)
-
-
-def weights_fingerprint(path: str) -> str:
-    """A content hash of a weights file's *values* (local or remote).
-
-    HDF5 files (``.h5``, ``.weights.h5``, and the weights inside a ``.keras`` zip) are hashed
-    dataset by dataset, in name order, so the same weights saved twice (HDF5 embeds timestamps)
-    get the same fingerprint. Other files are hashed byte for byte.
-    """
-    import io
-    import zipfile
-
-    from transforms import storage
-
-    data = storage.read_bytes(path)
-    if data[:4] == b"PK\x03\x04":
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = [n for n in archive.namelist() if n.endswith(".h5")]
-            if members:
-                data = archive.read(members[0])
-    if data[:8] != b"\x89HDF\r\n\x1a\n":
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-    import h5py
-
-    digest = hashlib.sha256()
-    with h5py.File(io.BytesIO(data), "r") as f:
-        names: list[str] = []
-        f.visititems(
-            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
-        )
-        for name in sorted(names):
-            values = f[name][()]
-            digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
-            digest.update(values.tobytes() if hasattr(values, "tobytes") else repr(values).encode())
-    return "h5-values-sha256:" + digest.hexdigest()
-
-
 def preprocess_fn(spec: BackboneSpec):
     """The backbone's ``keras.applications.<module>.preprocess_input``."""
     return importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
@@ -256,12 +152,13 @@ def _is_tensor(x: Any) -> bool:
     return type(x).__module__.startswith(("tensorflow", "keras"))
 
 
-def build_model(model_spec: ModelSpec, *, weights_path: str | None = None):
+def build_model(recipe: FeatureRecipe, *, weights_path: str | None = None):
     """Builds the headless Keras model that maps preprocessed pixels to feature vectors.
 
     Args:
-        model_spec: what to build.
-        weights_path: a *local* copy of ``model_spec.weights`` when it is a file (the caller
+        recipe: what to build; ``recipe.precision == "bfloat16"`` builds it under Keras'
+            ``mixed_bfloat16`` policy (variables stay float32).
+        weights_path: a *local* copy of ``recipe.weights`` when it is a file (the caller
             fetches remote files first); ignored for keywords.
 
     Returns:
@@ -269,25 +166,37 @@ def build_model(model_spec: ModelSpec, *, weights_path: str | None = None):
     """
     import keras
 
-    spec = model_spec.spec
+    previous = keras.mixed_precision.global_policy()
+    if recipe.precision == "bfloat16":
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        return _build(recipe, weights_path)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _build(recipe: FeatureRecipe, weights_path: str | None):
+    import keras
+
+    spec = recipe.spec
     constructor = getattr(keras.applications, spec.constructor)
-    keyword = model_spec.weights in ("imagenet", "none")
-    weights = "imagenet" if model_spec.weights == "imagenet" else None
-    if model_spec.weights == "none":
+    from_file = recipe.weights_file is not None
+    weights = "imagenet" if recipe.weights == "imagenet" else None
+    if recipe.weights == "none":
         keras.utils.set_random_seed(RANDOM_INIT_SEED)
 
-    if model_spec.layer:
+    if recipe.layer:
         full = constructor(include_top=True, weights=weights)
-        if not keyword:
+        if from_file:
             _load_file_weights(full, weights_path)
-        layer = full.get_layer(model_spec.layer)
-        return keras.Model(full.inputs, layer.output, name=f"{spec.name}_{model_spec.layer}")
+        layer = full.get_layer(recipe.layer)
+        return keras.Model(full.inputs, layer.output, name=f"{spec.name}_{recipe.layer}")
 
-    size = model_spec.image_size
+    size = recipe.image_size
     model = constructor(
-        include_top=False, weights=weights, input_shape=(size, size, 3), pooling=model_spec.pooling
+        include_top=False, weights=weights, input_shape=(size, size, 3), pooling=recipe.pooling
     )
-    if not keyword:
+    if from_file:
         _load_file_weights(model, weights_path)
     return model
 
@@ -328,7 +237,7 @@ def _matching_weights(model, saved) -> list:
     )
 
 
-def build_classifier(model_spec: ModelSpec, head, *, weights_path: str | None = None):
+def build_classifier(recipe: FeatureRecipe, head, *, weights_path: str | None = None):
     """One Keras model: raw pixels -> preprocessing -> frozen backbone -> ``head``.
 
     The backbone is called with ``training=False`` so its BatchNorm layers stay in inference
@@ -338,10 +247,11 @@ def build_classifier(model_spec: ModelSpec, head, *, weights_path: str | None = 
 
     from transforms.keras_layers import Preprocess
 
-    backbone = build_model(model_spec, weights_path=weights_path)
+    backbone = build_model(recipe, weights_path=weights_path)
     backbone.trainable = False
-    size = model_spec.image_size
+    size = recipe.image_size
     pixels = keras.Input((size, size, 3), name="pixels")
-    features = backbone(Preprocess(model_spec.backbone, name="preprocess")(pixels), training=False)
-    outputs = head(features)
-    return keras.Model(pixels, outputs, name=f"{model_spec.backbone}_classifier")
+    features = backbone(Preprocess(recipe.backbone, name="preprocess")(pixels), training=False)
+    # Mixed-precision backbones give bfloat16 features; the head was trained on float32 vectors.
+    outputs = head(keras.ops.cast(features, "float32"))
+    return keras.Model(pixels, outputs, name=f"{recipe.backbone}_classifier")

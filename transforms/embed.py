@@ -1,11 +1,11 @@
-"""DecodeImages and EmbedImages: bytes -> pixels -> feature vectors, with errors as data.
+"""Embedding images: the per-worker model and its handler, row builders, and progress.
 
-``EmbedImages`` is Beam's own ``RunInference`` with our :class:`BackboneModelHandler`, so the model is
-loaded once per worker process (``RunInference`` keeps it in a Beam ``Shared`` handle used by all
-threads of the process), never pickled with the graph, and batches are formed by Beam's
-``BatchElements``. Unlike Beam's stock TensorFlow handler, which calls the model eagerly, ours runs
-each batch through one compiled ``tf.function`` that also casts and applies the backbone's
-``preprocess_input``, so uint8 pixels travel to the model (4x less memory than float32).
+:class:`BackboneModelHandler` is a Beam ``ModelHandler`` for a :class:`~transforms.recipe.FeatureRecipe`
+(usable with Beam's own ``RunInference`` in pipelines that compose their own graph). Its model is an
+:class:`Embedder`: the backbone (optionally followed by a trained head) behind one compiled
+``tf.function`` that also casts and applies the backbone's ``preprocess_input``, so uint8 pixels
+travel to the model (4x less memory than float32). :func:`load_model_async` loads it once per worker
+process, in the background. ``transforms.extract`` drives it chunk by chunk.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, RunInference
+from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import storage
-from transforms.backbones import PRECISIONS, ModelSpec, build_model, preprocess, preprocess_fn
-from transforms.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from transforms.backbones import build_model, preprocess, preprocess_fn
+from transforms.images import ImageError, load_image
 from transforms.listing import ImageRef
+from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
 
 _LOG = logging.getLogger(__name__)
 NAMESPACE = "featurebeam"
-ERRORS_TAG = "errors"
 
 
 class Decoded(NamedTuple):
@@ -83,7 +82,7 @@ def read_and_decode(
     return Decoded(ref, image.width, image.height), image.pixels
 
 
-class _Progress:
+class Progress:
     """Per-process progress log: images done, images/s and errors, every few seconds."""
 
     _lock = threading.Lock()
@@ -110,73 +109,23 @@ class _Progress:
                 )
 
 
-class _DecodeDoFn(beam.DoFn):
-    def __init__(self, size: tuple[int, int], resize: str, max_pixels: int):
-        self._size = size
-        self._resize = resize
-        self._max_pixels = max_pixels
-        self._decoded = beam.metrics.Metrics.counter(NAMESPACE, "images_decoded")
-        self._failed = beam.metrics.Metrics.counter(NAMESPACE, "decode_errors")
-
-    def process(self, ref: ImageRef):
-        result = read_and_decode(ref, self._size, self._resize, self._max_pixels)
-        if isinstance(result, dict):
-            self._failed.inc()
-            _Progress.add(errors=1)
-            yield beam.pvalue.TaggedOutput(ERRORS_TAG, result)
-        else:
-            self._decoded.inc()
-            yield result
-
-
-class DecodeImages(beam.PTransform):
-    """Reads and decodes each :class:`ImageRef` into ``(Decoded, uint8 pixels)``.
-
-    Outputs: the main PCollection, and ``errors`` (error-table rows) for inputs that cannot be
-    read or decoded.
-    """
-
-    def __init__(
-        self, size: tuple[int, int], *, resize: str = "squash", max_pixels: int = DEFAULT_MAX_PIXELS
-    ):
-        super().__init__()
-        self._dofn = _DecodeDoFn(size, resize, max_pixels)
-
-    def expand(self, refs):
-        return refs | "Decode" >> beam.ParDo(self._dofn).with_outputs(ERRORS_TAG, main="decoded")
-
-
 class Embedder:
     """A loaded backbone (optionally followed by a trained head) behind one compiled function:
     uint8 batch in, float32 vectors (or class probabilities) out."""
 
     def __init__(
-        self,
-        model_spec: ModelSpec,
-        weights_path: str | None,
-        head_path: str | None = None,
-        precision: str = "float32",
+        self, recipe: FeatureRecipe, weights_path: str | None, head_path: str | None = None
     ):
         import keras
         import tensorflow as tf
 
-        self.model_spec = model_spec
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        previous = keras.mixed_precision.global_policy()
-        if precision == "bfloat16":
-            keras.mixed_precision.set_global_policy("mixed_bfloat16")
-        try:
-            self.model = build_model(model_spec, weights_path=weights_path)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        self.recipe = recipe
+        self.model = build_model(recipe, weights_path=weights_path)
         self.head = None
         if head_path is not None:
-            import keras
-
             self.head = keras.models.load_model(head_path, compile=False)
-        spec = model_spec.spec
-        size = model_spec.image_size
+        spec = recipe.spec
+        size = recipe.image_size
         preprocess_fn(spec)  # import the preprocessing module now, not while tracing
 
         @tf.function(
@@ -250,16 +199,12 @@ def load_model_async(handler: FeatureModelHandler) -> Future:
         return future
 
 
-def cached_model(handler: FeatureModelHandler) -> Any:
-    """The handler's model (see :func:`load_model_async`), waiting for it if needed."""
-    return load_model_async(handler).result()
-
-
 class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
     """A RunInference handler that also says what its vectors are.
 
-    ``ExtractFeatures`` needs the input size (to decode), the vector width (for the schema) and
-    the metadata to record; any handler that provides these can embed images (tests use a fake).
+    ``ExtractFeatures`` needs the input size and resize mode (to decode), the vector width (for
+    the schema) and the metadata to record; any handler that provides these can embed images
+    (tests use a fake).
     """
 
     @property
@@ -267,46 +212,49 @@ class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
         raise NotImplementedError
 
     @property
+    def resize(self) -> str:
+        raise NotImplementedError
+
+    @property
     def feature_dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_elements_kwargs().get("max_batch_size", DEFAULT_BATCH_SIZE)
 
     def table_metadata(self) -> dict[str, str]:
         raise NotImplementedError
 
 
 class BackboneModelHandler(FeatureModelHandler):
-    """RunInference handler for a registered backbone (see the module docstring).
+    """RunInference handler for a :class:`FeatureRecipe` (see the module docstring).
 
     Args:
-        model_spec: backbone, weights, pooling/layer and input size.
+        recipe: what makes the vectors (backbone, weights, pooling/layer, size, resize, precision).
         batch_size: images per model call (every batch but a bundle's last is this size).
         cache_dir: where remote weight and head files are copied on the worker.
         head: a trained head (``head.keras``, local or remote) applied to the features; the
             outputs are then class probabilities, ``head_classes`` wide.
         head_classes: the head's output width.
-        precision: ``float32`` or ``bfloat16`` (mixed precision; vectors are still float32).
         intra_op_threads: TensorFlow's intra-op threads in each worker process (0: its default,
             every core). Worker processes sharing a machine should each get their share.
     """
 
     def __init__(
         self,
-        model_spec: ModelSpec,
+        recipe: FeatureRecipe,
         *,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         cache_dir: str | None = None,
         head: str | None = None,
         head_classes: int = 0,
-        precision: str = "float32",
         intra_op_threads: int = 0,
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self._precision = precision
+        self.recipe = recipe
         self._metadata: dict[str, str] | None = None
         self._intra_op_threads = intra_op_threads
-        self._model_spec = model_spec
         self._head = head
         self._head_classes = head_classes
         self._cache_dir = cache_dir or os.path.join(
@@ -315,39 +263,26 @@ class BackboneModelHandler(FeatureModelHandler):
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self._model_spec.size
+        return self.recipe.size
+
+    @property
+    def resize(self) -> str:
+        return self.recipe.resize
 
     @property
     def feature_dim(self) -> int:
-        return self._head_classes if self._head else self._model_spec.feature_dim
+        return self._head_classes if self._head else self.recipe.feature_dim
 
     def table_metadata(self) -> dict[str, str]:
         if self._metadata is None:  # the fingerprint hashes the weights: do it once
-            self._metadata = self._table_metadata()
+            self._metadata = {**self.recipe.to_metadata(), "head": self._head or ""}
         return dict(self._metadata)
 
-    def _table_metadata(self) -> dict[str, str]:
-        spec = self._model_spec
-        return {
-            "backbone": spec.backbone,
-            "weights": spec.weights,
-            "weights_fingerprint": spec.fingerprint(),
-            "input_size": str(spec.image_size),
-            "pooling": "" if spec.layer else spec.pooling,
-            "layer": spec.layer or "",
-            "preprocessing": spec.spec.preprocessing,
-            "feature_dim": str(spec.feature_dim),
-            "precision": self._precision,
-            "head": self._head or "",
-        }
-
     def load_model(self) -> Embedder:
-        weights = self._model_spec.weights
-        path = (
-            None
-            if weights in ("imagenet", "none")
-            else storage.local_copy(weights, self._cache_dir)
-        )
+        recipe = self.recipe
+        path = None
+        if recipe.weights_file is not None:
+            path = storage.local_copy(recipe.weights_file, self._cache_dir)
         head = None
         if self._head is not None:
             import transforms.keras_layers  # noqa: F401  (registers our layers for load_model)
@@ -355,12 +290,13 @@ class BackboneModelHandler(FeatureModelHandler):
             head = storage.local_copy(self._head, self._cache_dir)
         set_tf_threads(self._intra_op_threads)
         started = time.monotonic()
-        embedder = Embedder(self._model_spec, path, head, self._precision)
+        embedder = Embedder(recipe, path, head)
         _LOG.info(
-            "loaded %s (%s, weights=%s) in %.1fs in pid %d",
-            self._model_spec.backbone,
-            self._model_spec.output_name,
-            weights,
+            "loaded %s (%s, weights=%s, %s) in %.1fs in pid %d",
+            recipe.backbone,
+            recipe.output_name,
+            recipe.weights,
+            recipe.precision,
             time.monotonic() - started,
             os.getpid(),
         )
@@ -373,7 +309,7 @@ class BackboneModelHandler(FeatureModelHandler):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[np.ndarray]:
         vectors = model(np.stack(batch))
-        _Progress.add(done=len(batch))
+        Progress.add(done=len(batch))
         return list(vectors)
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
@@ -381,35 +317,3 @@ class BackboneModelHandler(FeatureModelHandler):
 
     def get_metrics_namespace(self) -> str:
         return NAMESPACE
-
-
-def _feature_row(element: tuple[Decoded, np.ndarray]) -> dict[str, Any]:
-    key, vector = element
-    return feature_row(key.ref, key.width, key.height, vector)
-
-
-def _failed_batch_rows(failure) -> Iterable[dict[str, Any]]:
-    batch, exc = failure
-    for key, _pixels in batch:
-        yield error_row(key.ref, "embed", f"{type(exc).__name__}: {exc}")
-
-
-class EmbedImages(beam.PTransform):
-    """Runs the backbone over ``(Decoded, pixels)`` pairs; yields feature-table rows.
-
-    Returns:
-        ``{"rows": feature-table rows, "errors": error rows}``; a batch the model rejects gives
-        one error row per image in it.
-    """
-
-    def __init__(self, model_handler: ModelHandler):
-        super().__init__()
-        self._handler = KeyedModelHandler(model_handler)
-
-    def expand(self, decoded):
-        results, failed = (
-            decoded | "RunInference" >> RunInference(self._handler).with_exception_handling()
-        )
-        rows = results | "ToRows" >> beam.Map(_feature_row)
-        errors = failed.failed_inferences | "FailedBatches" >> beam.FlatMap(_failed_batch_rows)
-        return {"rows": rows, "errors": errors}

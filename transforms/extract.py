@@ -1,21 +1,30 @@
-"""ExtractFeatures: the whole chain from image URIs to a committed feature table.
+"""ExtractFeatures: the whole chain from a planned run to a committed feature table.
 
-The graph is ``Create(chunk numbers) -> Reshuffle -> EmbedChunk -> GroupByKey -> Finalize``:
+The run is planned *before* the graph is built (``transforms.plan``: list, compare with the existing
+table, cut what must be embedded into chunks) and the plan file is written when the job is
+submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
 
-- the run is planned on the launching machine (``transforms.plan``): list, compare with the existing
-  table, cut what must be embedded into chunks;
+    Create -> RemoveStaleRows ---------(side input)--------+
+    Create(chunk numbers) -> Reshuffle -> EmbedChunk <-----+-> GroupByKey -> Finalize
+
+- ``RemoveStaleRows`` runs first: it removes the stale copies the plan names (changed files,
+  retried errors, pruned images); ``EmbedChunk`` takes its result as a side input, so no chunk
+  starts before it ends;
 - ``EmbedChunk`` reads, decodes and embeds one chunk and commits its shard files atomically.
   Decoding runs in a small thread pool, ``prefetch`` batches ahead of the model, so Pillow
   (which releases the GIL) works while TensorFlow runs the previous batch. The model is loaded once
   per worker process (``embed.load_model_async``), in the background when the first chunk
-  arrives, and images keep decoding while it loads; a run with nothing to embed never loads it;
-- ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json`` and removes the plan.
+  arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
+  It renews the table's lease as it goes and checks it before committing;
+- ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json``, removes the plan and
+  gives the lease back.
 
-We do not use ``RunInference`` here (``EmbedImages`` does, for pipelines that compose their own
-graph) because a chunk must be embedded *and committed* by one worker for runs to be resumable:
-``RunInference`` followed by a grouped write puts a shuffle between the model and the files, so a
-killed run loses everything; and in a fused Beam stage decoding and inference run one after the
-other in one thread, while the chunk's decode pool overlaps them (see ``pipeline.bench``).
+We do not use ``RunInference`` here because a chunk must be embedded *and committed* by one worker
+for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the
+model and the files, so a killed run loses everything; and in a fused Beam stage decoding and
+inference run one after the other in one thread, while the chunk's decode pool overlaps them (see
+``pipeline.bench``). ``embed.BackboneModelHandler`` is still a Beam ``ModelHandler``, for pipelines
+that compose their own graph with ``RunInference``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import collections
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,18 +47,38 @@ from transforms.embed import (
     NAMESPACE,
     Decoded,
     FeatureModelHandler,
-    _Progress,
+    Progress,
     error_row,
     feature_row,
     load_model_async,
     read_and_decode,
 )
 from transforms.images import DEFAULT_MAX_PIXELS
+from transforms.lease import Lease
 
 _LOG = logging.getLogger(__name__)
-TOOL_VERSION = "0.2.0"
 MODES = ("full", "incremental")
 DEFAULT_CHUNK_SIZE = 1000
+DEFAULT_DECODE_THREADS = 2
+
+
+def tool_version() -> str:
+    """The installed package's version (``pyproject.toml`` is the one place it is written)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("featurebeam")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def run_metadata(
+    handler: FeatureModelHandler, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The table metadata of a run: the handler's recipe, the tool version, and ``extra``."""
+    return {**handler.table_metadata(), "tool_version": tool_version(), **(extra or {})}
+
+
 #: Decoded pixels a worker thread may hold while its model loads (then two batches).
 PREFETCH_BYTES = 256 << 20
 
@@ -62,15 +91,15 @@ class _EmbedChunk(beam.DoFn):
         run: plans.RunPlan,
         handler: FeatureModelHandler,
         *,
-        resize: str,
         max_pixels: int,
         decode_threads: int,
         schema: pa.Schema,
         to_row: Callable[[dict[str, Any]], dict[str, Any]] | None,
+        lease: Lease | None,
     ):
         self._run = run
         self._handler = handler
-        self._resize = resize
+        self._lease = lease
         self._max_pixels = max_pixels
         self._decode_threads = max(1, decode_threads)
         self._schema = schema
@@ -89,8 +118,9 @@ class _EmbedChunk(beam.DoFn):
     ) -> Iterator[list[tuple[Decoded, np.ndarray]]]:
         """Decoded images in batches, decoding two batches ahead of the consumer, and as far as
         ``PREFETCH_BYTES`` allows while the model is still loading."""
-        batch_size = self._handler.batch_elements_kwargs().get("max_batch_size", 32)
+        batch_size = self._handler.batch_size
         size = self._handler.input_size
+        resize = self._handler.resize
         ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * size[0] * size[1]))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
@@ -102,7 +132,7 @@ class _EmbedChunk(beam.DoFn):
                 if ref is None:
                     return
                 pending.append(
-                    self._pool.submit(read_and_decode, ref, size, self._resize, self._max_pixels)
+                    self._pool.submit(read_and_decode, ref, size, resize, self._max_pixels)
                 )
 
         fill()
@@ -120,7 +150,9 @@ class _EmbedChunk(beam.DoFn):
         if batch:
             yield batch
 
-    def process(self, chunk: int):
+    def process(self, chunk: int, stale_removed: dict[str, int]):
+        # ``stale_removed`` (a side input) is only waited for: no chunk starts before the stale
+        # rows are gone.
         refs = plans.read_chunk(self._run.plan_uri, chunk)
         rows: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
@@ -128,6 +160,8 @@ class _EmbedChunk(beam.DoFn):
         model_future = load_model_async(self._handler) if refs else None
         for batch in self._decoded_batches(refs, errors, model_future):
             model = model_future.result()  # a model that cannot load fails the run
+            if self._lease is not None:
+                self._lease.renew_if_due()
             try:
                 vectors = self._handler.run_inference([pixels for _, pixels in batch], model)
             except Exception as exc:  # a batch the model rejects: one error row per image
@@ -137,6 +171,8 @@ class _EmbedChunk(beam.DoFn):
             for (key, _), vector in zip(batch, vectors, strict=True):
                 row = feature_row(key.ref, key.width, key.height, vector)
                 rows.append(self._to_row(row) if self._to_row else row)
+        if self._lease is not None:
+            self._lease.check()  # never commit next to a run that took the table over
         files = []
         if rows:
             uri = self._run.shard_uri(table.FEATURES, chunk)
@@ -148,7 +184,7 @@ class _EmbedChunk(beam.DoFn):
             files.append(uri)
         self._embedded.inc(len(rows))
         self._failed.inc(len(errors))
-        _Progress.add(errors=len(errors))
+        Progress.add(errors=len(errors))
         yield {
             "chunk": chunk,
             "rows": len(rows),
@@ -172,19 +208,39 @@ def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> 
     return [uri]
 
 
-def _finalize(element, *, run: plans.RunPlan, schema: pa.Schema, metadata: dict[str, str]):
+def _remove_stale(_, *, run: plans.RunPlan, lease: Lease | None) -> dict[str, int]:
+    """Removes the plan's stale copies (idempotent: a runner may run it more than once)."""
+    if lease is not None:
+        lease.check()
+    removed = plans.remove_stale_rows(run)
+    if removed:
+        _LOG.info("removed %d stale rows before embedding", removed)
+    return {"removed": removed}
+
+
+def _finalize(
+    element,
+    *,
+    run: plans.RunPlan,
+    schema: pa.Schema,
+    metadata: dict[str, str],
+    lease: Lease | None,
+):
     _, results = element
-    results = [r for r in results if r is not None]
+    results = [r for r in results if "chunk" in r]
     new_rows = sum(r["rows"] for r in results)
     new_errors = sum(r["errors"] for r in results)
-    out = run.output_dir
     feature_files = _shards_or_empty_one(run, table.FEATURES, schema)
     error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
+    rows = run.kept_rows + new_rows
+    unlisted_kept = 0 if run.pruned else run.unlisted_rows
     summary = {
         "inputs": run.listed,
-        "rows": run.kept_rows + new_rows,
+        "rows": rows,
         "errors": run.kept_errors + new_errors,
-        "table_rows": run.kept_rows + new_rows + run.unlisted_rows,
+        "skipped": run.skipped,
+        "skipped_examples": list(run.skipped_examples),
+        "table_rows": rows + unlisted_kept,
         "feature_files": feature_files,
         "error_files": error_files,
         "metadata": metadata,
@@ -192,48 +248,45 @@ def _finalize(element, *, run: plans.RunPlan, schema: pa.Schema, metadata: dict[
             "run_id": run.run_id,
             "chunks": run.num_chunks,
             "embedded": run.to_embed,
+            "new_images": run.new,
+            "changed_images": run.changed,
             "new_rows": new_rows,
             "new_errors": new_errors,
             "kept_rows": run.kept_rows,
             "kept_errors": run.kept_errors,
-            "stale_rows_removed": run.removed,
+            "stale_rows_removed": run.stale_rows,
+            "unlisted_rows_kept": unlisted_kept,
+            "unlisted_rows_removed": run.unlisted_rows if run.pruned else 0,
+            "unlisted_errors_removed": run.unlisted_errors if run.pruned else 0,
             "workers": sorted({r["worker"] for r in results}),
         },
     }
-    table.write_summary(out, summary)
-    if run.plan_uri is not None:
-        fs, path = storage.filesystem(run.plan_uri)
-        fs.rm(path)
-        folder = path.rsplit("/", 1)[0]
-        if storage.is_local(run.plan_uri) and not fs.ls(folder):
-            fs.rmdir(folder)
+    table.write_summary(run.output_dir, summary)
+    plans.delete_plan(run)
+    if lease is not None:
+        lease.release()
     return summary
 
 
 class ExtractFeatures(beam.PTransform):
-    """Plans a run, embeds its chunks and commits the table (see the module docstring).
+    """Embeds a planned run's chunks and commits the table (see the module docstring).
 
     Feature rows go to ``features-RUN-NNNNN-of-MMMMM.parquet``, failures (with their stage and
     reason) to ``_errors/errors-RUN-...parquet``, and ``_SUMMARY.json`` records ``inputs``,
-    ``rows`` and ``errors`` (``inputs == rows + errors``) once every chunk is committed.
-
-    Planning happens when the transform is applied (on the launching machine): it lists the inputs
-    and, in ``incremental`` mode, removes stale rows from the existing table.
+    ``rows`` and ``errors`` (``inputs == rows + errors``) and ``skipped`` once every chunk is
+    committed.
 
     Args:
-        sources: folders, globs, manifests or files, local or ``gs://``.
-        output_dir: where the table is written.
-        model_handler: ``BackboneModelHandler`` in production.
-        mode: ``full`` (the output must hold no table) or ``incremental`` (embed only images that
-            are not in the table yet or whose file changed; also resumes a killed run).
-        chunk_size: images per work unit and per shard.
+        run: the planned run (``transforms.plan.plan_run(...).run``); its plan file must be
+            written (``plan.write_plan``) before the pipeline runs.
+        model_handler: ``BackboneModelHandler`` in production; it says the input size, resize and
+            metadata.
+        metadata: the table metadata (:func:`run_metadata`).
         decode_threads: decoding threads per worker process.
-        retry_errors: in ``incremental`` mode, also retry images that failed before.
-        resize: ``squash`` or ``crop`` (see ``transforms.images.load_image``).
         max_pixels: decompression-bomb guard.
-        extra_metadata: more key-values for the table metadata (e.g. the job's options).
         to_row: maps each feature row to the row actually written (e.g. top-k predictions).
         schema: the schema of ``to_row``'s rows (metadata is added); default: feature rows.
+        lease: the table's lease, renewed and checked by the workers and released at the end.
 
     Returns:
         A PCollection with the one summary dict.
@@ -241,77 +294,58 @@ class ExtractFeatures(beam.PTransform):
 
     def __init__(
         self,
-        sources: str | Sequence[str],
-        output_dir: str,
+        run: plans.RunPlan,
         *,
         model_handler: FeatureModelHandler,
-        mode: str = "full",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-        decode_threads: int = 2,
-        retry_errors: bool = False,
-        resize: str = "squash",
+        metadata: dict[str, str],
+        decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        extra_metadata: dict[str, str] | None = None,
         to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         schema: pa.Schema | None = None,
-        run_id: str | None = None,
+        lease: Lease | None = None,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self._sources = [sources] if isinstance(sources, str) else list(sources)
-        self._output_dir = output_dir
+        self._run = run
         self._handler = model_handler
-        self._mode = mode
-        self._chunk_size = chunk_size
         self._decode_threads = decode_threads
-        self._retry_errors = retry_errors
-        self._resize = resize
         self._max_pixels = max_pixels
         self._to_row = to_row
-        self._run_id = run_id
-        self._metadata = {
-            **model_handler.table_metadata(),
-            "resize": resize,
-            "tool_version": TOOL_VERSION,
-            **(extra_metadata or {}),
-        }
+        self._lease = lease
+        self._metadata = dict(metadata)
         schema_ = table.feature_schema(model_handler.feature_dim, self._metadata)
         self._schema = schema_ if schema is None else schema.with_metadata(schema_.metadata)
-        self.plan: plans.RunPlan | None = None
 
     def expand(self, pbegin):
-        self.plan = run = plans.plan_run(
-            self._sources,
-            self._output_dir,
-            metadata=self._metadata,
-            incremental=self._mode == "incremental",
-            chunk_size=self._chunk_size,
-            retry_errors=self._retry_errors,
-            run_id=self._run_id,
-        )
+        run, lease = self._run, self._lease
         embed = _EmbedChunk(
             run,
             self._handler,
-            resize=self._resize,
             max_pixels=self._max_pixels,
             decode_threads=self._decode_threads,
             schema=self._schema,
             to_row=self._to_row,
+            lease=lease,
+        )
+        # Always one element, so Finalize runs (after it) even when there is nothing to embed.
+        removed = (
+            pbegin
+            | "Start" >> beam.Create([None])
+            | "RemoveStaleRows" >> beam.Map(_remove_stale, run=run, lease=lease)
         )
         results = (
             pbegin
+            # One element per chunk: runners that partition a Create (Dask) spread the chunks.
             | "Chunks" >> beam.Create(list(range(run.num_chunks)))
             | "Spread" >> beam.Reshuffle()
-            | "EmbedChunk" >> beam.ParDo(embed)
+            | "EmbedChunk" >> beam.ParDo(embed, beam.pvalue.AsSingleton(removed))
         )
-        # One always-present element, so Finalize runs even when there is nothing to embed.
-        start = pbegin | "Start" >> beam.Create([None])
         return (
-            (results, start)
+            (results, removed)
             | "AllChunks" >> beam.Flatten()
             | "OneKey" >> beam.Map(lambda r: (None, r))
             | "Together" >> beam.GroupByKey()
             | "Finalize"
-            >> beam.Map(_finalize, run=run, schema=self._schema, metadata=self._metadata)
+            >> beam.Map(
+                _finalize, run=run, schema=self._schema, metadata=self._metadata, lease=lease
+            )
         )

@@ -2,7 +2,8 @@
 
 No Beam here: a head trains on vectors that fit in memory. Tables are read with pyarrow, only the
 columns needed, and refused when their metadata says they came from different backbones, weights,
-sizes, poolings or preprocessing (vectors from two models are not comparable).
+sizes, poolings, preprocessing, resize or precision (``transforms.recipe``: vectors made by two
+recipes are not comparable).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from transforms import table
+from transforms.recipe import COMPATIBILITY_KEYS, first_difference
 
 HEADS = ("logistic", "mlp")
 
@@ -32,15 +34,13 @@ class FeatureSet:
     @property
     def fingerprint(self) -> str:
         """Identifies what produced the vectors (not which images)."""
-        key = json.dumps(
-            {k: self.metadata.get(k, "") for k in table.COMPATIBILITY_KEYS}, sort_keys=True
-        )
+        key = json.dumps({k: self.metadata.get(k, "") for k in COMPATIBILITY_KEYS}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def check_compatible(first: dict[str, str], other: dict[str, str], where: str) -> None:
     """Raises ValueError naming the first metadata key on which two tables differ."""
-    key = table.first_difference(first, other)
+    key = first_difference(first, other)
     if key is not None:
         raise ValueError(
             f"{where}: incompatible feature tables: {key} is {other.get(key)!r} here but "

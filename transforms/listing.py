@@ -1,32 +1,44 @@
-"""ListImages: turns what the user points at into one :class:`ImageRef` per image.
+"""Listing inputs: what the user points at becomes one row per image, as Arrow columns.
 
 An input is one of:
 
 - a directory or ``gs://bucket/prefix``: every file below it, recursively, whose extension is an
-  image extension (others are counted in the ``skipped_non_image_files`` metric and logged);
+  image extension; files with **no** extension (object stores often key images by content hash) are
+  sniffed by their first bytes with Pillow's own format checks and listed when they are images.
+  Files with any other extension (``.txt``, ``.json``, ...) are skipped and *counted* (the run
+  summary reports them, with examples); ``include_all_files`` lists every file instead;
 - a glob (``data/*/*.jpg``, ``gs://b/**/*.png``): every match, whatever its extension;
-- a manifest (``.csv``, ``.tsv`` or ``.txt``): one URI per row, optionally with ``label`` and
-  ``split`` columns; relative URIs are resolved against the manifest's folder;
+- a manifest (``.csv``, ``.tsv`` or ``.txt``): one URI per row, optionally with ``label``,
+  ``split``, and the change signal ``file_size`` / ``file_version`` (etag, generation, md5...);
+  relative URIs are resolved against the manifest's folder. ``stat_manifest`` stats the URIs
+  (in parallel) when the manifest carries no signal;
 - a single image file.
 
 Labels come from class folders: below a directory or glob root, an image's parent folder is its
 label and the nearest enclosing folder named like a split (``train``, ``val``, ``test``, ...) is its
 split, so ``hymenoptera/train/ants/x.jpg`` listed from ``hymenoptera`` gets ``label=ants,
 split=train``. Images directly in the root get no label.
+
+The listing is columnar (:data:`LISTING_SCHEMA`): planning a run over millions of images compares
+Arrow arrays, not Python objects (see ``transforms.plan``). Manifests are parsed by pyarrow's CSV
+reader.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import logging
 import os
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import apache_beam as beam
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from transforms import storage
 
@@ -40,7 +52,25 @@ SPLIT_NAMES = frozenset(
     {"train", "training", "val", "valid", "validation", "test", "testing", "dev"}
 )
 _URI_COLUMNS = ("uri", "path", "image", "file", "filename", "url")
+_HEADERLESS_COLUMNS = ("uri", "label", "split", "file_size", "file_version")
 _GLOB_CHARS = frozenset("*?[")
+#: Bytes read from an extensionless file to recognise an image format.
+SNIFF_BYTES = 64
+#: Skipped files named in the summary.
+SKIPPED_EXAMPLES = 5
+_ID_BATCH = 1 << 18
+
+#: One row per listed image. ``file_size``/``file_version`` are the change signal (0/"" unknown).
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("file_size", pa.int64(), nullable=False),
+        pa.field("file_version", pa.string(), nullable=False),
+    ]
+)
 
 
 class ImageRef(NamedTuple):
@@ -54,13 +84,49 @@ class ImageRef(NamedTuple):
     version: str
 
 
+@dataclass(frozen=True)
+class Listing:
+    """What the inputs hold: the images (one row per distinct URI, first input wins), and the
+    files that were not listed because their extension is not an image's."""
+
+    images: pa.Table
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
+    duplicates: int = 0
+
+    def refs(self) -> list[ImageRef]:
+        return refs_from_table(self.images)
+
+
 def image_id(uri: str) -> str:
     """A stable 32-hex-digit id derived from the URI alone."""
     return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def image_ids(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """:func:`image_id` of every URI, in batches so that millions never exist as Python strings
+    all at once."""
+    uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
+    parts = [
+        pa.array([image_id(u) for u in uris.slice(i, _ID_BATCH).to_pylist()], pa.string())
+        for i in range(0, len(uris), _ID_BATCH)
+    ]
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.string())
+
+
+def refs_from_table(table: pa.Table) -> list[ImageRef]:
+    """Listing (or plan) rows as :class:`ImageRef` tuples."""
+    columns = [
+        table.column(c).to_pylist()
+        for c in ("uri", "image_id", "label", "split", "file_size", "file_version")
+    ]
+    return [
+        ImageRef(u, i, lb, s, z or 0, v or "") for u, i, lb, s, z, v in zip(*columns, strict=True)
+    ]
+
+
 def _extension(uri: str) -> str:
-    return posixpath.splitext(uri)[1].lower()
+    return posixpath.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[1].lower()
 
 
 def _parts(uri: str) -> list[str]:
@@ -94,98 +160,264 @@ def _glob_root(pattern: str) -> str:
     return f"{head}://{root}" if sep else root
 
 
-def _ref(info: storage.FileInfo, root: str | None, label=None, split=None) -> ImageRef:
-    if root is not None and label is None and split is None:
-        label, split = label_and_split(root, info.uri)
-    return ImageRef(info.uri, image_id(info.uri), label, split, info.size, info.version)
+def _image_formats():
+    """Pillow's own format checks (``accept(prefix)``), for every format it can decode."""
+    from PIL import Image, ImageFile
+
+    Image.init()
+    return [
+        accept
+        for factory, accept in Image.OPEN.values()
+        if accept is not None
+        and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+    ]
 
 
-def read_manifest(uri: str) -> list[ImageRef]:
-    """Parses a manifest file into refs (see the module docstring for the format).
+def looks_like_image(prefix: bytes) -> bool:
+    """True when the first bytes of a file are those of a format Pillow can decode."""
+    return any(accept(prefix) for accept in _image_formats())
+
+
+def _sniff(info: storage.FileInfo) -> bool:
+    try:
+        with storage.open_file(info.uri) as f:
+            return looks_like_image(f.read(SNIFF_BYTES))
+    except OSError:
+        return True  # unreadable now: list it, so the run records why as an error row
+
+
+def _table(infos: Sequence[storage.FileInfo], root: str | None) -> pa.Table:
+    uris = [i.uri for i in infos]
+    labels_splits = [label_and_split(root, u) if root else (None, None) for u in uris]
+    return pa.table(
+        {
+            "image_id": image_ids(pa.array(uris, pa.string())),
+            "uri": pa.array(uris, pa.string()),
+            "label": pa.array([ls[0] for ls in labels_splits], pa.string()),
+            "split": pa.array([ls[1] for ls in labels_splits], pa.string()),
+            "file_size": pa.array([i.size for i in infos], pa.int64()),
+            "file_version": pa.array([i.version for i in infos], pa.string()),
+        },
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _walk(source: str, include_all_files: bool) -> tuple[pa.Table, list[str]]:
+    files = storage.find_files(source)
+    if include_all_files:
+        return _table(files, source), []
+    images = [f for f in files if _extension(f.uri) in IMAGE_EXTENSIONS]
+    unnamed = [f for f in files if not _extension(f.uri)]
+    if unnamed:
+        with ThreadPoolExecutor(16) as pool:
+            sniffed = [f for f, ok in zip(unnamed, pool.map(_sniff, unnamed), strict=True) if ok]
+        images = sorted(images + sniffed, key=lambda f: f.uri)
+    listed = {f.uri for f in images}
+    return _table(images, source), [f.uri for f in files if f.uri not in listed]
+
+
+def _manifest_columns(uri: str, ext: str) -> tuple[list[str] | None, int, str]:
+    """(column names for a headerless file or None, first data line number, delimiter)."""
+    with storage.open_file(uri) as f:
+        first = f.readline().decode("utf-8-sig", errors="replace").strip("\r\n")
+    if ext == ".txt":
+        return ["uri"], 1, "\x1f"  # one URI per line: a delimiter that never occurs in paths
+    delimiter = "\t" if ext == ".tsv" else ","
+    cells = [c.strip().lower() for c in first.split(delimiter)]
+    if any(c in _URI_COLUMNS for c in cells):
+        return None, 2, delimiter
+    names = [*_HEADERLESS_COLUMNS, *(f"column{i}" for i in range(5, len(cells)))]
+    return names[: max(len(cells), 1)], 1, delimiter
+
+
+def _read_ragged(uri: str, names: list[str] | None, delimiter: str) -> pa.Table:
+    import csv
+    import io
+
+    text = storage.read_bytes(uri).decode("utf-8-sig")
+    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))
+    if names is None:
+        names, rows = rows[0], rows[1:]
+    rows = [r for r in rows if r]  # empty lines, as pyarrow skips them
+    return pa.table(
+        {
+            n: pa.array([r[i] if i < len(r) else "" for r in rows], pa.string())
+            for i, n in enumerate(names)
+        }
+    )
+
+
+def _blank_to_null(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    trimmed = pc.utf8_trim_whitespace(column)
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.string()), trimmed)
+
+
+def read_manifest(uri: str, *, stat: bool = False) -> pa.Table:
+    """Parses a manifest file into listing rows (see the module docstring for the format).
 
     Raises:
-        ValueError: a row without a URI, naming the line.
+        ValueError: a row without a URI (naming the line), or a ``file_size`` that is not a number.
     """
-    text = storage.read_bytes(uri).decode("utf-8-sig")
-    base = posixpath.dirname(uri) if not storage.is_local(uri) else os.path.dirname(uri)
     ext = _extension(uri)
-    if ext == ".txt":
-        rows = [
-            {"uri": line.strip()}
-            for line in text.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")
-        ]
-        numbered = list(enumerate(rows, start=1))
-    else:
-        delimiter = "\t" if ext == ".tsv" else ","
-        reader = list(csv.reader(io.StringIO(text), delimiter=delimiter))
-        if not reader:
-            return []
-        header = [h.strip().lower() for h in reader[0]]
-        uri_column = next((c for c in _URI_COLUMNS if c in header), None)
-        if uri_column is None:  # no header: uri[, label[, split]]
-            header, body, first = ["uri", "label", "split"], reader, 1
-        else:
-            header = ["uri" if h == uri_column else h for h in header]
-            body, first = reader[1:], 2
-        numbered = [
-            (n, dict(zip(header, (c.strip() for c in row), strict=False)))
-            for n, row in enumerate(body, start=first)
-            if any(c.strip() for c in row)
-        ]
-    refs = []
-    for line, row in numbered:
-        target = row.get("uri") or ""
-        if not target:
-            raise ValueError(f"{uri}:{line}: manifest row has no URI")
-        if not ("://" in target or os.path.isabs(target)):
-            target = storage.join(base, target)
-        refs.append(
-            ImageRef(
-                target, image_id(target), row.get("label") or None, row.get("split") or None, 0, ""
+    names, first_line, delimiter = _manifest_columns(uri, ext)
+    try:
+        with storage.open_file(uri) as f:
+            raw = pacsv.read_csv(
+                f,
+                read_options=pacsv.ReadOptions(column_names=names, encoding="utf8"),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=delimiter, quote_char=False if ext == ".txt" else '"'
+                ),
+                convert_options=pacsv.ConvertOptions(strings_can_be_null=False),
             )
-        )
-    return refs
+    except pa.ArrowInvalid:
+        # Rows of uneven length (hand-written files): Python's csv reader pads them.
+        raw = _read_ragged(uri, names, delimiter)
+    # Every column as text, headers normalised ("Path" -> "uri").
+    header = [str(n).strip().lower().lstrip("\ufeff") for n in raw.column_names]
+    uri_column = next(c for c in (*_URI_COLUMNS, "uri") if c in header)
+    columns = {
+        ("uri" if h == uri_column else h): pc.cast(raw.column(i), pa.string())
+        for i, h in enumerate(header)
+    }
+    uris = _blank_to_null(columns["uri"])
+    if ext == ".txt":
+        keep = pc.and_(pc.is_valid(uris), pc.invert(pc.starts_with(pc.fill_null(uris, ""), "#")))
+    else:
+        blank_rows = pc.is_null(uris)
+        for name, column in columns.items():
+            if name != "uri":
+                blank_rows = pc.and_(blank_rows, pc.is_null(_blank_to_null(column)))
+        missing = pc.and_(pc.is_null(uris), pc.invert(blank_rows))
+        if pc.any(missing).as_py():
+            row = pc.index(missing, True).as_py()
+            raise ValueError(f"{uri}:{row + first_line}: manifest row has no URI")
+        keep = pc.invert(blank_rows)
+    uris = pc.filter(uris, keep)
+    base = posixpath.dirname(uri) if not storage.is_local(uri) else os.path.dirname(uri)
+    relative = pc.invert(pc.or_(pc.match_substring(uris, "://"), pc.starts_with(uris, "/")))
+    uris = pc.if_else(relative, pc.binary_join_element_wise(base, uris, "/"), uris)
+
+    def optional(name: str) -> pa.ChunkedArray:
+        if name in columns:
+            return pc.filter(_blank_to_null(columns[name]), keep)
+        return pa.chunked_array([pa.nulls(len(uris), pa.string())])
+
+    try:
+        sizes = pc.fill_null(pc.cast(optional("file_size"), pa.int64()), 0)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{uri}: file_size must be a whole number of bytes ({exc})") from None
+    versions = pc.fill_null(optional("file_version"), "")
+    table = pa.table(
+        {
+            "image_id": image_ids(uris),
+            "uri": uris,
+            "label": optional("label"),
+            "split": optional("split"),
+            "file_size": sizes,
+            "file_version": versions,
+        },
+        schema=LISTING_SCHEMA,
+    )
+    return stat_uris(table) if stat else table
 
 
-def list_source(source: str) -> tuple[list[ImageRef], int]:
-    """Lists one input; returns the refs and how many non-image files a folder walk skipped."""
+def stat_uris(table: pa.Table, *, threads: int = 32) -> pa.Table:
+    """Fills ``file_size``/``file_version`` by stat-ing every URI whose signal is unknown, in
+    parallel; a URI that cannot be stat'ed keeps an unknown signal (its read fails later, as a row).
+    """
+    unknown = pc.and_(pc.equal(table["file_size"], 0), pc.equal(table["file_version"], ""))
+    if not pc.any(unknown).as_py():
+        return table
+    uris = table["uri"].to_pylist()
+    todo = [i for i, u in enumerate(pc.fill_null(unknown, False).to_pylist()) if u]
+
+    def stat(i: int) -> tuple[int, str]:
+        try:
+            info = storage.file_info(uris[i])
+            return info.size, info.version
+        except OSError:
+            return 0, ""
+
+    sizes = table["file_size"].to_pylist()
+    versions = table["file_version"].to_pylist()
+    with ThreadPoolExecutor(threads) as pool:
+        for i, (size, version) in zip(todo, pool.map(stat, todo), strict=True):
+            sizes[i], versions[i] = size, version
+    table = table.set_column(4, "file_size", pa.array(sizes, pa.int64()))
+    return table.set_column(5, "file_version", pa.array(versions, pa.string()))
+
+
+def list_source(
+    source: str, *, include_all_files: bool = False, stat_manifest: bool = False
+) -> tuple[pa.Table, list[str]]:
+    """Lists one input; returns its rows and the files skipped as not images."""
     if storage.is_local(source):
         # fsspec lists local files by absolute path; roots must match for labels, and absolute
         # URIs keep image ids independent of the working directory.
         source = os.path.abspath(source.removeprefix("file://"))
     if _GLOB_CHARS & set(source):
-        root = _glob_root(source)
-        return [_ref(info, root) for info in storage.glob_files(source)], 0
+        return _table(storage.glob_files(source), _glob_root(source)), []
     if storage.is_dir(source):
-        files = storage.find_files(source)
-        images = [f for f in files if _extension(f.uri) in IMAGE_EXTENSIONS]
-        return [_ref(info, source) for info in images], len(files) - len(images)
+        return _walk(source, include_all_files)
     if _extension(source) in MANIFEST_EXTENSIONS:
-        return read_manifest(source), 0
-    return [_ref(storage.file_info(source), None)], 0
+        return read_manifest(source, stat=stat_manifest), []
+    return _table([storage.file_info(source)], None), []
 
 
-def list_sources(sources: Sequence[str]) -> Iterable[ImageRef]:
-    """Lists every input once; a URI reached from two inputs is listed once (the first wins)."""
-    seen: set[str] = set()
-    skipped = beam.metrics.Metrics.counter("featurebeam", "skipped_non_image_files")
-    duplicates = beam.metrics.Metrics.counter("featurebeam", "duplicate_uris")
+def list_inputs(
+    sources: Sequence[str], *, include_all_files: bool = False, stat_manifest: bool = False
+) -> Listing:
+    """Lists every input; a URI reached from two inputs is listed once (the first wins)."""
+    tables, skipped = [], {}
     for source in sources:
-        refs, n_skipped = list_source(source)
-        if n_skipped:
-            skipped.inc(n_skipped)
-            _LOG.info("%s: skipped %d files without an image extension", source, n_skipped)
-        for ref in refs:
-            if ref.uri in seen:
-                duplicates.inc()
-                continue
-            seen.add(ref.uri)
-            yield ref
+        t, not_images = list_source(
+            source, include_all_files=include_all_files, stat_manifest=stat_manifest
+        )
+        tables.append(t)
+        skipped.update(dict.fromkeys(not_images))
+        if not_images:
+            _LOG.info(
+                "%s: skipped %d files that are not images, e.g. %s",
+                source,
+                len(not_images),
+                not_images[0],
+            )
+    images = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
+    total = images.num_rows
+    images = _first_of_each(images)
+    if total > images.num_rows:
+        _LOG.info(
+            "%d URIs were listed by more than one input; each is kept once", total - images.num_rows
+        )
+    examples = tuple(list(skipped)[:SKIPPED_EXAMPLES])
+    return Listing(images, len(skipped), examples, total - images.num_rows)
+
+
+def _first_of_each(images: pa.Table) -> pa.Table:
+    """The first row of every image id, in listing order."""
+    if images.num_rows == 0:
+        return images
+    indexed = images.select(["image_id"]).append_column(
+        "row", pa.array(range(images.num_rows), pa.int64())
+    )
+    first = indexed.group_by("image_id", use_threads=False).aggregate([("row", "min")])
+    rows = first.column("row_min")
+    if len(rows) == images.num_rows:
+        return images
+    return images.take(pc.take(rows, pc.array_sort_indices(rows)))
+
+
+def list_sources(sources: Sequence[str], **options) -> list[ImageRef]:
+    """Every image under the inputs as :class:`ImageRef` tuples (see :func:`list_inputs`)."""
+    listing = list_inputs(sources, **options)
+    if listing.skipped:
+        beam.metrics.Metrics.counter("featurebeam", "skipped_non_image_files").inc(listing.skipped)
+    return listing.refs()
 
 
 def check_sources(sources: Sequence[str]) -> None:
-    """Fails fast, at graph-construction time, on inputs that do not exist.
+    """Fails fast, before anything is planned, on inputs that do not exist.
 
     Raises:
         FileNotFoundError: naming the missing input.

@@ -1,4 +1,10 @@
-"""Saving and loading Keras models and JSON reports at local or ``gs://`` URIs.
+"""The head and model folders, and saving/loading Keras models and JSON at local or ``gs://`` URIs.
+
+A head folder (``train_head --model-dir``) holds ``head.keras`` and ``report.json``, whose
+``feature_table_metadata`` is the recipe the head was trained on. A model folder
+(``export_model`` / ``finetune --model-dir``) holds ``model.keras`` (raw pixels in), ``classes.json``
+and ``recipe.json``: the same recipe, so every job that serves either rebuilds the exact recipe
+(resize and precision included) that its vectors were made with.
 
 Keras reads and writes ``.keras`` files on local paths only; remote URIs go through a temporary
 local copy and ``storage.write_atomically``.
@@ -12,6 +18,14 @@ import tempfile
 from typing import Any
 
 from transforms import storage
+from transforms.recipe import FeatureRecipe
+
+HEAD_FILE = "head.keras"
+REPORT_FILE = "report.json"
+MODEL_FILE = "model.keras"
+CLASSES_FILE = "classes.json"
+RECIPE_FILE = "recipe.json"
+FINETUNE_REPORT_FILE = "finetune_report.json"
 
 
 def save_keras(model, uri: str) -> None:
@@ -44,3 +58,53 @@ def write_json(uri: str, value: Any) -> None:
 
 def read_json(uri: str) -> Any:
     return json.loads(storage.read_bytes(uri))
+
+
+# --- head folders ---
+
+
+def head_file(head_dir: str) -> str:
+    return storage.join(head_dir, HEAD_FILE)
+
+
+def read_head_report(head_dir: str) -> dict[str, Any]:
+    """A head folder's report (classes, accuracy, the recipe it was trained on, ...).
+
+    Raises:
+        FileNotFoundError: not a head folder.
+    """
+    uri = storage.join(head_dir, REPORT_FILE)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{head_dir} is not a train_head --model-dir (no {REPORT_FILE})")
+    return read_json(uri)
+
+
+def head_recipe(report: dict[str, Any]) -> FeatureRecipe:
+    """The recipe of the features a head was trained on."""
+    return FeatureRecipe.from_metadata(report["feature_table_metadata"])
+
+
+def save_head(head_dir: str, head, report: dict[str, Any]) -> None:
+    storage.makedirs(head_dir)
+    save_keras(head, head_file(head_dir))
+    write_json(storage.join(head_dir, REPORT_FILE), report)
+
+
+# --- model folders ---
+
+
+def save_model_dir(model_dir: str, model, classes: list[str], recipe_metadata: dict) -> None:
+    """Writes an exported (or fine-tuned) model with its classes and recipe."""
+    save_keras(model, storage.join(model_dir, MODEL_FILE))
+    write_json(storage.join(model_dir, CLASSES_FILE), list(classes))
+    write_json(storage.join(model_dir, RECIPE_FILE), dict(recipe_metadata))
+
+
+def load_model_dir(model_dir: str) -> tuple[Any, list[str], FeatureRecipe]:
+    """Loads an exported model, its class names and the recipe its inputs must be made with."""
+    model = load_keras(storage.join(model_dir, MODEL_FILE))
+    classes = read_json(storage.join(model_dir, CLASSES_FILE))
+    # The model carries its own (possibly fine-tuned) weights: only the input side is needed.
+    meta = read_json(storage.join(model_dir, RECIPE_FILE))
+    recipe = FeatureRecipe.from_metadata(meta, verify_weights=False)
+    return model, classes, recipe

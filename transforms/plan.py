@@ -2,21 +2,27 @@
 
 A run lists its inputs once, on the launching machine, and compares them with the table already in
 the output folder (if any) by ``image_id`` and a cheap change signal (file size and the storage's
-version: generation/etag on object stores, mtime on local disks):
+version: generation/etag on object stores, mtime on local disks, or what a manifest states):
 
 - an image with a row (or an error row) whose signal matches is **kept** and not embedded again;
 - a new image, or one whose file changed, is **embedded**; its stale copies are removed first;
-- a row whose image is no longer listed is kept (the table only grows unless ``--overwrite``).
+- a row whose image is no longer listed is kept, unless ``prune`` removes it.
+
+The comparison is columnar: the listing and the existing table's ``image_id``/``file_size``/
+``file_version`` columns are Arrow arrays, matched with one hash join and a group-by (pyarrow's
+Acero engine, multi-threaded), so a 10-million-row table is diffed without a Python object per row.
+
+:func:`plan_run` only reads. What it decides is a :class:`Plan`: the small :class:`RunPlan` that the
+pipeline carries, and the work table (the chunks to embed, and the stale copies to remove) that
+:func:`write_plan` writes to ``_plans/plan-RUN.parquet`` when the run is submitted, not before: a
+``--plan-only`` run, a dry run or a graph translation changes nothing in the output folder.
 
 The images to embed are cut into chunks of ``chunk_size`` consecutive image ids. A chunk is the
 unit of work and of commit: one worker decodes and embeds it and writes its shard files atomically,
 so a run killed midway leaves only whole shards, and the next incremental run embeds just what is
-still missing (that is how a killed run is resumed). The chunk list is written to a small Parquet
-plan file in ``_plans/`` that workers read their chunk from, so the pipeline graph stays tiny
-however many images there are.
-
-Stale copies are removed (their shards rewritten in place, atomically) *before* any new row is
-written, so at every moment each image is in the table at most once.
+still missing (that is how a killed run is resumed). Stale copies are removed by the pipeline's
+first step (:func:`remove_stale_rows`), *before* any chunk can start, so at every moment each image
+is in the table at most once.
 """
 
 from __future__ import annotations
@@ -25,26 +31,36 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import storage, table
-from transforms.listing import ImageRef, list_sources
+from transforms.listing import ImageRef, Listing, refs_from_table
+from transforms.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
 
 PLANS_DIR = "_plans"
-_PLAN_SCHEMA = pa.schema(
+#: The chunk number of plan rows that name a stale copy to remove (``stale_file``).
+REMOVAL = -1
+PLAN_SCHEMA = pa.schema(
     [
         pa.field("chunk", pa.int32(), nullable=False),
-        *(f for f in table.IMAGE_FIELDS if f.name in ("image_id", "uri", "label", "split")),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("split", pa.string()),
         *table.SOURCE_FIELDS,
+        pa.field("stale_file", pa.string()),
     ]
 )
+_KINDS = (table.FEATURES, table.ERRORS)
 
 
 class IncompatibleTableError(ValueError):
@@ -57,73 +73,130 @@ def new_run_id() -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Copy:
-    """One existing row of an image: which file holds it and the change signal it was made from."""
-
-    file: str
-    kind: str  # table.FEATURES or table.ERRORS
-    size: int
-    version: str
-
-
-@dataclasses.dataclass(frozen=True)
 class RunPlan:
-    """What one run will do. ``kept_rows``/``kept_errors`` are the existing rows it keeps."""
+    """What one run does, in numbers; small enough to travel with the pipeline graph.
+
+    Attributes:
+        listed: images listed (``inputs``); ``skipped`` files were not images.
+        to_embed: images this run embeds (``new`` ones and ``changed`` or retried ones).
+        kept_rows / kept_errors: existing rows of listed images that stay as they are.
+        stale_rows: existing copies of listed images that this run removes (changed files,
+            retried errors, duplicates).
+        unlisted_rows / unlisted_errors: rows of images no longer listed; kept, or removed when
+            ``pruned``.
+    """
 
     run_id: str
     output_dir: str
     plan_uri: str | None
     num_chunks: int
+    chunk_size: int
     listed: int
     to_embed: int
-    kept_rows: int
-    kept_errors: int
-    removed: int
-    unlisted_rows: int
+    new: int = 0
+    changed: int = 0
+    kept_rows: int = 0
+    kept_errors: int = 0
+    stale_rows: int = 0
+    unlisted_rows: int = 0
+    unlisted_errors: int = 0
+    pruned: bool = False
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
 
     def shard_uri(self, prefix: str, chunk: int) -> str:
         name = table.shard_name(prefix, chunk, self.num_chunks, run_id=self.run_id)
         return storage.join(table.table_dir_for(self.output_dir, prefix), name)
 
+    @property
+    def removed(self) -> int:
+        """Rows this run removes: stale copies, and unlisted rows when pruning."""
+        return self.stale_rows + (self.unlisted_rows + self.unlisted_errors) * self.pruned
 
-def _signal_matches(ref: ImageRef, copy: Copy) -> bool:
-    # An unknown signal on either side (manifests give none; tables written before the columns
-    # existed have none) cannot prove a change, so it counts as a match.
-    if not ref.version or not copy.version:
-        return not ref.size or not copy.size or ref.size == copy.size
-    return ref.size == copy.size and ref.version == copy.version
+    def counts(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("plan_uri",)}
+
+    def describe(self) -> str:
+        """What the run would do, in words (``--plan-only``)."""
+        unlisted = "removed (--prune)" if self.pruned else "kept"
+        lines = [
+            f"listed {self.listed} images ({self.skipped} files skipped as not images"
+            + (f", e.g. {self.skipped_examples[0]}" if self.skipped_examples else "")
+            + ")",
+            f"to embed: {self.to_embed} in {self.num_chunks} chunk(s) "
+            f"({self.new} new, {self.changed} changed or retried)",
+            f"kept: {self.kept_rows} rows, {self.kept_errors} error rows",
+            f"stale copies to remove first: {self.stale_rows}",
+            f"unlisted: {self.unlisted_rows} rows, {self.unlisted_errors} error rows, {unlisted}",
+        ]
+        return "\n".join(lines)
 
 
-def read_copies(output_dir: str) -> dict[str, list[Copy]]:
-    """Every existing row of the table in ``output_dir``, by image id (feature rows first)."""
-    files = [(f, table.FEATURES) for f in table.shard_files(output_dir, table.FEATURES)]
-    files += [(f, table.ERRORS) for f in table.shard_files(output_dir, table.ERRORS)]
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A :class:`RunPlan` plus its work table (:data:`PLAN_SCHEMA`), which stays on the launcher
+    until :func:`write_plan`."""
+
+    run: RunPlan
+    work: pa.Table
+
+
+# --- reading what the table holds ---
+
+
+def read_copies(output_dir: str) -> tuple[pa.Table, list[str]]:
+    """Every existing row of the table in ``output_dir`` as columns ``image_id``, ``file_size``,
+    ``file_version``, ``kind`` (0 features, 1 errors), ``file`` (index into the returned list of
+    shard URIs) and ``copy`` (its position)."""
+    files = [
+        (f, k) for k, prefix in enumerate(_KINDS) for f in table.shard_files(output_dir, prefix)
+    ]
 
     def read(item):
         uri, kind = item
         fs, path = storage.filesystem(uri)
         names = pq.read_schema(path, filesystem=fs).names
         columns = [c for c in ("image_id", "file_size", "file_version") if c in names]
-        return uri, kind, pq.read_table(path, filesystem=fs, columns=columns)
+        t = pq.read_table(path, filesystem=fs, columns=columns)
+        n = t.num_rows
+        size = t.column("file_size") if "file_size" in names else pa.nulls(n, pa.int64())
+        version = t.column("file_version") if "file_version" in names else pa.nulls(n, pa.string())
+        return pa.table(
+            {
+                "image_id": t.column("image_id"),
+                "file_size": pc.fill_null(size, 0),
+                "file_version": pc.fill_null(version, ""),
+                "kind": pa.array([kind] * n, pa.int8()) if n else pa.array([], pa.int8()),
+            }
+        )
 
-    copies: dict[str, list[Copy]] = {}
     with ThreadPoolExecutor(8) as pool:
-        for uri, kind, t in pool.map(read, files):
-            ids = t.column("image_id").to_pylist()
-            n = len(ids)
-            sizes = t.column("file_size").to_pylist() if "file_size" in t.column_names else [0] * n
-            versions = (
-                t.column("file_version").to_pylist()
-                if "file_version" in t.column_names
-                else [""] * n
-            )
-            for image_id, size, version in zip(ids, sizes, versions, strict=True):
-                copies.setdefault(image_id, []).append(Copy(uri, kind, size or 0, version or ""))
-    return copies
+        parts = list(pool.map(read, files))
+    tables = [
+        t.append_column("file", pa.array([i] * t.num_rows, pa.int32())) for i, t in enumerate(parts)
+    ]
+    if not tables:
+        return _no_copies(), []
+    copies = pa.concat_tables(tables).combine_chunks()
+    copies = copies.append_column("copy", pa.array(range(copies.num_rows), pa.int64()))
+    return copies, [f for f, _ in files]
+
+
+def _no_copies() -> pa.Table:
+    return pa.table(
+        {
+            "image_id": pa.array([], pa.string()),
+            "file_size": pa.array([], pa.int64()),
+            "file_version": pa.array([], pa.string()),
+            "kind": pa.array([], pa.int8()),
+            "file": pa.array([], pa.int32()),
+            "copy": pa.array([], pa.int64()),
+        }
+    )
 
 
 def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
-    """Refuses to add rows made by a different model/preprocessing to an existing table.
+    """Refuses to add rows made by a different recipe to an existing table.
 
     Raises:
         IncompatibleTableError: naming the first setting that differs.
@@ -133,7 +206,7 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
         return
     fs, path = storage.filesystem(files[0])
     existing = table.table_metadata(pq.read_schema(path, filesystem=fs))
-    key = table.first_difference({k: str(v) for k, v in metadata.items()}, existing)
+    key = first_difference(metadata, existing)
     if key is not None:
         ours, theirs = str(metadata.get(key, "")), existing.get(key, "")
         raise IncompatibleTableError(
@@ -142,29 +215,233 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
         )
 
 
-def _decide(
-    refs: Iterable[ImageRef], copies: Mapping[str, list[Copy]], retry_errors: bool
-) -> tuple[list[ImageRef], dict[str, set[str]], int, int]:
-    """Splits listed refs into (to embed, {file: ids to remove}, kept rows, kept errors)."""
-    todo: list[ImageRef] = []
-    remove: dict[str, set[str]] = {}
-    kept_rows = kept_errors = 0
-    for ref in refs:
-        existing = copies.get(ref.image_id, [])
-        matching = [c for c in existing if _signal_matches(ref, c)]
-        keep = next((c for c in matching if c.kind == table.FEATURES), None)
-        if keep is None and not retry_errors:
-            keep = next((c for c in matching if c.kind == table.ERRORS), None)
-        if keep is None:
-            todo.append(ref)
-        elif keep.kind == table.FEATURES:
-            kept_rows += 1
-        else:
-            kept_errors += 1
-        for c in existing:  # stale or duplicate copies (a copy is kept at most once)
-            if c is not keep:
-                remove.setdefault(c.file, set()).add(ref.image_id)
-    return todo, remove, kept_rows, kept_errors
+# --- deciding ---
+
+
+def _signal_matches(joined: pa.Table) -> pa.ChunkedArray:
+    """Per existing copy: does the listed file's signal match the one its row was made from?
+
+    An unknown signal on either side (old tables; manifests without signal columns) cannot prove
+    a change: then only a known size on both sides is compared.
+    """
+    ref_size, ref_version = joined["ref_size"], joined["ref_version"]
+    size, version = joined["file_size"], joined["file_version"]
+    same_size = pc.equal(ref_size, size)
+    both_versions = pc.and_(pc.not_equal(ref_version, ""), pc.not_equal(version, ""))
+    size_unknown = pc.or_(pc.equal(ref_size, 0), pc.equal(size, 0))
+    return pc.if_else(
+        both_versions,
+        pc.and_(same_size, pc.equal(ref_version, version)),
+        pc.or_(size_unknown, same_size),
+    )
+
+
+def _count(mask) -> int:
+    return int(pc.sum(pc.cast(pc.fill_null(mask, False), pa.int64())).as_py() or 0)
+
+
+def _distinct(values) -> int:
+    return int(pc.count_distinct(values).as_py() or 0) if len(values) else 0
+
+
+def plan_run(
+    listing: Listing,
+    output_dir: str,
+    *,
+    metadata: Mapping[str, str],
+    incremental: bool,
+    chunk_size: int,
+    overwrite: bool = False,
+    retry_errors: bool = False,
+    prune: bool = False,
+    run_id: str | None = None,
+) -> Plan:
+    """Compares the listing with the table in ``output_dir``; reads, writes nothing.
+
+    Args:
+        listing: the inputs (``transforms.listing.list_inputs``).
+        output_dir: the table folder.
+        metadata: the run's table metadata (its recipe); an existing table must agree.
+        incremental: add to an existing table; otherwise the folder must hold none, unless
+            ``overwrite`` (then it is ignored here and replaced when the run is submitted).
+        chunk_size: images per chunk.
+        retry_errors: embed again images whose earlier attempt is an error row.
+        prune: remove the rows and error rows of images no longer listed.
+
+    Raises:
+        FileExistsError: not ``incremental`` and the output already holds a table.
+        IncompatibleTableError: the existing table was made with another recipe.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if prune and not incremental:
+        raise ValueError("--prune removes rows of an existing table: it needs --mode incremental")
+    run_id = run_id or new_run_id()
+    copies, files = read_copies(output_dir) if not overwrite else (_no_copies(), [])
+    if copies.num_rows and not incremental:
+        raise FileExistsError(
+            f"{output_dir} already holds a feature table; pass --overwrite to replace it, "
+            "--mode incremental to add new images to it, or choose another --output"
+        )
+    if incremental:
+        check_compatible(output_dir, metadata)
+    images = listing.images
+    counts: dict[str, Any] = {}
+    removals = pa.table({"image_id": pa.array([], pa.string()), "file": pa.array([], pa.int32())})
+    todo = images
+    if copies.num_rows:
+        ref = images.select(["image_id", "file_size", "file_version"]).rename_columns(
+            ["image_id", "ref_size", "ref_version"]
+        )
+        joined = copies.join(ref, keys="image_id", join_type="left outer")
+        listed = pc.is_valid(joined["ref_size"])
+        eligible = pc.equal(joined["kind"], 0)
+        if not retry_errors:
+            eligible = pc.or_(eligible, pc.equal(joined["kind"], 1))
+        candidate = pc.fill_null(pc.and_(pc.and_(listed, _signal_matches(joined)), eligible), False)
+        # Of the matching copies of an image, keep one: a feature row before an error row.
+        rank = pc.add(
+            pc.multiply(pc.cast(joined["kind"], pa.int64()), copies.num_rows), joined["copy"]
+        )
+        joined = joined.append_column("rank", rank)
+        best = joined.filter(candidate).group_by("image_id").aggregate([("rank", "min")])
+        keep = pc.is_in(joined["rank"], value_set=best["rank_min"].combine_chunks())
+        stale = pc.and_(listed, pc.invert(keep))
+        unlisted = pc.invert(listed)
+        remove = pc.or_(stale, unlisted) if prune else stale
+        removals = joined.filter(remove).select(["image_id", "file"])
+        kept_kind = joined.filter(keep)["kind"]
+        unlisted_rows = joined.filter(unlisted)
+        todo = images.filter(
+            pc.invert(pc.is_in(images["image_id"], value_set=best["image_id"].combine_chunks()))
+        )
+        had_copies = pc.unique(joined.filter(listed)["image_id"])
+        changed = _count(pc.is_in(todo["image_id"], value_set=had_copies))
+        counts = {
+            "kept_rows": _count(pc.equal(kept_kind, 0)),
+            "kept_errors": _count(pc.equal(kept_kind, 1)),
+            "stale_rows": _count(stale),
+            "unlisted_rows": _distinct(
+                unlisted_rows.filter(pc.equal(unlisted_rows["kind"], 0))["image_id"]
+            ),
+            "unlisted_errors": _distinct(
+                unlisted_rows.filter(pc.equal(unlisted_rows["kind"], 1))["image_id"]
+            ),
+            "changed": changed,
+        }
+    todo = todo.sort_by("image_id")
+    n = todo.num_rows
+    chunk = pa.array(np.arange(n, dtype=np.int64) // chunk_size, pa.int32())
+    work = pa.table(
+        {
+            "chunk": chunk,
+            **{
+                c: todo[c]
+                for c in ("image_id", "uri", "label", "split", "file_size", "file_version")
+            },
+            "stale_file": pa.nulls(n, pa.string()),
+        },
+        schema=PLAN_SCHEMA,
+    )
+    if removals.num_rows:
+        stale_files = pc.take(pa.array(files, pa.string()), removals["file"])
+        work = pa.concat_tables(
+            [
+                work,
+                pa.table(
+                    {
+                        "chunk": pa.array([REMOVAL] * removals.num_rows, pa.int32()),
+                        "image_id": removals["image_id"],
+                        "uri": pa.nulls(removals.num_rows, pa.string()),
+                        "label": pa.nulls(removals.num_rows, pa.string()),
+                        "split": pa.nulls(removals.num_rows, pa.string()),
+                        "file_size": pa.nulls(removals.num_rows, pa.int64()),
+                        "file_version": pa.nulls(removals.num_rows, pa.string()),
+                        "stale_file": stale_files,
+                    },
+                    schema=PLAN_SCHEMA,
+                ),
+            ]
+        )
+    num_chunks = -(-n // chunk_size)
+    run = RunPlan(
+        run_id=run_id,
+        output_dir=output_dir,
+        plan_uri=storage.join(output_dir, PLANS_DIR, f"plan-{run_id}.parquet")
+        if work.num_rows
+        else None,
+        num_chunks=num_chunks,
+        chunk_size=chunk_size,
+        listed=images.num_rows,
+        to_embed=n,
+        new=n - counts.get("changed", 0),
+        pruned=prune,
+        skipped=listing.skipped,
+        skipped_examples=listing.skipped_examples,
+        **counts,
+    )
+    _LOG.info(
+        "run %s: %d images listed, %d to embed in %d chunks, %d rows and %d errors kept, "
+        "%d stale rows to remove",
+        run_id,
+        run.listed,
+        run.to_embed,
+        run.num_chunks,
+        run.kept_rows,
+        run.kept_errors,
+        run.stale_rows,
+    )
+    return Plan(run, work)
+
+
+# --- what happens when the run is submitted and when it runs ---
+
+
+def plan_files(output_dir: str) -> list[str]:
+    folder = storage.join(output_dir, PLANS_DIR)
+    fs, path = storage.filesystem(folder)
+    if not fs.exists(path):
+        return []
+    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False) if p.endswith(".parquet")]
+
+
+def write_plan(plan: Plan) -> None:
+    """Writes the plan file; removes plan files of earlier runs, which died (the caller holds the
+    table's lease, so no other run is live)."""
+    for dead in plan_files(plan.run.output_dir):
+        _LOG.warning("removing the plan of a run that did not finish: %s", dead)
+        fs, path = storage.filesystem(dead)
+        fs.rm(path)
+    if plan.run.plan_uri is None:
+        return
+    # One row group per chunk (the removals follow the last one), so each worker reads only its own.
+    rows_per_group = max(1, min(plan.work.num_rows, plan.run.chunk_size))
+    buffer = pa.BufferOutputStream()
+    pq.write_table(plan.work, buffer, row_group_size=rows_per_group, compression="zstd")
+    data = buffer.getvalue().to_pybytes()
+    storage.makedirs(storage.join(plan.run.output_dir, PLANS_DIR))
+    storage.write_atomically(plan.run.plan_uri, lambda f: f.write(data))
+
+
+def read_chunk(plan_uri: str, chunk: int) -> list[ImageRef]:
+    """The refs of one chunk of a plan file."""
+    fs, path = storage.filesystem(plan_uri)
+    t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", chunk)])
+    return refs_from_table(t)
+
+
+def remove_stale_rows(run: RunPlan) -> int:
+    """Removes the stale copies the plan names (the pipeline's first step); returns rows removed."""
+    if run.plan_uri is None:
+        return 0
+    fs, path = storage.filesystem(run.plan_uri)
+    t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", REMOVAL)])
+    by_file: dict[str, set[str]] = {}
+    for image_id, stale_file in zip(
+        t["image_id"].to_pylist(), t["stale_file"].to_pylist(), strict=True
+    ):
+        by_file.setdefault(stale_file, set()).add(image_id)
+    return remove_rows(run.output_dir, by_file)
 
 
 def remove_rows(output_dir: str, files_and_ids: Mapping[str, set[str]]) -> int:
@@ -178,6 +455,8 @@ def remove_rows(output_dir: str, files_and_ids: Mapping[str, set[str]]) -> int:
     feature_shards = len(table.shard_files(output_dir, table.FEATURES))
     for uri, ids in sorted(files_and_ids.items()):
         fs, path = storage.filesystem(uri)
+        if not fs.exists(path):  # already rewritten away by an earlier attempt of this step
+            continue
         t = pq.read_table(path, filesystem=fs)
         kept = t.filter(pc.invert(pc.is_in(t.column("image_id"), pa.array(sorted(ids)))))
         removed += t.num_rows - kept.num_rows
@@ -186,111 +465,18 @@ def remove_rows(output_dir: str, files_and_ids: Mapping[str, set[str]]) -> int:
             fs.rm(path)
             if not is_errors:
                 feature_shards -= 1
-        else:
+        elif kept.num_rows < t.num_rows:
             table.write_parquet(uri, kept)
     return removed
 
 
-def _chunks(refs: Sequence[ImageRef], chunk_size: int) -> list[list[ImageRef]]:
-    ordered = sorted(refs, key=lambda r: r.image_id)
-    return [ordered[i : i + chunk_size] for i in range(0, len(ordered), chunk_size)]
-
-
-def write_plan(uri: str, chunks: Sequence[Sequence[ImageRef]]) -> None:
-    rows = [
-        {
-            "chunk": i,
-            "image_id": r.image_id,
-            "uri": r.uri,
-            "label": r.label,
-            "split": r.split,
-            "file_size": r.size,
-            "file_version": r.version,
-        }
-        for i, chunk in enumerate(chunks)
-        for r in chunk
-    ]
-    plan = pa.Table.from_pylist(rows, schema=_PLAN_SCHEMA)
-    # One row group per chunk, so each worker reads only its own.
-    chunk_size = max((len(c) for c in chunks), default=1)
-    buffer = pa.BufferOutputStream()
-    pq.write_table(plan, buffer, row_group_size=chunk_size, compression="zstd")
-    data = buffer.getvalue().to_pybytes()
-    storage.write_atomically(uri, lambda f: f.write(data))
-
-
-def read_chunk(plan_uri: str, chunk: int) -> list[ImageRef]:
-    """The refs of one chunk of a plan file."""
-    fs, path = storage.filesystem(plan_uri)
-    t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", chunk)])
-    return [
-        ImageRef(r["uri"], r["image_id"], r["label"], r["split"], r["file_size"], r["file_version"])
-        for r in t.to_pylist()
-    ]
-
-
-def plan_run(
-    sources: Sequence[str],
-    output_dir: str,
-    *,
-    metadata: Mapping[str, str],
-    incremental: bool,
-    chunk_size: int,
-    retry_errors: bool = False,
-    run_id: str | None = None,
-) -> RunPlan:
-    """Lists the inputs, compares them with the existing table, and writes the plan file.
-
-    Raises:
-        FileExistsError: not ``incremental`` and the output already holds a table.
-        IncompatibleTableError: the existing table was made with other settings.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    run_id = run_id or new_run_id()
-    copies = read_copies(output_dir)
-    if copies and not incremental:
-        raise FileExistsError(
-            f"{output_dir} already holds a feature table; pass --overwrite to replace it, "
-            "--mode incremental to add new images to it, or choose another --output"
-        )
-    check_compatible(output_dir, metadata)
-    refs = list(list_sources(sources))
-    todo, remove, kept_rows, kept_errors = _decide(refs, copies, retry_errors)
-    listed_ids = {r.image_id for r in refs}
-    unlisted = sum(
-        1
-        for image_id, cs in copies.items()
-        if image_id not in listed_ids and any(c.kind == table.FEATURES for c in cs)
-    )
-    removed = remove_rows(output_dir, remove)
-    chunks = _chunks(todo, chunk_size)
-    plan_uri = None
-    if chunks:
-        plan_uri = storage.join(output_dir, PLANS_DIR, f"plan-{run_id}.parquet")
-        storage.makedirs(storage.join(output_dir, PLANS_DIR))
-        write_plan(plan_uri, chunks)
-    plan = RunPlan(
-        run_id=run_id,
-        output_dir=output_dir,
-        plan_uri=plan_uri,
-        num_chunks=len(chunks),
-        listed=len(refs),
-        to_embed=len(todo),
-        kept_rows=kept_rows,
-        kept_errors=kept_errors,
-        removed=removed,
-        unlisted_rows=unlisted,
-    )
-    _LOG.info(
-        "run %s: %d images listed, %d to embed in %d chunks, %d rows and %d errors kept, "
-        "%d stale rows removed",
-        run_id,
-        plan.listed,
-        plan.to_embed,
-        plan.num_chunks,
-        kept_rows,
-        kept_errors,
-        removed,
-    )
-    return plan
+def delete_plan(run: RunPlan) -> None:
+    """Removes the run's plan file (and the plans folder when it is empty)."""
+    if run.plan_uri is None:
+        return
+    fs, path = storage.filesystem(run.plan_uri)
+    if fs.exists(path):
+        fs.rm(path)
+    folder = path.rsplit("/", 1)[0]
+    if storage.is_local(run.plan_uri) and fs.exists(folder) and not fs.ls(folder):
+        fs.rmdir(folder)

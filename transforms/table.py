@@ -1,4 +1,4 @@
-"""The Parquet feature table: its schema (declared once), WriteTable, and reading tables back.
+"""The Parquet feature table: its schema (declared once), writing shards, and reading tables back.
 
 A table is a folder of zero-padded shards::
 
@@ -7,10 +7,8 @@ A table is a folder of zero-padded shards::
     _errors/errors-RUN-00000-of-00002.parquet   one row per input that could not become a feature row
     _SUMMARY.json                     counts (inputs = rows + errors) and the table metadata
 
-The extraction job writes one shard per chunk of work (``transforms.extract``). :class:`WriteTable`
-is the Beam sink for graphs that compose their own rows (e.g. with ``EmbedImages``): it hash-shards
-rows by ``image_id`` into ``features-NNNNN-of-MMMMM.parquet`` with the same schema. Readers here
-accept both names.
+The extraction job writes one shard per chunk of work (``transforms.extract``). Readers here also
+accept shard names without a run id (``features-NNNNN-of-MMMMM.parquet``).
 
 Readers skip names starting with ``_`` or ``.``, so ``pandas.read_parquet(folder)``,
 ``pyarrow.dataset`` and DuckDB's ``folder/*.parquet`` see exactly the feature rows. Rows inside a
@@ -24,12 +22,10 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,8 +37,6 @@ ERRORS = "errors"
 SUMMARY_FILE = "_SUMMARY.json"
 ERRORS_DIR = "_errors"
 METADATA_PREFIX = "featurebeam."
-#: Target shard size: about 64 MiB of vectors.
-TARGET_SHARD_BYTES = 64 << 20
 
 #: The source file's size and version (generation/etag/mtime) when it was read: the change
 #: signal incremental runs compare against.
@@ -77,27 +71,6 @@ IMAGE_FIELDS = (
 )
 
 
-#: Metadata keys that must agree for two tables' vectors to be comparable: to train one head on
-#: both, or to add new rows to an existing table.
-COMPATIBILITY_KEYS = (
-    "backbone",
-    "weights_fingerprint",
-    "input_size",
-    "pooling",
-    "layer",
-    "preprocessing",
-    "resize",
-    "feature_dim",
-    "precision",
-    "head",
-)
-
-
-def first_difference(a: Mapping[str, str], b: Mapping[str, str]) -> str | None:
-    """The first of :data:`COMPATIBILITY_KEYS` on which two tables' metadata differ, or None."""
-    return next((k for k in COMPATIBILITY_KEYS if a.get(k, "") != b.get(k, "")), None)
-
-
 def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Schema:
     """The feature table's schema, with ``metadata`` stored under ``featurebeam.*`` keys."""
     schema = pa.schema(
@@ -130,16 +103,6 @@ def shard_name(prefix: str, index: int, count: int, *, run_id: str = "") -> str:
     return f"{prefix}-{run}{index:05d}-of-{count:05d}.parquet"
 
 
-def shard_index(image_id: str, num_shards: int) -> int:
-    return int(image_id[:8], 16) % num_shards
-
-
-def rows_per_shard(schema: pa.Schema) -> int:
-    feature = schema.field("feature") if "feature" in schema.names else None
-    width = feature.type.list_size if feature is not None else 64
-    return max(1000, TARGET_SHARD_BYTES // (4 * width))
-
-
 def to_arrow(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     """Builds a table from row dicts, sorted by ``image_id``; vectors become fixed-size lists."""
     rows = sorted(rows, key=lambda r: r["image_id"])
@@ -166,67 +129,6 @@ def write_parquet(uri: str, table: pa.Table) -> None:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     storage.write_atomically(uri, lambda f: f.write(buffer.getvalue()))
-
-
-def _num_shards(total: int, fixed: int, per_shard: int) -> int:
-    return fixed if fixed > 0 else max(1, math.ceil(total / per_shard))
-
-
-def _assign(row, total, *, fixed, per_shard):
-    return shard_index(row["image_id"], _num_shards(total, fixed, per_shard)), row
-
-
-def _write_shard(element, total, *, output_dir, prefix, schema, fixed, per_shard):
-    index, rows = element
-    count = _num_shards(total, fixed, per_shard)
-    uri = storage.join(output_dir, shard_name(prefix, index, count))
-    write_parquet(uri, to_arrow(rows, schema))
-    beam.metrics.Metrics.counter("featurebeam", f"{prefix}_shards_written").inc()
-    return uri
-
-
-def _write_if_empty(total, *, output_dir, prefix, schema):
-    # Readers (pyarrow, DuckDB, pandas) need at least one file to know the schema.
-    if total == 0:
-        uri = storage.join(output_dir, shard_name(prefix, 0, 1))
-        write_parquet(uri, to_arrow([], schema))
-        yield uri
-
-
-class WriteTable(beam.PTransform):
-    """Writes row dicts as deterministic Parquet shards ``{prefix}-NNNNN-of-MMMMM.parquet``.
-
-    Args:
-        output_dir: local folder or ``gs://`` prefix.
-        schema: the table's Arrow schema (``feature_schema(...)`` or ``ERROR_SCHEMA``).
-        prefix: file name prefix (``features``, ``errors``).
-        num_shards: fixed shard count; 0 derives it from the row count (about 64 MiB a shard).
-
-    Returns:
-        A PCollection of the URIs written.
-    """
-
-    def __init__(self, output_dir: str, *, schema: pa.Schema, prefix: str, num_shards: int = 0):
-        super().__init__()
-        self._output_dir = output_dir
-        self._schema = schema
-        self._prefix = prefix
-        self._fixed = num_shards
-        self._per_shard = rows_per_shard(schema)
-
-    def expand(self, rows):
-        total = rows | "Count" >> beam.combiners.Count.Globally()
-        sizing = dict(fixed=self._fixed, per_shard=self._per_shard)
-        place = dict(output_dir=self._output_dir, prefix=self._prefix, schema=self._schema)
-        written = (
-            rows
-            | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(total), **sizing)
-            | "GroupShards" >> beam.GroupByKey()
-            | "WriteShards"
-            >> beam.Map(_write_shard, beam.pvalue.AsSingleton(total), **place, **sizing)
-        )
-        empty = total | "WriteIfEmpty" >> beam.FlatMap(_write_if_empty, **place)
-        return (written, empty) | "Written" >> beam.Flatten()
 
 
 def table_dir_for(output_dir: str, prefix: str) -> str:

@@ -1,0 +1,118 @@
+"""What the jobs' command lines share: logging, underscore aliases, and the recipe flags.
+
+Every job that makes or serves vectors takes the same recipe flags (``--backbone``, ``--weights``,
+``--pooling``, ``--layer``, ``--image-size``, ``--resize``, ``--precision``). They default to
+"not given", so that a job serving a trained head can tell a flag the user typed (which must agree
+with the recorded recipe) from a default (which the recorded recipe replaces); the defaults
+themselves are stated once, in ``transforms.recipe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from transforms import recipe as recipes
+from transforms.backbones import BACKBONES, POOLINGS, PRECISIONS
+from transforms.images import RESIZE_MODES
+from transforms.recipe import FeatureRecipe
+
+RECIPE_FLAGS = ("backbone", "weights", "pooling", "layer", "image_size", "resize", "precision")
+
+
+def configure_logging() -> None:
+    """The jobs' log format: time, level, logger, message, at INFO."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that make a :class:`FeatureRecipe`; each defaults to None ("not given")."""
+    group = parser.add_argument_group("feature recipe (what makes a vector)")
+    group.add_argument(
+        "--backbone",
+        default=None,
+        help=f"registered backbone; one of: {', '.join(BACKBONES)} "
+        f"(default: {recipes.DEFAULT_BACKBONE})",
+    )
+    group.add_argument(
+        "--weights",
+        default=None,
+        help="imagenet (Keras download + cache), none (seeded random init), sample (offline real "
+        "MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path to a "
+        f".weights.h5, .h5 or .keras file (default: {recipes.DEFAULT_WEIGHTS})",
+    )
+    group.add_argument(
+        "--pooling", default=None, choices=POOLINGS, help=f"default: {recipes.DEFAULT_POOLING}"
+    )
+    group.add_argument(
+        "--layer", default=None, help="use a named layer of the full classifier (e.g. VGG16 fc2)"
+    )
+    group.add_argument(
+        "--image-size", type=int, default=None, help="square input side (default: the backbone's)"
+    )
+    group.add_argument(
+        "--resize",
+        default=None,
+        choices=RESIZE_MODES,
+        help="squash the whole image to the square input, or crop its centre first "
+        f"(default: {recipes.DEFAULT_RESIZE})",
+    )
+    group.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="bfloat16 runs the backbone in Keras mixed precision: faster on CPUs with bf16 "
+        "support and on GPUs for large convnets, slower for depthwise nets (MobileNet) "
+        f"(default: {recipes.DEFAULT_PRECISION})",
+    )
+
+
+def recipe_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe flags the user gave (None for those left out)."""
+    return {name: getattr(args, name, None) for name in RECIPE_FLAGS}
+
+
+def recipe_from_args(args: argparse.Namespace) -> FeatureRecipe:
+    """A recipe from the flags, defaults filled in.
+
+    Raises:
+        ValueError: a bad combination, or a weights file that does not exist.
+    """
+    return FeatureRecipe.from_flags(**recipe_flags(args))
+
+
+def add_batch_size_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=recipes.DEFAULT_BATCH_SIZE,
+        help="images per model call (default: %(default)s)",
+    )
+
+
+def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Accepts ``--batch_size`` for our ``--batch-size`` (Beam's own flags use underscores, and
+    Dataflow flex-template parameter names cannot hold dashes). Beam's flags are left alone."""
+    ours = {o for action in parser._actions for o in action.option_strings}
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        dashed = "--" + name[2:].replace("_", "-")
+        if arg.startswith("--") and name not in ours and dashed in ours:
+            arg = dashed + eq + value
+        out.append(arg)
+    return out
+
+
+def parse_known(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags (underscore spellings accepted) and the rest, which are Beam's."""
+    return parser.parse_known_args(
+        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
+    )

@@ -1,0 +1,124 @@
+"""Launching a run that writes a table: take the lease, plan, submit, wait.
+
+Shared by the jobs that write tables (``extract``, ``classify``). The order matters:
+
+1. the inputs are checked;
+2. ``--plan-only`` and Beam's ``--dry_run`` plan and stop there (a dry run also builds and
+   translates the graph): nothing in the output folder is created, changed or removed;
+3. otherwise the table's lease is taken (one writer per table), the run is planned under it,
+   ``--overwrite`` removes the old table, the plan file is written, and the pipeline runs; its
+   first step removes stale rows, its last writes the summary and gives the lease back (the
+   launcher also gives it back when the run fails).
+
+Classic Dataflow templates (``--template_location``) are refused: a template built now would run
+later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
+
+from pipeline import runners
+from transforms import lease as leases
+from transforms import listing, storage, table
+from transforms import plan as plans
+from transforms.extract import DEFAULT_CHUNK_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRun:
+    """What to list and how to treat the table already in ``output``."""
+
+    inputs: tuple[str, ...]
+    output: str
+    mode: str = "full"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    retry_errors: bool = False
+    prune: bool = False
+    overwrite: bool = False
+    plan_only: bool = False
+    include_all_files: bool = False
+    stat_manifest: bool = False
+    break_lease: bool = False
+    lease_expiry_s: float = leases.DEFAULT_EXPIRY_S
+
+
+#: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.
+Build = Callable[[beam.Pipeline, plans.RunPlan, "leases.Lease | None"], Any]
+
+
+def plan(spec: TableRun, metadata: dict[str, str], run_id: str | None = None) -> plans.Plan:
+    """Lists the inputs and plans the run against the table; writes nothing."""
+    found = listing.list_inputs(
+        spec.inputs, include_all_files=spec.include_all_files, stat_manifest=spec.stat_manifest
+    )
+    return plans.plan_run(
+        found,
+        spec.output,
+        metadata=metadata,
+        incremental=spec.mode == "incremental",
+        chunk_size=spec.chunk_size,
+        overwrite=spec.overwrite,
+        retry_errors=spec.retry_errors,
+        prune=spec.prune,
+        run_id=run_id,
+    )
+
+
+def remove_table(output: str) -> None:
+    """Deletes a table's shards, error shards and summary (``--overwrite``)."""
+    existing = [f for p in (table.FEATURES, table.ERRORS) for f in table.shard_files(output, p)]
+    summary = storage.join(output, table.SUMMARY_FILE)
+    if storage.exists(summary):
+        existing.append(summary)
+    if existing:
+        fs, _ = storage.filesystem(output)
+        fs.rm([storage.filesystem(f)[1] for f in existing])
+
+
+def launch(
+    spec: TableRun,
+    *,
+    metadata: dict[str, str],
+    build: Build,
+    beam_args: Sequence[str],
+    test_pipeline: beam.Pipeline | None = None,
+    run_id: str | None = None,
+) -> dict[str, Any]:
+    """Runs (or only plans) a table-writing job; returns the table summary, or the plan.
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+        FileExistsError: full mode over an existing table without ``--overwrite``.
+        plans.IncompatibleTableError: an incremental run with another recipe.
+        leases.LeaseHeld: another run is writing the table.
+    """
+    listing.check_sources(spec.inputs)
+    options = runners.pipeline_options(runners.beam_flags(beam_args))
+    if options.view_as(GoogleCloudOptions).template_location:
+        raise ValueError(
+            "classic templates (--template_location) would run later with a plan made now; "
+            "use the flex template in deploy/dataflow, which plans when it is launched"
+        )
+    dry_run = bool(options.view_as(TestOptions).dry_run)
+    if spec.plan_only or dry_run:
+        planned = plan(spec, metadata)
+        if dry_run:  # translate the graph (the runner submits nothing); the plan file is unwritten
+            runners.run_graph(lambda p: build(p, planned.run, None), beam_args, test_pipeline)
+        return {"plan_only": spec.plan_only, "dry_run": dry_run, "plan": planned.run}
+    run_id = run_id or plans.new_run_id()
+    lease = leases.acquire(
+        spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease
+    )
+    with leases.holding(lease):
+        planned = plan(spec, metadata, run_id)
+        if spec.overwrite:
+            remove_table(spec.output)
+        plans.write_plan(planned)
+        runners.run_graph(lambda p: build(p, planned.run, lease), beam_args, test_pipeline)
+    return table.read_summary(spec.output)
