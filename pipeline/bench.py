@@ -43,7 +43,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline import bench_plan
 from transforms.extract import DEFAULT_CHUNK_SIZE
+from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 
 SIZES = {"mobilenet_v2": 160, "resnet50": 224}
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
@@ -78,7 +80,7 @@ def make_input(source: Path, count: int, target: Path) -> Path:
 # --- measurements, each run in its own process (python -m pipeline.bench --measure KIND ...) ---
 
 
-def _recipe(backbone: str, weights: str, precision: str = "float32"):
+def _recipe(backbone: str, weights: str, precision: str | None = None):
     from transforms.recipe import FeatureRecipe
 
     return FeatureRecipe.from_flags(
@@ -209,6 +211,8 @@ MEASURES = {
     "ours": measure_ours,
     "runinference": measure_runinference,
     "keras": measure_keras,
+    "plan-data": bench_plan.measure_plan_data,
+    "plan": bench_plan.measure_plan,
 }
 
 
@@ -281,6 +285,12 @@ def _row(name: str, per_s: float, limit: float, baseline: float | None, rss: flo
 
 
 def run_bench(args) -> None:
+    if args.only == "plan":
+        work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
+        print(f"machine: {os.cpu_count()} cores")
+        bench_plan.report(args.plan_sizes, _measure, work)
+        print(f"\nwork folder (safe to delete): {work}")
+        return
     source = Path(args.images)
 
     def chunks_for(processes: int) -> int:
@@ -394,6 +404,9 @@ def run_bench(args) -> None:
             f"({rss[1] / rss[0]:.2f}x)"
         )
 
+    if "plan" not in args.skip:
+        bench_plan.report(args.plan_sizes, _measure, work)
+
     if "bf16" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
         acc = {p: _head_accuracy(source, work, p) for p in ("float32", "bfloat16")}
         print(
@@ -425,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="default: sample for mobilenet_v2 (real weights), none otherwise",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -435,7 +448,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--memory-count", type=int, default=100)
     parser.add_argument(
-        "--skip", default="", type=lambda s: set(s.split(",")), help="comma list of: bf16, memory"
+        "--skip",
+        default="",
+        type=lambda s: set(s.split(",")),
+        help="comma list of: bf16, memory, plan",
+    )
+    parser.add_argument(
+        "--only", choices=("plan",), default=None, help="run only this section (plan: the planner)"
+    )
+    parser.add_argument(
+        "--plan-sizes",
+        default="1000000,10000000",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="table/listing sizes of the planner section (default: %(default)s)",
     )
     # internal: one measurement in this process
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
@@ -443,14 +468,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--backbone", help=argparse.SUPPRESS)
-    parser.add_argument("--precision", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default=DEFAULT_PRECISION, help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--intra-op-threads", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--table", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         _measure_main(args)
         return
-    if not args.images:
+    if not args.images and args.only != "plan":
         parser.error("--images is required (../shared/data/hymenoptera is not here)")
     unknown = [b for b in args.backbones if b not in SIZES]
     if unknown:

@@ -3,6 +3,8 @@ a helper that runs a table job on it exactly as the jobs do (lease, plan, pipeli
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from transforms.embed import FeatureModelHandler
@@ -78,7 +80,7 @@ def run_table(
 
     handler = handler or MeanColorHandler()
     metadata = run_metadata(handler)
-    sources = (sources,) if isinstance(sources, str) else tuple(sources)
+    sources = (sources,) if isinstance(sources, (str, os.PathLike)) else tuple(sources)
 
     def build(pipeline, planned, lease):
         return pipeline | ExtractFeatures(

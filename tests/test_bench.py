@@ -14,6 +14,7 @@ def test_bench_runs_every_measurement(image_tree, capsys):
     bench.main(
         ["--images", str(image_tree), "--count", "12", "--backbones", "mobilenet_v2"]
         + ["--weights", "none", "--skip", "memory,bf16", "--chunk-size", "4"]
+        + ["--plan-sizes", "2000"]
     )
     out = capsys.readouterr().out
     for name in (
@@ -29,6 +30,8 @@ def test_bench_runs_every_measurement(image_tree, capsys):
         line = next(x for x in out.splitlines() if name in x)
         assert re.search(r"\d+\.\d+\s+\d+\.\d+", line), line
     assert "scaling 2 processes / 1 process" in out
+    planner = next(x for x in out.splitlines() if x.strip().startswith("2,000"))
+    assert re.search(r"22 \(20 \+ 2\), 1,978, 2, 20", planner)
 
 
 def test_bench_input_is_distinct_links(image_tree, tmp_path):

@@ -123,3 +123,35 @@ def test_bucket_to_bucket_round_trip(gcs_emulator, tmp_path):
     assert not fs.exists(f"{BUCKET}/tables/run1/_plans") or not fs.ls(
         f"{BUCKET}/tables/run1/_plans"
     )
+
+
+def test_lease_on_a_bucket(gcs_emulator, tmp_path):
+    """One writer per table on GCS. The emulator ignores ``ifGenerationMatch`` preconditions (it
+    accepts any create and any conditional delete), so what is checked here is the protocol's
+    reading side: a live lease is refused by name, an expired or broken one is taken over, the
+    holder gives it back, and a run whose lease was taken over sees it. The atomic create and the
+    generation-matched takeover are what GCS itself enforces (tested on local disk in test_runs)."""
+    from fakes import run_table
+
+    from transforms import lease as leases
+
+    local = tmp_path / "images"
+    write_image_tree(local, per_class=1)
+    fs, _ = storage.filesystem(gcs_emulator)
+    fs.put(str(local), f"{BUCKET}/lease-images", recursive=True)
+    out = f"{gcs_emulator}/tables/leased"
+
+    held = leases.acquire(out, "20261130T000000live")
+    assert leases.read_lease(out)["generation"]  # the takeover deletes exactly this generation
+    with pytest.raises(leases.LeaseHeld, match="run 20261130T000000live"):
+        run_table(f"{gcs_emulator}/lease-images", out)
+    summary = run_table(f"{gcs_emulator}/lease-images", out, break_lease=True)
+    assert summary["rows"] == 4
+    with pytest.raises(leases.LeaseLost):
+        held.check()
+    assert leases.read_lease(out) is None  # the run gave it back
+
+    leases.acquire(out, "20261130T000000dead", expiry_s=0.2)
+    time.sleep(0.5)
+    again = run_table(f"{gcs_emulator}/lease-images", out, mode="incremental")
+    assert again["run"]["embedded"] == 0 and leases.read_lease(out) is None

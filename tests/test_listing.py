@@ -176,3 +176,9 @@ def test_a_bad_file_size_column_is_a_clear_error(image_tree):
     (image_tree / "bad.csv").write_text("uri,file_size\nx.jpg,big\n")
     with pytest.raises(ValueError, match="file_size must be a whole number"):
         list_source(str(image_tree / "bad.csv"))
+
+
+def test_a_quoted_header_is_recognised(image_tree):
+    (image_tree / "quoted.csv").write_text('"uri","label"\n"train/cats/0.png","cat"\n')
+    (ref,) = refs_of(str(image_tree / "quoted.csv"))
+    assert (ref.uri, ref.label) == (str(image_tree / "train/cats/0.png"), "cat")

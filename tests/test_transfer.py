@@ -112,3 +112,71 @@ def test_four_uses_on_ants_and_bees(hymenoptera, sample_weights, tmp_path):
     print(f"fine-tuning: {tuned['val_accuracy_before']:.3f} -> {tuned['val_accuracy_after']:.3f}")
     assert tuned["val_accuracy_before"] == pytest.approx(report["accuracy"], abs=0.01)
     assert 0.0 <= tuned["val_accuracy_after"] <= 1.0 and tuned["unfrozen_layers_with_weights"] > 0
+
+
+@pytest.mark.slow
+def test_a_head_is_served_with_the_recipe_it_was_trained_on(image_tree, tmp_path, capsys):
+    """Features made with --resize crop and bfloat16: classify, export_model and finetune all
+    rebuild that recipe from the head, and a contradicting flag is refused by name."""
+    import keras
+
+    from pipeline.extract import run as extract
+
+    recipe = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "48"]
+    recipe += ["--resize", "crop", "--precision", "bfloat16"]
+    for split in ("train", "val"):
+        extract(["--input", str(image_tree / split), "--output", str(tmp_path / split), *recipe])
+    report = train_head.run(
+        ["--features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")]
+        + ["--model-dir", str(tmp_path / "head"), "--epochs", "5"]
+    )
+
+    summary = classify.run(
+        ["--input", str(image_tree / "val"), "--output", str(tmp_path / "pred")]
+        + ["--head", str(tmp_path / "head"), "--top-k", "2"]
+    )
+    assert (summary["metadata"]["resize"], summary["metadata"]["precision"]) == (
+        "crop",
+        "bfloat16",
+    )
+    predictions = table.read_table(str(tmp_path / "pred")).sort_by("uri")
+    val = table.read_table(str(tmp_path / "val")).sort_by("uri")
+    head = keras.models.load_model(tmp_path / "head" / "head.keras")
+    expected = head.predict(table.features_matrix(val), verbose=0)
+    served = np.array(
+        [
+            [dict(zip(c, p, strict=True))[name] for name in report["classes"]]
+            for c, p in zip(
+                predictions["top_classes"].to_pylist(),
+                predictions["top_probabilities"].to_pylist(),
+                strict=True,
+            )
+        ]
+    )
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    labels = np.array(predictions["label"].to_pylist())
+    accuracy = (labels == np.array(predictions["prediction"].to_pylist())).mean()
+    assert accuracy == pytest.approx(report["accuracy"])
+
+    with pytest.raises(SystemExit):
+        classify.run(
+            ["--input", str(image_tree / "val"), "--output", str(tmp_path / "p2")]
+            + ["--head", str(tmp_path / "head"), "--resize", "squash"]
+        )
+    assert (
+        "--resize squash contradicts the recorded recipe (resize=crop)" in capsys.readouterr().err
+    )
+
+    exported = export_model.run(
+        ["--head", str(tmp_path / "head"), "--model-dir", str(tmp_path / "model")]
+    )
+    assert exported["max_abs_difference"] <= 1e-4
+    assert (exported["recipe"]["resize"], exported["recipe"]["precision"]) == ("crop", "bfloat16")
+    tuned = finetune.run(
+        ["--images", str(image_tree / "train"), "--val-images", str(image_tree / "val")]
+        + ["--from", str(tmp_path / "model"), "--model-dir", str(tmp_path / "ft")]
+        + ["--unfreeze-top", "5", "--steps", "1", "--batch-size", "4"]
+    )
+    assert tuned["resize"] == "crop"
+    assert tuned["val_accuracy_before"] == pytest.approx(report["accuracy"])
+    assert json.loads((tmp_path / "ft" / "recipe.json").read_text())["resize"] == "crop"

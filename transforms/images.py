@@ -23,6 +23,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 #: How images are fitted to the backbone's square input.
 RESIZE_MODES = ("squash", "crop")
+DEFAULT_RESIZE = "squash"
 
 # JPEG draft mode (DCT scaling) is only asked to shrink to twice the target size; the final
 # antialiased resize does the rest, so the result stays within a grey level or two of a full decode
@@ -60,7 +61,7 @@ def load_image(
     data: bytes,
     size: tuple[int, int],
     *,
-    resize: str = "squash",
+    resize: str = DEFAULT_RESIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> LoadedImage:
     """Decodes encoded image bytes into a resized uint8 RGB array.

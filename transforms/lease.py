@@ -149,12 +149,17 @@ def _create_exclusive(uri: str, data: bytes) -> bool:
     """Creates ``uri`` only if it does not exist; False when it does."""
     fs, path = storage.filesystem(uri)
     if storage.is_local(uri):
+        # Written whole under a private name, then hard-linked into place: link() fails if the
+        # name exists, and readers never see a half-written lease.
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        finally:
+            os.remove(tmp)
         return True
     if _is_gcs(fs):
         try:

@@ -9,8 +9,9 @@ version: generation/etag on object stores, mtime on local disks, or what a manif
 - a row whose image is no longer listed is kept, unless ``prune`` removes it.
 
 The comparison is columnar: the listing and the existing table's ``image_id``/``file_size``/
-``file_version`` columns are Arrow arrays, matched with one hash join and a group-by (pyarrow's
-Acero engine, multi-threaded), so a 10-million-row table is diffed without a Python object per row.
+``file_version`` columns are Arrow arrays; image ids become 16-byte keys, both sides are sorted and
+matched by binary search (numpy), and the keep / embed / remove rules are array expressions, so a
+10-million-row table is diffed without a Python object per row.
 
 :func:`plan_run` only reads. What it decides is a :class:`Plan`: the small :class:`RunPlan` that the
 pipeline carries, and the work table (the chunks to embed, and the stale copies to remove) that
@@ -41,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import storage, table
-from transforms.listing import ImageRef, Listing, refs_from_table
+from transforms.listing import ImageRef, Listing, hex_ids, image_keys, key_view, refs_from_table
 from transforms.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ PLAN_SCHEMA = pa.schema(
     ]
 )
 _KINDS = (table.FEATURES, table.ERRORS)
+#: Existing rows compared per block (bounds the memory of the comparison's temporaries).
+_BLOCK = 1 << 20
 
 
 class IncompatibleTableError(ValueError):
@@ -145,9 +148,9 @@ class Plan:
 
 
 def read_copies(output_dir: str) -> tuple[pa.Table, list[str]]:
-    """Every existing row of the table in ``output_dir`` as columns ``image_id``, ``file_size``,
-    ``file_version``, ``kind`` (0 features, 1 errors), ``file`` (index into the returned list of
-    shard URIs) and ``copy`` (its position)."""
+    """Every existing row of the table in ``output_dir`` as columns ``key`` (the image id as 16
+    bytes), ``file_size``, ``file_version``, ``kind`` (0 features, 1 errors), ``file`` (index into
+    the returned list of shard URIs)."""
     files = [
         (f, k) for k, prefix in enumerate(_KINDS) for f in table.shard_files(output_dir, prefix)
     ]
@@ -163,34 +166,32 @@ def read_copies(output_dir: str) -> tuple[pa.Table, list[str]]:
         version = t.column("file_version") if "file_version" in names else pa.nulls(n, pa.string())
         return pa.table(
             {
-                "image_id": t.column("image_id"),
+                "key": image_keys(t.column("image_id")),
                 "file_size": pc.fill_null(size, 0),
                 "file_version": pc.fill_null(version, ""),
-                "kind": pa.array([kind] * n, pa.int8()) if n else pa.array([], pa.int8()),
+                "kind": pa.array(np.full(n, kind, np.int8)),
             }
         )
 
     with ThreadPoolExecutor(8) as pool:
         parts = list(pool.map(read, files))
     tables = [
-        t.append_column("file", pa.array([i] * t.num_rows, pa.int32())) for i, t in enumerate(parts)
+        t.append_column("file", pa.array(np.full(t.num_rows, i, np.int32)))
+        for i, t in enumerate(parts)
     ]
     if not tables:
         return _no_copies(), []
-    copies = pa.concat_tables(tables).combine_chunks()
-    copies = copies.append_column("copy", pa.array(range(copies.num_rows), pa.int64()))
-    return copies, [f for f, _ in files]
+    return pa.concat_tables(tables), [f for f, _ in files]
 
 
 def _no_copies() -> pa.Table:
     return pa.table(
         {
-            "image_id": pa.array([], pa.string()),
+            "key": pa.array([], pa.binary(16)),
             "file_size": pa.array([], pa.int64()),
             "file_version": pa.array([], pa.string()),
             "kind": pa.array([], pa.int8()),
             "file": pa.array([], pa.int32()),
-            "copy": pa.array([], pa.int64()),
         }
     )
 
@@ -218,30 +219,55 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
 # --- deciding ---
 
 
-def _signal_matches(joined: pa.Table) -> pa.ChunkedArray:
+def _listing_index(listed: np.ndarray, copies: np.ndarray) -> np.ndarray:
+    """For every existing copy, the row of the listing with the same image (-1: not listed).
+
+    Both sides are sorted and matched with a binary search of sorted needles: measured here on
+    10M x 10M it takes about a fifth of the time and half the memory of Arrow's hash join.
+    """
+    index = np.full(len(copies), -1, np.int64)
+    if not len(listed) or not len(copies):
+        return index
+    by_listed = np.argsort(listed)
+    sorted_listed = listed[by_listed]
+    by_copy = np.argsort(copies)
+    sorted_copies = copies[by_copy]
+    pos = np.searchsorted(sorted_listed, sorted_copies)
+    np.minimum(pos, len(listed) - 1, out=pos)
+    found = sorted_listed[pos] == sorted_copies
+    del sorted_listed, sorted_copies
+    index[by_copy[found]] = by_listed[pos[found]]
+    return index
+
+
+def _signal_matches(ref_size, ref_version, size, version) -> np.ndarray:
     """Per existing copy: does the listed file's signal match the one its row was made from?
 
     An unknown signal on either side (old tables; manifests without signal columns) cannot prove
     a change: then only a known size on both sides is compared.
     """
-    ref_size, ref_version = joined["ref_size"], joined["ref_version"]
-    size, version = joined["file_size"], joined["file_version"]
-    same_size = pc.equal(ref_size, size)
+    same_size = ref_size == size
     both_versions = pc.and_(pc.not_equal(ref_version, ""), pc.not_equal(version, ""))
-    size_unknown = pc.or_(pc.equal(ref_size, 0), pc.equal(size, 0))
-    return pc.if_else(
-        both_versions,
-        pc.and_(same_size, pc.equal(ref_version, version)),
-        pc.or_(size_unknown, same_size),
-    )
+    both_versions = np.asarray(pc.fill_null(both_versions, False))
+    same_version = np.asarray(pc.fill_null(pc.equal(ref_version, version), False))
+    size_unknown = (ref_size == 0) | (size == 0)
+    return np.where(both_versions, same_size & same_version, size_unknown | same_size)
+
+
+def _return_free_memory() -> None:
+    """Hands memory freed by the listing back to the OS (Arrow's pool, then glibc's heap), so the
+    planner's peak is its arrays, not the listing's leftovers: about 250 MB at 10M images."""
+    pa.default_memory_pool().release_unused()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _count(mask) -> int:
     return int(pc.sum(pc.cast(pc.fill_null(mask, False), pa.int64())).as_py() or 0)
-
-
-def _distinct(values) -> int:
-    return int(pc.count_distinct(values).as_py() or 0) if len(values) else 0
 
 
 def plan_run(
@@ -286,48 +312,56 @@ def plan_run(
     if incremental:
         check_compatible(output_dir, metadata)
     images = listing.images
+    _return_free_memory()  # the listing's temporaries, before the big arrays are made
     counts: dict[str, Any] = {}
-    removals = pa.table({"image_id": pa.array([], pa.string()), "file": pa.array([], pa.int32())})
+    removal_keys = np.empty(0, "S16")
+    removal_files = np.empty(0, np.int32)
     todo = images
     if copies.num_rows:
-        ref = images.select(["image_id", "file_size", "file_version"]).rename_columns(
-            ["image_id", "ref_size", "ref_version"]
-        )
-        joined = copies.join(ref, keys="image_id", join_type="left outer")
-        listed = pc.is_valid(joined["ref_size"])
-        eligible = pc.equal(joined["kind"], 0)
-        if not retry_errors:
-            eligible = pc.or_(eligible, pc.equal(joined["kind"], 1))
-        candidate = pc.fill_null(pc.and_(pc.and_(listed, _signal_matches(joined)), eligible), False)
+        m = copies.num_rows
+        listed_keys = image_keys(images["image_id"])
+        keys = key_view(copies["key"])  # one contiguous copy of the table's keys
+        copies = copies.drop_columns(["key"])
+        row = _listing_index(key_view(listed_keys), keys)
+        del listed_keys
+        listed = row >= 0
+        safe_row = np.where(listed, row, 0)
+        kind = np.asarray(copies["kind"].combine_chunks())
+        matches = np.empty(m, bool)
+        sizes = np.asarray(images["file_size"].combine_chunks())
+        versions = images["file_version"]
+        for start in range(0, m, _BLOCK):  # in blocks: the listed versions are taken per block
+            block = slice(start, start + _BLOCK)
+            rows = pa.array(safe_row[block], mask=~listed[block])
+            matches[block] = _signal_matches(
+                sizes[safe_row[block]],
+                pc.take(versions, rows),
+                np.asarray(copies["file_size"].slice(start, _BLOCK).combine_chunks()),
+                copies["file_version"].slice(start, _BLOCK),
+            )
+        eligible = (kind == 0) if retry_errors else (kind <= 1)
+        candidate = listed & matches & eligible
         # Of the matching copies of an image, keep one: a feature row before an error row.
-        rank = pc.add(
-            pc.multiply(pc.cast(joined["kind"], pa.int64()), copies.num_rows), joined["copy"]
-        )
-        joined = joined.append_column("rank", rank)
-        best = joined.filter(candidate).group_by("image_id").aggregate([("rank", "min")])
-        keep = pc.is_in(joined["rank"], value_set=best["rank_min"].combine_chunks())
-        stale = pc.and_(listed, pc.invert(keep))
-        unlisted = pc.invert(listed)
-        remove = pc.or_(stale, unlisted) if prune else stale
-        removals = joined.filter(remove).select(["image_id", "file"])
-        kept_kind = joined.filter(keep)["kind"]
-        unlisted_rows = joined.filter(unlisted)
-        todo = images.filter(
-            pc.invert(pc.is_in(images["image_id"], value_set=best["image_id"].combine_chunks()))
-        )
-        had_copies = pc.unique(joined.filter(listed)["image_id"])
-        changed = _count(pc.is_in(todo["image_id"], value_set=had_copies))
+        rank = kind.astype(np.int64) * m + np.arange(m, dtype=np.int64)
+        best = np.full(images.num_rows, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(best, row[candidate], rank[candidate])
+        keep = candidate & (rank == best[safe_row])
+        stale = listed & ~keep
+        unlisted = ~listed
+        remove = (stale | unlisted) if prune else stale
+        removal_keys = keys[remove]
+        removal_files = np.asarray(copies["file"].combine_chunks())[remove]
+        has_copy = np.zeros(images.num_rows, bool)
+        has_copy[row[listed]] = True
+        todo_mask = best == np.iinfo(np.int64).max
+        todo = images.filter(pa.array(todo_mask))
         counts = {
-            "kept_rows": _count(pc.equal(kept_kind, 0)),
-            "kept_errors": _count(pc.equal(kept_kind, 1)),
-            "stale_rows": _count(stale),
-            "unlisted_rows": _distinct(
-                unlisted_rows.filter(pc.equal(unlisted_rows["kind"], 0))["image_id"]
-            ),
-            "unlisted_errors": _distinct(
-                unlisted_rows.filter(pc.equal(unlisted_rows["kind"], 1))["image_id"]
-            ),
-            "changed": changed,
+            "kept_rows": int((keep & (kind == 0)).sum()),
+            "kept_errors": int((keep & (kind == 1)).sum()),
+            "stale_rows": int(stale.sum()),
+            "unlisted_rows": len(np.unique(keys[unlisted & (kind == 0)])),
+            "unlisted_errors": len(np.unique(keys[unlisted & (kind == 1)])),
+            "changed": int((todo_mask & has_copy).sum()),
         }
     todo = todo.sort_by("image_id")
     n = todo.num_rows
@@ -343,20 +377,24 @@ def plan_run(
         },
         schema=PLAN_SCHEMA,
     )
-    if removals.num_rows:
-        stale_files = pc.take(pa.array(files, pa.string()), removals["file"])
+    if len(removal_keys):
+        n_removed = len(removal_keys)
+        removal_keys = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(16), n_removed, [None, pa.py_buffer(removal_keys.tobytes())]
+        )
+        stale_files = pc.take(pa.array(files, pa.string()), pa.array(removal_files))
         work = pa.concat_tables(
             [
                 work,
                 pa.table(
                     {
-                        "chunk": pa.array([REMOVAL] * removals.num_rows, pa.int32()),
-                        "image_id": removals["image_id"],
-                        "uri": pa.nulls(removals.num_rows, pa.string()),
-                        "label": pa.nulls(removals.num_rows, pa.string()),
-                        "split": pa.nulls(removals.num_rows, pa.string()),
-                        "file_size": pa.nulls(removals.num_rows, pa.int64()),
-                        "file_version": pa.nulls(removals.num_rows, pa.string()),
+                        "chunk": pa.array(np.full(n_removed, REMOVAL, np.int32)),
+                        "image_id": hex_ids(removal_keys),
+                        "uri": pa.nulls(n_removed, pa.string()),
+                        "label": pa.nulls(n_removed, pa.string()),
+                        "split": pa.nulls(n_removed, pa.string()),
+                        "file_size": pa.nulls(n_removed, pa.int64()),
+                        "file_version": pa.nulls(n_removed, pa.string()),
                         "stale_file": stale_files,
                     },
                     schema=PLAN_SCHEMA,

@@ -11,7 +11,8 @@ numeric precision. Two vectors are comparable exactly when their recipes agree, 
   :meth:`FeatureRecipe.from_metadata`, and :meth:`FeatureRecipe.check_flags` refuses command-line
   flags that contradict it.
 
-The defaults every job shares are stated here once.
+The defaults every job shares are stated here once (``DEFAULT_RESIZE`` beside the resize modes in
+``transforms.images``, which cannot import this module).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from transforms.backbones import POOLINGS, PRECISIONS, RANDOM_INIT_SEED, BackboneSpec, get_backbone
-from transforms.images import RESIZE_MODES
+from transforms.images import DEFAULT_RESIZE, RESIZE_MODES
 
 #: ``--weights`` keywords; anything else is a local or remote path to a weights or model file.
 #: ``imagenet`` is Keras' own download, ``none`` a seeded random init, ``sample`` the offline real
@@ -36,8 +37,7 @@ WEIGHT_KEYWORDS = ("imagenet", "none", "sample")
 DEFAULT_BACKBONE = "mobilenet_v2"
 DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_POOLING = "avg"
-DEFAULT_RESIZE = "squash"
-DEFAULT_PRECISION = "float32"
+DEFAULT_PRECISION = PRECISIONS[0]
 #: Images per model call; not part of the recipe (it does not change the vectors).
 DEFAULT_BATCH_SIZE = 32
 
