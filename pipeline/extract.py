@@ -142,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "plan" in summary:
         print(("dry run" if summary["dry_run"] else "plan only") + ", nothing was changed:")
         print(summary["plan"].describe())
+        if summary["lease"]:
+            print(f"the table is being written now by {summary['lease']}")
         return
     print(format_summary(summary))
     if summary["errors"]:

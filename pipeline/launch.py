@@ -110,7 +110,13 @@ def launch(
         planned = plan(spec, metadata)
         if dry_run:  # translate the graph (the runner submits nothing); the plan file is unwritten
             runners.run_graph(lambda p: build(p, planned.run, None), beam_args, test_pipeline)
-        return {"plan_only": spec.plan_only, "dry_run": dry_run, "plan": planned.run}
+        holder = leases.read_lease(spec.output)
+        return {
+            "plan_only": spec.plan_only,
+            "dry_run": dry_run,
+            "plan": planned.run,
+            "lease": leases.describe(holder) if holder else None,
+        }
     run_id = run_id or plans.new_run_id()
     lease = leases.acquire(
         spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease

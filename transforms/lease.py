@@ -226,11 +226,13 @@ def acquire(
     }
     data = json.dumps(record).encode()
     for _ in range(5):
-        if _create_exclusive(lease.uri, data):
-            return lease
+        # Read first: a store that ignores the create precondition (the GCS emulator does) still
+        # refuses a live lease; the precondition then settles a race between two creators.
         current = read_lease(output_dir)
         if current is None:
-            continue  # released meanwhile: try again
+            if _create_exclusive(lease.uri, data):
+                return lease
+            continue  # someone created it meanwhile: look at theirs
         expired = current["age_s"] > float(current.get("expiry_s", expiry_s))
         if not (expired or break_lease):
             raise LeaseHeld(
