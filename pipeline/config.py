@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline import cli
+from pipeline.launch import TableRun
 from transforms.extract import DEFAULT_CHUNK_SIZE, DEFAULT_DECODE_THREADS, MODES
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.lease import DEFAULT_EXPIRY_S
@@ -35,65 +36,33 @@ class ExtractConfig:
     """What the extraction job does; built by :func:`parse_args`.
 
     Attributes:
-        inputs: folders, globs, manifests or files (local or ``gs://``).
-        output: the table folder (local or ``gs://``).
+        run: the inputs, the output table and how to treat it (mode, chunks, prune, lease, ...).
         recipe: what makes the vectors (backbone, weights, pooling/layer, size, resize, precision).
         batch_size: images per model call.
         max_pixels: decompression-bomb guard.
-        mode: ``full`` (new table) or ``incremental`` (add what is new or changed; resumes).
-        chunk_size: images per work unit and per shard file.
         decode_threads: decoding threads per worker process.
-        retry_errors: in incremental mode, retry images that failed before.
-        prune: in incremental mode, remove rows of images no longer listed.
-        plan_only: print what the run would do and change nothing.
-        include_all_files: list every file of a folder, not only images.
-        stat_manifest: stat manifest URIs (in parallel) for their change signal.
         intra_op_threads: TensorFlow threads per worker process; 0 = its own default, or a
             share of the cores when several local worker processes run (see ``runners``).
-        overwrite: replace an existing table in ``output``.
-        break_lease: take the table's lease over from a run that is still registered as live.
-        lease_expiry_s: a lease not renewed for this long belongs to a dead run.
         cache_dir: where remote weights are copied on workers.
     """
 
-    inputs: tuple[str, ...]
-    output: str
+    run: TableRun
     recipe: FeatureRecipe
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
-    mode: str = "full"
-    chunk_size: int = DEFAULT_CHUNK_SIZE
     decode_threads: int = DEFAULT_DECODE_THREADS
-    retry_errors: bool = False
-    prune: bool = False
-    plan_only: bool = False
-    include_all_files: bool = False
-    stat_manifest: bool = False
     intra_op_threads: int = 0
-    overwrite: bool = False
-    break_lease: bool = False
-    lease_expiry_s: float = DEFAULT_EXPIRY_S
     cache_dir: str | None = None
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ValueError("at least one --input is required")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise ValueError("--max-pixels must be >= 1")
-        if self.chunk_size < 1:
-            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.decode_threads < 1:
             raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0")
-        if self.lease_expiry_s <= 0:
-            raise ValueError("--lease-expiry must be > 0 seconds")
-        if self.mode == "incremental" and self.overwrite:
-            raise ValueError("--overwrite starts a new table; it cannot be --mode incremental")
-        if self.prune and self.mode != "incremental":
-            raise ValueError("--prune removes rows of an existing table: use --mode incremental")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,24 +184,27 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
     if not args.output:
         parser.error("--output is required (or --demo)")
     try:
-        config = ExtractConfig(
+        run = TableRun(
             inputs=tuple(args.input),
             output=args.output,
-            recipe=cli.recipe_from_args(args),
-            batch_size=args.batch_size,
-            max_pixels=args.max_pixels,
             mode=args.mode,
             chunk_size=args.chunk_size,
-            decode_threads=args.decode_threads,
             retry_errors=args.retry_errors,
             prune=args.prune,
+            overwrite=args.overwrite,
             plan_only=args.plan_only,
             include_all_files=args.include_all_files,
             stat_manifest=args.stat_manifest,
-            intra_op_threads=args.intra_op_threads,
-            overwrite=args.overwrite,
             break_lease=args.break_lease,
             lease_expiry_s=args.lease_expiry,
+        )
+        config = ExtractConfig(
+            run=run,
+            recipe=cli.recipe_from_args(args),
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+            decode_threads=args.decode_threads,
+            intra_op_threads=args.intra_op_threads,
             cache_dir=args.cache_dir,
         )
     except ValueError as exc:

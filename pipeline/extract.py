@@ -17,7 +17,7 @@ import apache_beam as beam
 
 from pipeline import cli, runners
 from pipeline.config import ExtractConfig, parse_args
-from pipeline.launch import TableRun, launch
+from pipeline.launch import launch
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import table
@@ -32,23 +32,6 @@ def model_handler(config: ExtractConfig, *, processes_per_machine: int = 1) -> B
         batch_size=config.batch_size,
         cache_dir=config.cache_dir,
         intra_op_threads=threads,
-    )
-
-
-def table_run(config: ExtractConfig) -> TableRun:
-    return TableRun(
-        inputs=config.inputs,
-        output=config.output,
-        mode=config.mode,
-        chunk_size=config.chunk_size,
-        retry_errors=config.retry_errors,
-        prune=config.prune,
-        overwrite=config.overwrite,
-        plan_only=config.plan_only,
-        include_all_files=config.include_all_files,
-        stat_manifest=config.stat_manifest,
-        break_lease=config.break_lease,
-        lease_expiry_s=config.lease_expiry_s,
     )
 
 
@@ -85,7 +68,7 @@ def run(
     processes = runners.local_processes(beam_args)
     metadata = run_metadata(model_handler(config))
     summary = launch(
-        table_run(config),
+        config.run,
         metadata=metadata,
         build=lambda p, planned, lease: build(
             p, config, planned, lease=lease, processes_per_machine=processes
@@ -93,7 +76,9 @@ def run(
         beam_args=beam_args,
         test_pipeline=test_pipeline,
     )
-    summary.update(seconds=time.monotonic() - started, mode=config.mode, output=config.output)
+    summary.update(
+        seconds=time.monotonic() - started, mode=config.run.mode, output=config.run.output
+    )
     return summary
 
 

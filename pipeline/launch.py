@@ -27,12 +27,12 @@ from pipeline import runners
 from transforms import lease as leases
 from transforms import listing, storage, table
 from transforms import plan as plans
-from transforms.extract import DEFAULT_CHUNK_SIZE
+from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 
 
 @dataclasses.dataclass(frozen=True)
 class TableRun:
-    """What to list and how to treat the table already in ``output``."""
+    """What to list and how to treat the table already in ``output``; validated once."""
 
     inputs: tuple[str, ...]
     output: str
@@ -46,6 +46,20 @@ class TableRun:
     stat_manifest: bool = False
     break_lease: bool = False
     lease_expiry_s: float = leases.DEFAULT_EXPIRY_S
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ValueError("at least one --input is required")
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.lease_expiry_s <= 0:
+            raise ValueError("--lease-expiry must be > 0 seconds")
+        if self.mode == "incremental" and self.overwrite:
+            raise ValueError("--overwrite starts a new table; it cannot be --mode incremental")
+        if self.prune and self.mode != "incremental":
+            raise ValueError("--prune removes rows of an existing table: use --mode incremental")
 
 
 #: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.

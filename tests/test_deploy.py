@@ -26,7 +26,7 @@ from apache_beam.utils import proto_utils
 
 from pipeline import launch
 from pipeline.config import parse_args
-from pipeline.extract import build, model_handler, run, table_run
+from pipeline.extract import build, model_handler, run
 from pipeline.stage_weights import stage
 from transforms.extract import run_metadata
 
@@ -53,7 +53,7 @@ def script_args(script: str, **env) -> list[str]:
 
 def planned(config):
     """The run's plan, made as the job makes it (nothing is written)."""
-    return launch.plan(table_run(config), run_metadata(model_handler(config))).run
+    return launch.plan(config.run, run_metadata(model_handler(config))).run
 
 
 def check_graph(pipeline: beam.Pipeline, proto: beam_runner_api_pb2.Pipeline) -> None:
@@ -93,7 +93,7 @@ def dataflow_args(image_tree, out, weights) -> list[str]:
 def test_dataflow_gpu_job_translates_offline(image_tree, tmp_path, staged_weights):
     argv = dataflow_args(image_tree, tmp_path / "out", staged_weights)
     config, beam_args = parse_args(argv)
-    assert config.recipe.weights == staged_weights and config.mode == "incremental"
+    assert config.recipe.weights == staged_weights and config.run.mode == "incremental"
     options = PipelineOptions([*beam_args, "--dry_run=True"])
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
@@ -154,7 +154,7 @@ def test_flex_template_parameters_are_job_flags():
     values |= {"--layer=1": "--layer=", "--backbone=1": "--backbone=mobilenet_v2"}
     config, beam_args = parse_args([values.get(f, f) for f in flags])
     assert beam_args == [], f"template parameters the job does not know: {beam_args}"
-    assert (config.batch_size, config.chunk_size, config.decode_threads) == (1, 1, 1)
+    assert (config.batch_size, config.run.chunk_size, config.decode_threads) == (1, 1, 1)
 
 
 def test_staged_weights_give_the_same_vectors(image_tree, tmp_path, staged_weights):
