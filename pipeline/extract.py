@@ -10,6 +10,7 @@ See ``python -m pipeline.extract --help``.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,12 +41,12 @@ def build(
     config: ExtractConfig,
     run: plans.RunPlan,
     *,
+    handler: BackboneModelHandler | None = None,
     lease: leases.Lease | None = None,
-    processes_per_machine: int = 1,
 ):
     """Adds the extraction graph for a planned run to ``pipeline``; returns the summary
     PCollection. Builds only: nothing is listed, read or written here."""
-    handler = model_handler(config, processes_per_machine=processes_per_machine)
+    handler = handler or model_handler(config)
     return pipeline | "ExtractFeatures" >> ExtractFeatures(
         run,
         model_handler=handler,
@@ -61,18 +62,14 @@ def run(
 ) -> dict[str, Any]:
     """Parses flags, plans, builds the graph, runs it; returns the table summary (or, with
     ``--plan-only``, the plan) plus ``seconds``, ``mode`` and ``output``."""
-    import time
-
     config, beam_args = parse_args(argv)
     started = time.monotonic()
     processes = runners.local_processes(beam_args)
-    metadata = run_metadata(model_handler(config))
+    handler = model_handler(config, processes_per_machine=processes)
     summary = launch(
         config.run,
-        metadata=metadata,
-        build=lambda p, planned, lease: build(
-            p, config, planned, lease=lease, processes_per_machine=processes
-        ),
+        metadata=run_metadata(handler),
+        build=lambda p, planned, lease: build(p, config, planned, handler=handler, lease=lease),
         beam_args=beam_args,
         test_pipeline=test_pipeline,
     )

@@ -26,6 +26,7 @@ reader.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -99,9 +100,14 @@ class Listing:
         return refs_from_table(self.images)
 
 
+def _digest(uri: str) -> bytes:
+    """The 16 bytes an image id is made of: a hash of the URI alone."""
+    return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).digest()
+
+
 def image_id(uri: str) -> str:
     """A stable 32-hex-digit id derived from the URI alone."""
-    return hashlib.blake2b(uri.encode("utf-8"), digest_size=16).hexdigest()
+    return _digest(uri).hex()
 
 
 def image_ids(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -110,10 +116,7 @@ def image_ids(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
     uris = uris.combine_chunks() if isinstance(uris, pa.ChunkedArray) else uris
     parts = []
     for i in range(0, len(uris), _ID_BATCH):
-        digests = b"".join(
-            hashlib.blake2b(u.encode("utf-8"), digest_size=16).digest()
-            for u in uris.slice(i, _ID_BATCH).to_pylist()
-        )
+        digests = b"".join(_digest(u) for u in uris.slice(i, _ID_BATCH).to_pylist())
         n = len(digests) // 16
         keys = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), n, [None, pa.py_buffer(digests)])
         parts.append(hex_ids(keys))
@@ -122,7 +125,7 @@ def image_ids(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 _HEX_VALUES = np.full(256, 255, np.uint8)
-_HEX_VALUES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_HEX_VALUES[_HEX_DIGITS] = np.arange(16, dtype=np.uint8)
 _HEX_VALUES[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
 
@@ -221,17 +224,19 @@ def _glob_root(pattern: str) -> str:
     return f"{head}://{root}" if sep else root
 
 
-def _image_formats():
-    """Pillow's own format checks (``accept(prefix)``), for every format it can decode."""
+@functools.cache
+def _image_formats() -> tuple:
+    """Pillow's own format checks (``accept(prefix)``), for every format it can decode; gathered
+    once per process, not per sniffed file."""
     from PIL import Image, ImageFile
 
     Image.init()
-    return [
+    return tuple(
         accept
         for factory, accept in Image.OPEN.values()
         if accept is not None
         and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
-    ]
+    )
 
 
 def looks_like_image(prefix: bytes) -> bool:

@@ -111,14 +111,6 @@ class RunPlan:
         name = table.shard_name(prefix, chunk, self.num_chunks, run_id=self.run_id)
         return storage.join(table.table_dir_for(self.output_dir, prefix), name)
 
-    @property
-    def removed(self) -> int:
-        """Rows this run removes: stale copies, and unlisted rows when pruning."""
-        return self.stale_rows + (self.unlisted_rows + self.unlisted_errors) * self.pruned
-
-    def counts(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("plan_uri",)}
-
     def describe(self) -> str:
         """What the run would do, in words (``--plan-only``)."""
         unlisted = "removed (--prune)" if self.pruned else "kept"
@@ -222,8 +214,8 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
 def _listing_index(listed: np.ndarray, copies: np.ndarray) -> np.ndarray:
     """For every existing copy, the row of the listing with the same image (-1: not listed).
 
-    Both sides are sorted and matched with a binary search of sorted needles: measured here on
-    10M x 10M it takes about a fifth of the time and half the memory of Arrow's hash join.
+    Both sides are sorted and matched with a binary search of sorted needles. With this, a 10M x 10M
+    plan took 65 s and 2.9 GiB here; with Arrow's hash join on the id strings, 95 s and 6.7 GiB.
     """
     index = np.full(len(copies), -1, np.int64)
     if not len(listed) or not len(copies):
@@ -264,10 +256,6 @@ def _return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
-
-
-def _count(mask) -> int:
-    return int(pc.sum(pc.cast(pc.fill_null(mask, False), pa.int64())).as_py() or 0)
 
 
 def plan_run(

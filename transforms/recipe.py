@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from transforms import storage
 from transforms.backbones import POOLINGS, PRECISIONS, RANDOM_INIT_SEED, BackboneSpec, get_backbone
 from transforms.images import DEFAULT_RESIZE, RESIZE_MODES
 
@@ -187,7 +188,7 @@ class FeatureRecipe:
                 that made the table (fingerprint mismatch).
         """
         weights = meta.get("weights") or DEFAULT_WEIGHTS
-        if verify_weights and weights not in WEIGHT_KEYWORDS and not _exists(weights):
+        if verify_weights and weights not in WEIGHT_KEYWORDS and not storage.exists(weights):
             from transforms import sample_weights
 
             if os.path.basename(weights) != sample_weights.FILE_NAME:
@@ -271,12 +272,6 @@ class FeatureRecipe:
                 )
 
 
-def _exists(uri: str) -> bool:
-    from transforms import storage
-
-    return storage.exists(uri)
-
-
 def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:
     """``(weights, default image size)``: keywords as they are (``sample`` becomes its cached
     file and 160 px), paths checked for existence.
@@ -295,7 +290,7 @@ def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:
                 f"--weights sample is only available for --backbone {sample_weights.BACKBONE}"
             )
         return sample_weights.ensure_sample_weights(), sample_weights.IMAGE_SIZE
-    if not _exists(weights):
+    if not storage.exists(weights):
         raise ValueError(f"--weights file not found: {weights}")
     return weights, None
 
@@ -317,15 +312,11 @@ def weights_fingerprint(uri: str) -> str:
     dataset by dataset, in name order, so the same weights saved twice (HDF5 embeds timestamps)
     get the same fingerprint. Other files are hashed byte for byte.
     """
-    from transforms import storage
-
     info = storage.file_info(uri)
     return _cached_fingerprint(info.uri, info.size, info.version)
 
 
 def _hash_weight_values(uri: str) -> str:
-    from transforms import storage
-
     data = storage.read_bytes(uri)
     if data[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
