@@ -17,10 +17,20 @@ from typing import Any
 
 from transforms import recipe as recipes
 from transforms.backbones import BACKBONES, POOLINGS, PRECISIONS
+from transforms.hub import HUB_POOLINGS
 from transforms.images import RESIZE_MODES
 from transforms.recipe import FeatureRecipe
 
-RECIPE_FLAGS = ("backbone", "weights", "pooling", "layer", "image_size", "resize", "precision")
+RECIPE_FLAGS = (
+    "backbone",
+    "weights",
+    "pooling",
+    "layer",
+    "image_size",
+    "resize",
+    "precision",
+    "l2_normalize",
+)
 
 
 def configure_logging() -> None:
@@ -42,12 +52,20 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--weights",
         default=None,
-        help="imagenet (Keras download + cache), none (seeded random init), sample (offline real "
-        "MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path to a "
-        f".weights.h5, .h5 or .keras file (default: {recipes.DEFAULT_WEIGHTS})",
+        help="CNNs: imagenet (Keras download + cache), none (seeded random init), sample "
+        "(offline real MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path "
+        f"to a .weights.h5, .h5 or .keras file (default: {recipes.DEFAULT_WEIGHTS}). KerasHub "
+        "backbones: preset (the registry's KerasHub preset, downloaded; the default), none, a "
+        "kaggle:// or hf:// handle, or a local / gs:// directory in KerasHub preset or "
+        "Transformers format (config.json + model.safetensors)",
     )
     group.add_argument(
-        "--pooling", default=None, choices=POOLINGS, help=f"default: {recipes.DEFAULT_POOLING}"
+        "--pooling",
+        default=None,
+        choices=(*POOLINGS, *HUB_POOLINGS),
+        help="CNNs: avg or max over the last feature map (default avg). KerasHub backbones: cls "
+        "(class token / SigLIP's pooled output / CLIP's projected embedding; the default), avg "
+        "(mean of the patch tokens) or cls_avg (both concatenated)",
     )
     group.add_argument(
         "--layer", default=None, help="use a named layer of the full classifier (e.g. VGG16 fc2)"
@@ -60,7 +78,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=RESIZE_MODES,
         help="squash the whole image to the square input, or crop its centre first "
-        f"(default: {recipes.DEFAULT_RESIZE})",
+        f"(default: the backbone's reference: {recipes.DEFAULT_RESIZE} for CNNs, SigLIP and ViT, "
+        "crop for DINOv2/v3 and CLIP)",
     )
     group.add_argument(
         "--precision",
@@ -69,6 +88,12 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         help="bfloat16 runs the backbone in Keras mixed precision: faster on CPUs with bf16 "
         "support and on GPUs for large convnets, slower for depthwise nets (MobileNet) "
         f"(default: {recipes.DEFAULT_PRECISION})",
+    )
+    group.add_argument(
+        "--l2-normalize",
+        action="store_true",
+        default=None,
+        help="scale every vector to unit length (cosine retrieval)",
     )
 
 

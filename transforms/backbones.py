@@ -14,13 +14,17 @@ TensorFlow and Keras are imported lazily so that listing, decoding and table cod
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from transforms.hub import HUB_SPECS, HubSpec
+
 if TYPE_CHECKING:
     from transforms.recipe import FeatureRecipe
 
+#: Poolings of the ``keras.applications`` CNNs (KerasHub towers: ``transforms.hub.HUB_POOLINGS``).
 POOLINGS = ("avg", "max")
 #: ``bfloat16`` builds the backbone under Keras' ``mixed_bfloat16`` policy (variables stay float32).
 PRECISIONS = ("float32", "bfloat16")
@@ -51,6 +55,11 @@ class BackboneSpec:
     feature_dim: int
     layers: dict[str, int] = field(default_factory=dict)  # always includes "predictions"
     min_size: int = 32
+
+    kind = "keras_applications"
+    poolings = POOLINGS
+    default_pooling = "avg"
+    default_resize = "squash"
 
     @property
     def preprocessing(self) -> str:
@@ -112,10 +121,12 @@ _SPECS = [
     _spec("convnext_xlarge", "ConvNeXtXLarge", "convnext", 224, 2048),
 ]
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in _SPECS}
+#: Every backbone: the ``keras.applications`` CNNs above, then the KerasHub presets
+#: (``transforms.hub``: DINOv2/v3, ViT, SigLIP/SigLIP 2, CLIP, MetaCLIP 2).
+BACKBONES: dict[str, BackboneSpec | HubSpec] = {spec.name: spec for spec in [*_SPECS, *HUB_SPECS]}
 
 
-def get_backbone(name: str) -> BackboneSpec:
+def get_backbone(name: str) -> BackboneSpec | HubSpec:
     """Looks a backbone up by name (case-insensitive; ``-`` and ``_`` are equivalent).
 
     Raises:
@@ -123,12 +134,19 @@ def get_backbone(name: str) -> BackboneSpec:
     """
     key = name.strip().lower().replace("-", "_")
     if key not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
+        close = difflib.get_close_matches(key, BACKBONES, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"unknown backbone {name!r}{hint}; valid backbones: {', '.join(BACKBONES)}"
+        )
     return BACKBONES[key]
 
 
-def preprocess_fn(spec: BackboneSpec):
-    """The backbone's ``keras.applications.<module>.preprocess_input``."""
+def preprocess_fn(spec: BackboneSpec | HubSpec):
+    """The backbone's ``keras.applications.<module>.preprocess_input``; KerasHub models scale
+    their pixels inside the model (by their preset's converter), so theirs only casts."""
+    if spec.kind == "keras_hub":
+        return lambda pixels: pixels
     return importlib.import_module(f"keras.applications.{spec.module}").preprocess_input
 
 
@@ -158,11 +176,12 @@ def build_model(recipe: FeatureRecipe, *, weights_path: str | None = None):
     Args:
         recipe: what to build; ``recipe.precision == "bfloat16"`` builds it under Keras'
             ``mixed_bfloat16`` policy (variables stay float32).
-        weights_path: a *local* copy of ``recipe.weights`` when it is a file (the caller
-            fetches remote files first); ignored for keywords.
+        weights_path: a *local* copy of ``recipe.weights`` when it is a file or a KerasHub /
+            Transformers directory (the caller fetches remote ones first); ignored for keywords.
 
     Returns:
-        A ``keras.Model`` from ``(batch, size, size, 3)`` float32 to ``(batch, feature_dim)``.
+        A ``keras.Model`` from ``(batch, size, size, 3)`` float32 (after :func:`preprocess`) to
+        ``(batch, feature_dim)``.
     """
     import keras
 
@@ -179,6 +198,10 @@ def _build(recipe: FeatureRecipe, weights_path: str | None):
     import keras
 
     spec = recipe.spec
+    if spec.kind == "keras_hub":
+        from transforms.hub import build_image_model
+
+        return build_image_model(recipe, local_dir=weights_path)
     constructor = getattr(keras.applications, spec.constructor)
     from_file = recipe.weights_file is not None
     weights = "imagenet" if recipe.weights == "imagenet" else None

@@ -24,7 +24,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import storage
 from transforms.backbones import build_model, preprocess, preprocess_fn
-from transforms.images import ImageError, load_image
+from transforms.images import DEFAULT_INTERPOLATION, ImageError, load_image
 from transforms.listing import ImageRef
 from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
 
@@ -68,7 +68,11 @@ def feature_row(ref: ImageRef, width: int, height: int, vector: np.ndarray) -> d
 
 
 def read_and_decode(
-    ref: ImageRef, size: tuple[int, int], resize: str, max_pixels: int
+    ref: ImageRef,
+    size: tuple[int, int],
+    resize: str,
+    max_pixels: int,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> tuple[Decoded, np.ndarray] | dict[str, Any]:
     """``(Decoded, uint8 pixels)`` for a readable image, else its error row."""
     try:
@@ -76,7 +80,9 @@ def read_and_decode(
     except Exception as exc:  # missing, permission, network: all become error rows
         return error_row(ref, "read", f"{type(exc).__name__}: {exc}")
     try:
-        image = load_image(data, size, resize=resize, max_pixels=max_pixels)
+        image = load_image(
+            data, size, resize=resize, max_pixels=max_pixels, interpolation=interpolation
+        )
     except ImageError as exc:
         return error_row(ref, exc.stage, exc.reason)
     return Decoded(ref, image.width, image.height), image.pixels
@@ -216,6 +222,10 @@ class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
         raise NotImplementedError
 
     @property
+    def interpolation(self) -> str:
+        return DEFAULT_INTERPOLATION
+
+    @property
     def feature_dim(self) -> int:
         raise NotImplementedError
 
@@ -253,6 +263,10 @@ class BackboneModelHandler(FeatureModelHandler):
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
         self.recipe = recipe
+        # Read here, where the job is launched: a KerasHub preset's converter is read with
+        # KerasHub, and importing it (and TensorFlow) from a decode thread of a worker while the
+        # model loads in another thread races on TensorFlow's module initialisation.
+        self._interpolation = recipe.interpolation
         self._metadata: dict[str, str] | None = None
         self._intra_op_threads = intra_op_threads
         self._head = head
@@ -270,6 +284,10 @@ class BackboneModelHandler(FeatureModelHandler):
         return self.recipe.resize
 
     @property
+    def interpolation(self) -> str:
+        return self._interpolation
+
+    @property
     def feature_dim(self) -> int:
         return self._head_classes if self._head else self.recipe.feature_dim
 
@@ -282,7 +300,7 @@ class BackboneModelHandler(FeatureModelHandler):
         recipe = self.recipe
         path = None
         if recipe.weights_file is not None:
-            path = storage.local_copy(recipe.weights_file, self._cache_dir)
+            path = storage.local_copy(recipe.weights_file, self._cache_dir)  # file or folder
         head = None
         if self._head is not None:
             import transforms.keras_layers  # noqa: F401  (registers our layers for load_model)

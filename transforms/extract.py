@@ -121,6 +121,7 @@ class _EmbedChunk(beam.DoFn):
         batch_size = self._handler.batch_size
         size = self._handler.input_size
         resize = self._handler.resize
+        interpolation = self._handler.interpolation
         ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * size[0] * size[1]))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
@@ -132,7 +133,9 @@ class _EmbedChunk(beam.DoFn):
                 if ref is None:
                     return
                 pending.append(
-                    self._pool.submit(read_and_decode, ref, size, resize, self._max_pixels)
+                    self._pool.submit(
+                        read_and_decode, ref, size, resize, self._max_pixels, interpolation
+                    )
                 )
 
         fill()

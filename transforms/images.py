@@ -25,6 +25,18 @@ DEFAULT_MAX_PIXELS = 100_000_000
 RESIZE_MODES = ("squash", "crop")
 DEFAULT_RESIZE = "squash"
 
+#: Resize filters by the names KerasHub's image converters use. Pillow antialiases whenever it
+#: shrinks, as the reference (PIL-based) processors of these models do.
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "lanczos3": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+DEFAULT_INTERPOLATION = "bilinear"
+
 # JPEG draft mode (DCT scaling) is only asked to shrink to twice the target size; the final
 # antialiased resize does the rest, so the result stays within a grey level or two of a full decode
 # while decoding large photos several times faster.
@@ -63,6 +75,7 @@ def load_image(
     *,
     resize: str = DEFAULT_RESIZE,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> LoadedImage:
     """Decodes encoded image bytes into a resized uint8 RGB array.
 
@@ -73,6 +86,7 @@ def load_image(
             ``image_dataset_from_directory`` default); ``"crop"`` takes the largest centred crop
             with the target's aspect ratio first.
         max_pixels: images with more pixels than this are refused before decoding.
+        interpolation: the resize filter (:data:`INTERPOLATIONS`), the backbone's own.
 
     Returns:
         A :class:`LoadedImage`; ``width``/``height`` are the original size as displayed (after the
@@ -83,6 +97,10 @@ def load_image(
     """
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(
+            f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}"
+        )
     if not data:
         raise ImageError("decode", "empty file (0 bytes)")
     try:
@@ -110,7 +128,8 @@ def load_image(
             raise ImageError("decode", f"corrupt image data: {type(exc).__name__}: {exc}") from None
         if _swaps_axes(image):
             width, height = height, width
-    return LoadedImage(pixels=_fit(rgb, size, resize), width=width, height=height)
+    pixels = _fit(rgb, size, resize, INTERPOLATIONS[interpolation])
+    return LoadedImage(pixels=pixels, width=width, height=height)
 
 
 def _swaps_axes(image: Image.Image) -> bool:
@@ -158,7 +177,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _fit(image: Image.Image, size: tuple[int, int], resize: str) -> np.ndarray:
+def _fit(image: Image.Image, size: tuple[int, int], resize: str, resample) -> np.ndarray:
     target_h, target_w = size
     box = None
     if resize == "crop":
@@ -168,5 +187,5 @@ def _fit(image: Image.Image, size: tuple[int, int], resize: str) -> np.ndarray:
         left, top = (w - crop_w) / 2, (h - crop_h) / 2
         box = (left, top, left + crop_w, top + crop_h)
     if image.size != (target_w, target_h) or box is not None:
-        image = image.resize((target_w, target_h), Image.Resampling.BILINEAR, box=box)
+        image = image.resize((target_w, target_h), resample, box=box)
     return np.asarray(image, dtype=np.uint8).copy()

@@ -26,18 +26,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from transforms import storage
-from transforms.backbones import POOLINGS, PRECISIONS, RANDOM_INIT_SEED, BackboneSpec, get_backbone
+from transforms import hub, storage
+from transforms.backbones import PRECISIONS, RANDOM_INIT_SEED, BackboneSpec, get_backbone
+from transforms.hub import HubSpec
 from transforms.images import DEFAULT_RESIZE, RESIZE_MODES
 
-#: ``--weights`` keywords; anything else is a local or remote path to a weights or model file.
-#: ``imagenet`` is Keras' own download, ``none`` a seeded random init, ``sample`` the offline real
+#: ``--weights`` keywords; anything else is a local or remote path to a weights or model file
+#: (CNNs) or a KerasHub / Transformers checkpoint directory or ``kaggle://`` / ``hf://`` handle
+#: (KerasHub backbones). ``imagenet`` is Keras' own download (CNNs), ``preset`` the entry's KerasHub
+#: preset (KerasHub backbones), ``none`` a seeded random init, ``sample`` the offline real
 #: MobileNetV2 (``transforms.sample_weights``), resolved to its cached file path.
-WEIGHT_KEYWORDS = ("imagenet", "none", "sample")
+WEIGHT_KEYWORDS = ("imagenet", "preset", "none", "sample")
 
 DEFAULT_BACKBONE = "mobilenet_v2"
+#: Default weights of the ``keras.applications`` CNNs; KerasHub backbones default to ``preset``.
 DEFAULT_WEIGHTS = "imagenet"
-DEFAULT_POOLING = "avg"
 DEFAULT_PRECISION = PRECISIONS[0]
 #: Images per model call; not part of the recipe (it does not change the vectors).
 DEFAULT_BATCH_SIZE = 32
@@ -53,6 +56,7 @@ RECIPE_KEYS = (
     "resize",
     "feature_dim",
     "precision",
+    "l2_normalize",
 )
 #: Keys that must agree to mix two tables' rows (to train one head on both, or to add rows to a
 #: table): the recipe, plus the head a prediction table was made with.
@@ -67,9 +71,17 @@ class RecipeMismatch(ValueError):
         self.key = key
 
 
+#: What a key meant in tables written before it was recorded.
+_LEGACY_DEFAULTS = {"l2_normalize": "false"}
+
+
 def first_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
     """The first of :data:`COMPATIBILITY_KEYS` on which two tables' metadata differ, or None."""
-    return next((k for k in COMPATIBILITY_KEYS if str(a.get(k, "")) != str(b.get(k, ""))), None)
+
+    def value(meta, key):
+        return str(meta.get(key) or _LEGACY_DEFAULTS.get(key, ""))
+
+    return next((k for k in COMPATIBILITY_KEYS if value(a, k) != value(b, k)), None)
 
 
 @dataclass(frozen=True)
@@ -78,37 +90,66 @@ class FeatureRecipe:
 
     Attributes:
         backbone: registry name.
-        weights: ``"imagenet"``, ``"none"`` or a local / ``gs://`` path to a ``.weights.h5`` /
-            ``.h5`` weights file or a ``.keras`` saved model (``"sample"`` is resolved to its path
-            by :meth:`from_flags`).
-        pooling: ``"avg"`` or ``"max"`` over the last feature map (ignored with ``layer``).
+        weights: CNNs: ``"imagenet"``, ``"none"`` or a local / ``gs://`` path to a
+            ``.weights.h5`` / ``.h5`` weights file or a ``.keras`` saved model (``"sample"`` is
+            resolved to its path by :meth:`from_flags`). KerasHub backbones: ``"preset"``,
+            ``"none"``, a ``kaggle://`` / ``hf://`` handle, or a local / ``gs://`` directory in
+            KerasHub preset or Transformers format.
+        pooling: CNNs: ``"avg"`` or ``"max"`` over the last feature map (ignored with
+            ``layer``); KerasHub backbones: ``"cls"``, ``"avg"`` or ``"cls_avg"``
+            (``transforms.hub``). None: the backbone's default.
         layer: a named layer of the full classifier (``fc2``) instead of pooled features.
         image_size: square input side; defaults to the backbone's own.
-        resize: how an image is fitted to the square input: ``squash`` or ``crop``.
+        resize: how an image is fitted to the square input: ``squash`` or ``crop``; None: the
+            backbone's reference (``crop`` for DINOv2 and CLIP, else ``squash``).
         precision: ``float32`` or ``bfloat16`` (Keras mixed precision; vectors stay float32).
+        l2_normalize: scale every vector to unit length (for cosine retrieval).
     """
 
     backbone: str
-    weights: str = DEFAULT_WEIGHTS
-    pooling: str = DEFAULT_POOLING
+    weights: str | None = None
+    pooling: str | None = None
     layer: str | None = None
     image_size: int | None = None
-    resize: str = DEFAULT_RESIZE
+    resize: str | None = None
     precision: str = DEFAULT_PRECISION
+    l2_normalize: bool = False
 
     def __post_init__(self):
         spec = get_backbone(self.backbone)
+        hub_backbone = spec.kind == "keras_hub"
         object.__setattr__(self, "backbone", spec.name)
-        if self.weights == "sample":
+        weights = self.weights or (hub.PRESET if hub_backbone else DEFAULT_WEIGHTS)
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "pooling", self.pooling or spec.default_pooling)
+        object.__setattr__(self, "resize", self.resize or spec.default_resize)
+        object.__setattr__(self, "l2_normalize", bool(self.l2_normalize))
+        if weights == "sample":
             raise ValueError(
                 "weights='sample' must be resolved first: use FeatureRecipe.from_flags"
             )
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if hub_backbone and weights == "imagenet":
+            raise ValueError(
+                f"{spec.name} is a KerasHub backbone: --weights preset, none, a checkpoint "
+                "directory or a kaggle:// / hf:// handle (not imagenet)"
+            )
+        if not hub_backbone and (weights == hub.PRESET or hub.is_handle(weights)):
+            raise ValueError(
+                f"--weights {weights} is for KerasHub backbones; {spec.name} takes imagenet, "
+                "none, sample (mobilenet_v2) or a weights file"
+            )
+        if self.pooling not in spec.poolings:
+            raise ValueError(
+                f"pooling for {spec.name} must be one of {spec.poolings}, got {self.pooling!r}"
+            )
         if self.layer is not None and self.layer not in spec.layers:
             valid = ", ".join(spec.layers)
             raise ValueError(f"unknown layer {self.layer!r} for {spec.name}; valid layers: {valid}")
         size = self.image_size or spec.input_size
+        if hub_backbone:
+            tower = self.tower
+            size = self.image_size or tower.image_size
+            hub.check_image_size(spec, tower, size)
         if self.layer is not None and size != spec.input_size:
             raise ValueError(
                 f"layer {self.layer!r} needs the full classifier, whose input size is fixed at "
@@ -125,12 +166,44 @@ class FeatureRecipe:
     # --- what the recipe implies ---
 
     @property
-    def spec(self) -> BackboneSpec:
+    def spec(self) -> BackboneSpec | HubSpec:
         return get_backbone(self.backbone)
 
     @property
+    def is_hub(self) -> bool:
+        return self.spec.kind == "keras_hub"
+
+    @property
+    def tower(self) -> hub.Tower:
+        """KerasHub backbones: the image tower the weights state (a checkpoint directory's
+        ``config.json``), else the registry entry's."""
+        if self.weights_file is not None:
+            return _dir_tower(self.backbone, self.weights)
+        return self.spec.tower()
+
+    @property
     def feature_dim(self) -> int:
-        return self.spec.layers[self.layer] if self.layer else self.spec.feature_dim
+        spec = self.spec
+        if self.is_hub:
+            return self.tower.widths[self.pooling]
+        return spec.layers[self.layer] if self.layer else spec.feature_dim
+
+    @property
+    def preprocessing_spec(self) -> hub.Preprocessing:
+        """KerasHub backbones: the scale, offset and interpolation read from the preset."""
+        return _hub_preprocessing(self.backbone, self.weights)
+
+    @property
+    def preprocessing(self) -> str:
+        """What is recorded as the table's ``preprocessing``."""
+        if self.is_hub:
+            return hub.describe_preprocessing(self.preprocessing_spec)
+        return self.spec.preprocessing
+
+    @property
+    def interpolation(self) -> str:
+        """The resize filter used when decoding (the preset's for KerasHub backbones)."""
+        return self.preprocessing_spec.interpolation if self.is_hub else "bilinear"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -143,11 +216,19 @@ class FeatureRecipe:
 
     @property
     def weights_file(self) -> str | None:
-        """The weights file (local or remote), or None for a keyword."""
-        return None if self.weights in WEIGHT_KEYWORDS else self.weights
+        """The weights file or checkpoint directory (local or remote), or None for a keyword
+        or a KerasHub handle."""
+        if self.weights in WEIGHT_KEYWORDS or hub.is_handle(self.weights):
+            return None
+        return self.weights
 
     def fingerprint(self) -> str:
         """Identifies the weights: a content hash for files, a description for keywords."""
+        if self.is_hub and self.weights == hub.PRESET:
+            # KerasHub handles are versioned (``.../dinov2_small/1``); a version never changes.
+            return f"keras-hub:{self.spec.handle}"
+        if hub.is_handle(self.weights):
+            return f"handle:{self.weights}"
         if self.weights == "imagenet":
             # Keras verifies each ImageNet download against a hash pinned in its own source.
             return f"keras-applications:{self.spec.constructor}:imagenet"
@@ -166,10 +247,11 @@ class FeatureRecipe:
             "input_size": str(self.image_size),
             "pooling": "" if self.layer else self.pooling,
             "layer": self.layer or "",
-            "preprocessing": self.spec.preprocessing,
+            "preprocessing": self.preprocessing,
             "resize": self.resize,
             "feature_dim": str(self.feature_dim),
             "precision": self.precision,
+            "l2_normalize": "true" if self.l2_normalize else "false",
         }
 
     @classmethod
@@ -187,8 +269,14 @@ class FeatureRecipe:
             ValueError: the recorded weights are missing, or their values differ from those
                 that made the table (fingerprint mismatch).
         """
-        weights = meta.get("weights") or DEFAULT_WEIGHTS
-        if verify_weights and weights not in WEIGHT_KEYWORDS and not storage.exists(weights):
+        weights = meta.get("weights") or None
+        if (
+            verify_weights
+            and weights
+            and weights not in WEIGHT_KEYWORDS
+            and not hub.is_handle(weights)
+            and not storage.exists(weights)
+        ):
             from transforms import sample_weights
 
             if os.path.basename(weights) != sample_weights.FILE_NAME:
@@ -197,11 +285,12 @@ class FeatureRecipe:
         recipe = cls(
             backbone=meta["backbone"],
             weights=weights,
-            pooling=meta.get("pooling") or DEFAULT_POOLING,
+            pooling=meta.get("pooling") or None,
             layer=meta.get("layer") or None,
             image_size=int(meta["input_size"]),
             resize=meta.get("resize") or DEFAULT_RESIZE,
             precision=meta.get("precision") or DEFAULT_PRECISION,
+            l2_normalize=meta.get("l2_normalize") == "true",
         )
         recorded = meta.get("weights_fingerprint")
         if verify_weights and recorded and recipe.fingerprint() != recorded:
@@ -222,23 +311,26 @@ class FeatureRecipe:
         image_size: int | None = None,
         resize: str | None = None,
         precision: str | None = None,
+        l2_normalize: bool | None = None,
     ) -> FeatureRecipe:
-        """A recipe from command-line values (None = the default); resolves ``sample`` weights
-        to their cached file and checks that a weights file exists.
+        """A recipe from command-line values (None = the backbone's default); resolves
+        ``sample`` weights to their cached file and checks that a weights file exists.
 
         Raises:
             ValueError: a bad combination, or a weights file that does not exist.
         """
-        backbone = get_backbone(backbone or DEFAULT_BACKBONE).name
-        weights, default_size = resolve_weights(backbone, weights or DEFAULT_WEIGHTS)
+        spec = get_backbone(backbone or DEFAULT_BACKBONE)
+        default = hub.PRESET if spec.kind == "keras_hub" else DEFAULT_WEIGHTS
+        weights, default_size = resolve_weights(spec.name, weights or default)
         return cls(
-            backbone=backbone,
+            backbone=spec.name,
             weights=weights,
-            pooling=pooling or DEFAULT_POOLING,
+            pooling=pooling or None,
             layer=layer or None,
             image_size=image_size or default_size,
-            resize=resize or DEFAULT_RESIZE,
+            resize=resize or None,
             precision=precision or DEFAULT_PRECISION,
+            l2_normalize=bool(l2_normalize),
         )
 
     def check_flags(self, **given: Any) -> None:
@@ -261,6 +353,10 @@ class FeatureRecipe:
                 ours, theirs, key = self.image_size, int(value), "input_size"
             elif name in ("pooling", "layer", "resize", "precision"):
                 ours, theirs, key = getattr(self, name), value, name
+            elif name == "l2_normalize":
+                if not value:  # a store_true flag left out says nothing
+                    continue
+                ours, theirs, key = self.l2_normalize, bool(value), name
             else:
                 raise TypeError(f"unknown recipe flag {name!r}")
             if ours != theirs:
@@ -280,8 +376,10 @@ def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:
         ValueError: ``sample`` for another backbone, or a missing weights file.
     """
     keyword = weights.lower()
-    if keyword in ("imagenet", "none"):
+    if keyword in ("imagenet", "none", hub.PRESET):
         return keyword, None
+    if hub.is_handle(weights):
+        return weights, None
     if keyword == "sample":
         from transforms import sample_weights
 
@@ -292,7 +390,20 @@ def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:
         return sample_weights.ensure_sample_weights(), sample_weights.IMAGE_SIZE
     if not storage.exists(weights):
         raise ValueError(f"--weights file not found: {weights}")
+    spec = get_backbone(backbone)
+    if spec.kind == "keras_hub":
+        _dir_tower(spec.name, weights)  # a directory with a config.json of the right family
     return weights, None
+
+
+@functools.lru_cache(maxsize=32)
+def _dir_tower(backbone: str, uri: str) -> hub.Tower:
+    return hub.read_dir_tower(get_backbone(backbone), uri)
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_preprocessing(backbone: str, weights: str) -> hub.Preprocessing:
+    return hub.read_preprocessing(get_backbone(backbone), weights)
 
 
 def _fingerprint_of(backbone: str, weights: str) -> str:
@@ -312,8 +423,32 @@ def weights_fingerprint(uri: str) -> str:
     dataset by dataset, in name order, so the same weights saved twice (HDF5 embeds timestamps)
     get the same fingerprint. Other files are hashed byte for byte.
     """
+    if storage.is_dir(uri):
+        files = storage.find_files(uri)
+        version = "|".join(f"{f.uri}:{f.size}:{f.version}" for f in files)
+        return _cached_dir_fingerprint(uri, version)
     info = storage.file_info(uri)
     return _cached_fingerprint(info.uri, info.size, info.version)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_dir_fingerprint(uri: str, version: str) -> str:
+    """A checkpoint directory: its architecture (``config.json``, canonical JSON) and the values
+    of every weights file (``*.weights.h5`` dataset by dataset, ``*.safetensors`` tensor by
+    tensor), in name order. Tokenizer and converter files do not change image vectors."""
+    import json
+
+    digest = hashlib.sha256()
+    root = uri.rstrip("/")
+    for info in storage.find_files(uri):
+        name = info.uri[len(root) + 1 :]
+        if name == "config.json":
+            config = json.loads(storage.read_bytes(info.uri))
+            digest.update(json.dumps(config, sort_keys=True).encode())
+        elif name.endswith((".h5", ".safetensors")):
+            digest.update(name.encode())
+            digest.update(_hash_weight_values(info.uri).encode())
+    return "dir-values-sha256:" + digest.hexdigest()
 
 
 def _hash_weight_values(uri: str) -> str:
@@ -323,6 +458,8 @@ def _hash_weight_values(uri: str) -> str:
             members = [n for n in archive.namelist() if n.endswith(".h5")]
             if members:
                 data = archive.read(members[0])
+    if uri.endswith(".safetensors"):
+        return _hash_safetensors(data)
     if data[:8] != b"\x89HDF\r\n\x1a\n":
         return "sha256:" + hashlib.sha256(data).hexdigest()
     import h5py
@@ -338,3 +475,17 @@ def _hash_weight_values(uri: str) -> str:
             digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
             digest.update(values.tobytes() if hasattr(values, "tobytes") else repr(values).encode())
     return "h5-values-sha256:" + digest.hexdigest()
+
+
+def _hash_safetensors(data: bytes) -> str:
+    """Tensor by tensor in name order (the header's own metadata, e.g. a format note, and the
+    byte layout do not count)."""
+    from safetensors.numpy import load
+
+    digest = hashlib.sha256()
+    tensors = load(data)
+    for name in sorted(tensors):
+        values = tensors[name]
+        digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
+        digest.update(values.tobytes())
+    return "safetensors-values-sha256:" + digest.hexdigest()

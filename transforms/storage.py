@@ -135,9 +135,12 @@ def write_atomically(uri: str, write: Callable[[IO], None]) -> None:
 
 
 def local_copy(uri: str, cache_dir: str) -> str:
-    """A local path to ``uri``'s content, downloading remote files once into ``cache_dir``."""
+    """A local path to ``uri``'s content, downloading remote files (or a folder's files, e.g. a
+    KerasHub preset) once into ``cache_dir``."""
     if is_local(uri):
         return uri.removeprefix("file://")
+    if is_dir(uri):
+        return _local_dir_copy(uri, cache_dir)
     info = file_info(uri)
     key = hashlib.sha256(f"{info.uri}|{info.size}|{info.version}".encode()).hexdigest()[:16]
     target = os.path.join(cache_dir, f"{key}-{posixpath.basename(uri)}")
@@ -145,4 +148,18 @@ def local_copy(uri: str, cache_dir: str) -> str:
         os.makedirs(cache_dir, exist_ok=True)
         data = read_bytes(uri)
         write_atomically(target, lambda f: f.write(data))
+    return target
+
+
+def _local_dir_copy(uri: str, cache_dir: str) -> str:
+    files = find_files(uri)
+    state = "|".join(f"{f.uri}:{f.size}:{f.version}" for f in files)
+    key = hashlib.sha256(f"{uri}|{state}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir, f"{key}-{posixpath.basename(uri.rstrip('/'))}")
+    root = uri.rstrip("/")
+    for info in files:
+        local = os.path.join(target, *info.uri[len(root) + 1 :].split("/"))
+        if not os.path.exists(local):
+            data = read_bytes(info.uri)
+            write_atomically(local, lambda f, data=data: f.write(data))
     return target
