@@ -1,13 +1,19 @@
-"""Classify images: a backbone with its ImageNet top, or a backbone plus a trained head.
+"""Classify images: a backbone with its ImageNet top, a backbone plus a trained head, or a
+text-image backbone (CLIP, SigLIP) zero-shot against any labels.
 
     python -m pipeline.classify --input DIR --output OUT --backbone resnet50 --weights imagenet --top-k 5
     python -m pipeline.classify --input DIR --output OUT --head HEAD_DIR --top-k 2
+    python -m pipeline.classify --input DIR --output OUT --backbone siglip2_base_patch16_224 \
+        --labels ants,bees --prompt "a photo of {}."
 
 Runs the same Beam read/decode path as extraction and writes a Parquet table of predictions
 (``prediction``, ``probability``, ``top_classes``, ``top_probabilities`` per image), with the same
 error rows and ``_SUMMARY.json``. With ``--head``, images are made into vectors with exactly the
 recipe the head was trained on (backbone, weights, size, pooling, resize, precision), read from
-the head's report; a recipe flag that contradicts it is refused.
+the head's report; a recipe flag that contradicts it is refused. With ``--labels`` (or
+``--labels-file``, one label per line), each label becomes a prompt (``--prompt``, ``{}`` is the
+label) embedded once by the backbone's text tower; an image's probabilities are the backbone's own
+head over those prompts (softmax for CLIP, per-label sigmoid for SigLIP, as each was trained).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ from typing import Any
 
 from pipeline import cli
 from pipeline.launch import TableRun, launch
+from transforms import hub, model_io, storage
 from transforms import lease as leases
-from transforms import model_io
 from transforms.backbones import PREDICTIONS
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
 from transforms.embed import BackboneModelHandler
@@ -40,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--head", default=None, help="a train_head --model-dir; else the ImageNet top"
     )
+    zero_shot = parser.add_argument_group("zero-shot (CLIP / SigLIP backbones)")
+    zero_shot.add_argument("--labels", default=None, help="comma-separated class labels")
+    zero_shot.add_argument("--labels-file", default=None, help="a text file, one label per line")
+    zero_shot.add_argument(
+        "--prompt",
+        default=hub.DEFAULT_PROMPT,
+        help="the text for each label, {} standing for it (default: %(default)r)",
+    )
     cli.add_recipe_flags(parser)
     parser.add_argument("--top-k", type=int, default=5)
     cli.add_batch_size_flag(parser)
@@ -48,8 +62,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _labels(args) -> list[str]:
+    if args.labels and args.labels_file:
+        raise ValueError("give --labels or --labels-file, not both")
+    if args.labels_file:
+        text = storage.read_bytes(args.labels_file).decode("utf-8")
+        labels = [line.strip() for line in text.splitlines()]
+    else:
+        labels = [label.strip() for label in (args.labels or "").split(",")]
+    labels = [label for label in labels if label]
+    if len(labels) < 2:
+        raise ValueError(f"zero-shot classification needs at least 2 labels, got {labels}")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate labels: {labels}")
+    return labels
+
+
 def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str], dict[str, str]]:
     try:
+        if args.labels or args.labels_file:
+            if args.head:
+                raise ValueError("--labels (zero-shot) and --head are alternatives")
+            labels = _labels(args)
+            if args.pooling not in (None, "cls") or args.l2_normalize:
+                raise ValueError(
+                    "zero-shot scores the cls embedding: leave out --pooling/--l2-normalize"
+                )
+            recipe = FeatureRecipe.from_flags(**cli.recipe_flags(args))  # cls by default
+            hub.check_zero_shot(recipe)
+            handler = BackboneModelHandler(
+                recipe,
+                batch_size=args.batch_size,
+                cache_dir=args.cache_dir,
+                prompts=hub.prompts_for(labels, args.prompt),
+            )
+            return handler, labels, {"prompt": args.prompt}
         if args.head:
             report = model_io.read_head_report(args.head)
             recipe = model_io.head_recipe(report)

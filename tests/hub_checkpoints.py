@@ -189,3 +189,25 @@ def write_transformers_dinov2(
     if preprocessor:
         (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return directory
+
+
+def tiny_clip_tokenizer_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """A character-level CLIP BPE vocabulary (plus two merges) for prompts in lower-case ASCII."""
+    chars = "abcdefghijklmnopqrstuvwxyz.,'"
+    tokens = [*chars, *(c + "</w>" for c in chars), "an", "be", "<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, ["a n", "b e"]
+
+
+def write_clip_preset_with_tokenizer(directory: pathlib.Path, *, seed: int = 0) -> pathlib.Path:
+    """A tiny CLIP preset with a tiny tokenizer and its text preprocessor: zero-shot offline."""
+    import keras_hub
+
+    vocabulary, merges = tiny_clip_tokenizer_vocabulary()
+    backbone = tiny_backbone("clip", seed=seed, vocabulary=len(vocabulary))
+    backbone.save_to_preset(str(directory))
+    converter = keras_hub.layers.CLIPImageConverter(image_size=(32, 32), **CONVERTER)
+    tokenizer = keras_hub.models.CLIPTokenizer(vocabulary=vocabulary, merges=merges)
+    keras_hub.models.CLIPPreprocessor(
+        tokenizer=tokenizer, image_converter=converter, sequence_length=16
+    ).save_to_preset(str(directory))
+    return directory

@@ -12,7 +12,12 @@ import subprocess
 
 import numpy as np
 import pytest
-from hub_checkpoints import CONVERTER, write_keras_hub_preset, write_transformers_dinov2
+from hub_checkpoints import (
+    CONVERTER,
+    write_clip_preset_with_tokenizer,
+    write_keras_hub_preset,
+    write_transformers_dinov2,
+)
 
 from transforms import hub, table
 from transforms.backbones import BACKBONES, get_backbone
@@ -342,3 +347,74 @@ def test_dinov2_vectors_equal_transformers_pytorch(tmp_path):
         cosine = (ours * want).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(want, axis=1)
         assert cosine.min() > 0.99999, (pooling, cosine)
         np.testing.assert_allclose(ours, want, rtol=1e-3, atol=1e-4)
+
+
+# --- zero-shot ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_zero_shot_classify_with_a_tiny_tokenizer(image_tree, tmp_path):
+    """``classify --labels``: each image's probabilities are the softmax of CLIP's own forward
+    pass (image and prompt towers, its head) on the same pixels and prompts."""
+    import keras
+    import keras_hub
+    import pyarrow.parquet as pq
+
+    from pipeline.classify import run
+    from transforms.images import load_image
+
+    preset = write_clip_preset_with_tokenizer(tmp_path / "clip")
+    summary = run(
+        ["--input", str(image_tree), "--output", str(tmp_path / "out")]
+        + ["--backbone", "clip_vit_base_patch16", "--weights", str(preset)]
+        + ["--labels", "cats,dogs", "--prompt", "a photo of {}.", "--top-k", "2"]
+    )
+    assert (summary["rows"], summary["errors"]) == (12, 0)
+    predictions = pq.read_table(str(tmp_path / "out")).to_pylist()
+    recipe = FeatureRecipe.from_flags(backbone="clip_vit_base_patch16", weights=str(preset))
+    backbone = keras_hub.models.CLIPBackbone.from_preset(str(preset))
+    preprocessor = keras_hub.models.CLIPPreprocessor.from_preset(str(preset))
+    tokens = preprocessor({"prompts": ["a photo of cats.", "a photo of dogs."], "images": None})
+    for row in predictions[:4]:
+        path = row["uri"].removeprefix("file://")
+        pixels = (
+            load_image(
+                pathlib.Path(path).read_bytes(),
+                recipe.size,
+                resize=recipe.resize,
+                interpolation=recipe.interpolation,
+            )
+            .pixels[None]
+            .astype(np.float32)
+        )
+        scaled = pixels * np.float32(CONVERTER["scale"]) + np.float32(CONVERTER["offset"])
+        inputs = {"images": keras.ops.convert_to_tensor(scaled), "token_ids": tokens["token_ids"]}
+        logits = backbone(inputs)["vision_logits"]
+        want = np.asarray(keras.ops.softmax(logits))[0]
+        got = dict(zip(row["top_classes"], row["top_probabilities"], strict=True))
+        np.testing.assert_allclose([got["cats"], got["dogs"]], want, rtol=1e-4, atol=1e-5)
+        assert row["prediction"] == ("cats", "dogs")[int(np.argmax(want))]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backbone", "dinov2_small", "--weights", "none", "--labels", "a,b"], "no text tower"),
+        (["--backbone", "resnet50", "--weights", "none", "--labels", "a,b"], "no text tower"),
+        (
+            ["--backbone", "clip_vit_base_patch16", "--weights", "none", "--labels", "a,b"],
+            "none has",
+        ),
+        (["--backbone", "clip_vit_base_patch16", "--labels", "ants"], "at least 2 labels"),
+        (
+            ["--backbone", "clip_vit_base_patch16", "--labels", "a,b", "--prompt", "x"],
+            "must contain {}",
+        ),
+    ],
+)
+def test_zero_shot_bad_flags_are_clear_errors(argv, message, tmp_path, capsys):
+    from pipeline.classify import run
+
+    with pytest.raises(SystemExit):
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
+    assert message in capsys.readouterr().err

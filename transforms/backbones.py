@@ -14,6 +14,7 @@ TensorFlow and Keras are imported lazily so that listing, decoding and table cod
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 from dataclasses import dataclass, field
@@ -183,13 +184,28 @@ def build_model(recipe: FeatureRecipe, *, weights_path: str | None = None):
         A ``keras.Model`` from ``(batch, size, size, 3)`` float32 (after :func:`preprocess`) to
         ``(batch, feature_dim)``.
     """
+    with _precision(recipe):
+        return _build(recipe, weights_path)
+
+
+def build_zero_shot(recipe: FeatureRecipe, prompts, *, weights_path: str | None = None):
+    """``(image model, head)`` for zero-shot classification by text prompts (two-tower KerasHub
+    backbones; see ``transforms.hub.build_zero_shot``), under the recipe's precision."""
+    from transforms.hub import build_zero_shot as build
+
+    with _precision(recipe):
+        return build(recipe, prompts, local_dir=weights_path)
+
+
+@contextlib.contextmanager
+def _precision(recipe: FeatureRecipe):
     import keras
 
     previous = keras.mixed_precision.global_policy()
     if recipe.precision == "bfloat16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        return _build(recipe, weights_path)
+        yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
 

@@ -23,7 +23,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import storage
-from transforms.backbones import build_model, preprocess, preprocess_fn
+from transforms.backbones import build_model, build_zero_shot, preprocess, preprocess_fn
 from transforms.images import DEFAULT_INTERPOLATION, ImageError, load_image
 from transforms.listing import ImageRef
 from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
@@ -120,14 +120,22 @@ class Embedder:
     uint8 batch in, float32 vectors (or class probabilities) out."""
 
     def __init__(
-        self, recipe: FeatureRecipe, weights_path: str | None, head_path: str | None = None
+        self,
+        recipe: FeatureRecipe,
+        weights_path: str | None,
+        head_path: str | None = None,
+        *,
+        prompts: Sequence[str] | None = None,
     ):
         import keras
         import tensorflow as tf
 
         self.recipe = recipe
-        self.model = build_model(recipe, weights_path=weights_path)
         self.head = None
+        if prompts:  # zero-shot: the head scores the image embedding against each prompt
+            self.model, self.head = build_zero_shot(recipe, prompts, weights_path=weights_path)
+        else:
+            self.model = build_model(recipe, weights_path=weights_path)
         if head_path is not None:
             self.head = keras.models.load_model(head_path, compile=False)
         spec = recipe.spec
@@ -247,6 +255,9 @@ class BackboneModelHandler(FeatureModelHandler):
         head: a trained head (``head.keras``, local or remote) applied to the features; the
             outputs are then class probabilities, ``head_classes`` wide.
         head_classes: the head's output width.
+        prompts: zero-shot classification: one text per class, scored against each image by
+            the backbone's text tower (two-tower KerasHub backbones); the outputs are then one
+            probability per prompt.
         intra_op_threads: TensorFlow's intra-op threads in each worker process (0: its default,
             every core). Worker processes sharing a machine should each get their share.
     """
@@ -259,6 +270,7 @@ class BackboneModelHandler(FeatureModelHandler):
         cache_dir: str | None = None,
         head: str | None = None,
         head_classes: int = 0,
+        prompts: Sequence[str] | None = None,
         intra_op_threads: int = 0,
     ):
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
@@ -271,6 +283,11 @@ class BackboneModelHandler(FeatureModelHandler):
         self._intra_op_threads = intra_op_threads
         self._head = head
         self._head_classes = head_classes
+        self._prompts = tuple(prompts or ())
+        if self._prompts:
+            from transforms.hub import check_zero_shot
+
+            check_zero_shot(recipe)
         self._cache_dir = cache_dir or os.path.join(
             os.path.expanduser("~"), ".cache", "featurebeam", "weights"
         )
@@ -289,11 +306,16 @@ class BackboneModelHandler(FeatureModelHandler):
 
     @property
     def feature_dim(self) -> int:
+        if self._prompts:
+            return len(self._prompts)
         return self._head_classes if self._head else self.recipe.feature_dim
 
     def table_metadata(self) -> dict[str, str]:
         if self._metadata is None:  # the fingerprint hashes the weights: do it once
-            self._metadata = {**self.recipe.to_metadata(), "head": self._head or ""}
+            head = "zero-shot" if self._prompts else self._head or ""
+            self._metadata = {**self.recipe.to_metadata(), "head": head}
+            if self._prompts:
+                self._metadata["prompts"] = json.dumps(self._prompts)
         return dict(self._metadata)
 
     def load_model(self) -> Embedder:
@@ -308,7 +330,7 @@ class BackboneModelHandler(FeatureModelHandler):
             head = storage.local_copy(self._head, self._cache_dir)
         set_tf_threads(self._intra_op_threads)
         started = time.monotonic()
-        embedder = Embedder(recipe, path, head)
+        embedder = Embedder(recipe, path, head, prompts=self._prompts)
         _LOG.info(
             "loaded %s (%s, weights=%s, %s) in %.1fs in pid %d",
             recipe.backbone,
