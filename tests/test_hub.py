@@ -418,3 +418,42 @@ def test_zero_shot_bad_flags_are_clear_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
     assert message in capsys.readouterr().err
+
+
+# --- staging ---------------------------------------------------------------------------------------
+
+
+def test_stage_weights_converts_a_transformers_checkpoint_to_a_preset(tmp_path):
+    """The staged KerasHub preset gives the same vectors and preprocessing as its source."""
+    from pipeline.stage_weights import stage
+
+    hf = write_transformers_dinov2(
+        tmp_path / "hf",
+        registers=4,
+        preprocessor={"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "resample": 2},
+    )
+    uri = stage("dinov2_with_registers_small", str(hf), str(tmp_path / "bucket"))
+    assert uri == str(tmp_path / "bucket" / "dinov2_with_registers_small-hf")
+    assert {"config.json", "model.weights.h5", "image_converter.json"} <= set(os.listdir(uri))
+    source = FeatureRecipe.from_flags(
+        backbone="dinov2_with_registers_small", weights=str(hf), image_size=28
+    )
+    staged = FeatureRecipe.from_flags(
+        backbone="dinov2_with_registers_small", weights=uri, image_size=28
+    )
+    assert staged.preprocessing == source.preprocessing
+    assert staged.interpolation == "bilinear"
+    pixels = _pixels(2, 28)
+    np.testing.assert_allclose(
+        _embed(staged, uri, pixels), _embed(source, str(hf), pixels), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_stage_weights_keeps_the_text_preprocessor(tmp_path):
+    from pipeline.stage_weights import stage
+
+    preset = write_clip_preset_with_tokenizer(tmp_path / "clip")
+    uri = stage("clip_vit_base_patch16", str(preset), str(tmp_path / "bucket"))
+    assert {"preprocessor.json", "tokenizer.json", "image_converter.json"} <= set(os.listdir(uri))
+    with pytest.raises(ValueError, match="a random init is built on each worker"):
+        stage("clip_vit_base_patch16", "none", str(tmp_path / "bucket"))

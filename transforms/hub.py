@@ -55,6 +55,7 @@ class Family:
     Attributes:
         name: family key (``dinov2``).
         backbone_class: the ``keras_hub.models`` class a preset of this family loads as.
+        converter_class: its ``keras_hub.layers`` image converter.
         presets_module: KerasHub's module listing the family's presets (plain dicts).
         input_key: the image input's name in the KerasHub functional model (None: it takes a
             bare tensor).
@@ -71,6 +72,7 @@ class Family:
 
     name: str
     backbone_class: str
+    converter_class: str
     presets_module: str
     input_key: str | None
     model_types: tuple[str, ...]
@@ -86,6 +88,7 @@ FAMILIES = {
         Family(
             "dinov2",
             "DINOV2Backbone",
+            "DINOV2ImageConverter",
             "dinov2.dinov2_presets",
             "images",
             ("dinov2", "dinov2_with_registers"),
@@ -96,6 +99,7 @@ FAMILIES = {
         Family(
             "dinov3",
             "DINOV3Backbone",
+            "DINOV3ImageConverter",
             "dinov3.dinov3_presets",
             "pixel_values",
             ("dinov3_vit",),
@@ -106,6 +110,7 @@ FAMILIES = {
         Family(
             "vit",
             "ViTBackbone",
+            "ViTImageConverter",
             "vit.vit_presets",
             None,
             ("vit",),
@@ -116,6 +121,7 @@ FAMILIES = {
         Family(
             "siglip",
             "SigLIPBackbone",
+            "SigLIPImageConverter",
             "siglip.siglip_presets",
             "images",
             (),
@@ -127,6 +133,7 @@ FAMILIES = {
         Family(
             "clip",
             "CLIPBackbone",
+            "CLIPImageConverter",
             "clip.clip_presets",
             "images",
             (),
@@ -138,6 +145,7 @@ FAMILIES = {
         Family(
             "metaclip_2",
             "MetaCLIP2Backbone",
+            "MetaCLIP2ImageConverter",
             "metaclip_2.metaclip_2_presets",
             "images",
             ("metaclip_2",),
