@@ -7,11 +7,17 @@ Writes to HEAD_DIR: ``head.keras`` (the Keras head: normalisation + softmax), ``
 (classes, counts, accuracy, per-class precision/recall, confusion matrix, the feature table's
 fingerprint and metadata), and three pictures: ``confusion_matrix.png``, ``learning_curves.png``
 and ``features_pca.png``.
+
+Late fusion: ``--features`` tables made with *different* recipes of the same images (e.g. the
+``OUT/<backbone>/`` tables of one multi-backbone extraction) are joined on ``image_id`` and their
+vectors concatenated; the saved head uses them all, and the report's ``fusion`` section gives the
+validation accuracy of a head on each backbone alone and on each combination, and names the best.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import tempfile
 import time
@@ -27,6 +33,7 @@ from transforms.head import (
     FeatureSet,
     build_head,
     classification_report,
+    part_names,
     pca_2d,
     read_features,
     stratified_split,
@@ -126,34 +133,13 @@ def _save_plots(model_dir: str, history: dict, report: dict, classes, x, labels)
     return files
 
 
-def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Trains the head; returns the report (also written to ``report.json``)."""
+def _fit(args, x_train, t_train, x_val, t_val, n_classes):
+    """Trains one head (seeded); returns it, its history and its validation predictions."""
     import keras
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        train = read_features(args.features)
-        val = (
-            read_features(args.val_features, metadata=train.metadata) if args.val_features else None
-        )
-        x_train, y_train, x_val, y_val = _split(train, val, args.val_split, args.seed)
-    except ValueError as exc:
-        parser.error(str(exc))
-    classes = sorted(set(y_train.tolist()))
-    if len(classes) < 2:
-        parser.error(f"need at least two classes to train a classifier, found {classes}")
-    unknown = sorted(set(y_val.tolist()) - set(classes))
-    if unknown:
-        parser.error(f"validation labels not seen in training: {unknown}")
-    index = {name: i for i, name in enumerate(classes)}
-    t_train = np.array([index[v] for v in y_train])
-    t_val = np.array([index[v] for v in y_val])
 
     keras.utils.set_random_seed(args.seed)
     head = build_head(
-        x_train, len(classes), kind=args.head, hidden=args.hidden_units, dropout=args.dropout
+        x_train, n_classes, kind=args.head, hidden=args.hidden_units, dropout=args.dropout
     )
     head.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
@@ -173,6 +159,64 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         verbose=0,
     ).history
     predicted = head.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
+    return head, history, predicted
+
+
+#: Up to this many fused recipes, every combination is scored; past it, each alone and all.
+_ALL_COMBINATIONS_UP_TO = 3
+
+
+def _compare_parts(args, train: FeatureSet, x_train, t_train, x_val, t_val, n_classes) -> dict:
+    """Validation accuracy of a head on each fused recipe alone and on each smaller combination
+    (the full combination is the saved head)."""
+    names = part_names(train.parts)
+    n = len(names)
+    if n <= _ALL_COMBINATIONS_UP_TO:
+        subsets = [c for size in range(1, n) for c in itertools.combinations(range(n), size)]
+    else:
+        subsets = [(i,) for i in range(n)]
+    bounds = np.cumsum((0, *train.widths))
+
+    def columns(x, subset):
+        return np.concatenate([x[:, bounds[i] : bounds[i + 1]] for i in subset], axis=1)
+
+    scores = {}
+    for subset in subsets:
+        _, _, predicted = _fit(
+            args, columns(x_train, subset), t_train, columns(x_val, subset), t_val, n_classes
+        )
+        scores["+".join(names[i] for i in subset)] = float((predicted == t_val).mean())
+    return {"parts": names, "widths": list(train.widths), "val_accuracy": scores}
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains the head; returns the report (also written to ``report.json``)."""
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        train = read_features(args.features)
+        val = read_features(args.val_features, like=train) if args.val_features else None
+        x_train, y_train, x_val, y_val = _split(train, val, args.val_split, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    classes = sorted(set(y_train.tolist()))
+    if len(classes) < 2:
+        parser.error(f"need at least two classes to train a classifier, found {classes}")
+    unknown = sorted(set(y_val.tolist()) - set(classes))
+    if unknown:
+        parser.error(f"validation labels not seen in training: {unknown}")
+    index = {name: i for i, name in enumerate(classes)}
+    t_train = np.array([index[v] for v in y_train])
+    t_val = np.array([index[v] for v in y_val])
+
+    head, history, predicted = _fit(args, x_train, t_train, x_val, t_val, len(classes))
+    fusion = None
+    if train.fused:
+        fusion = _compare_parts(args, train, x_train, t_train, x_val, t_val, len(classes))
+        fusion["val_accuracy"]["+".join(fusion["parts"])] = float((predicted == t_val).mean())
+        fusion["best"] = max(fusion["val_accuracy"], key=fusion["val_accuracy"].get)
     report = {
         "classes": classes,
         "counts": {
@@ -188,6 +232,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "feature_table_metadata": train.metadata,
         "feature_tables": list(args.features),
     }
+    if fusion is not None:
+        report["feature_table_parts"] = list(train.parts)
+        report["fusion"] = fusion
     report["pictures"] = _save_plots(
         args.model_dir,
         history,
@@ -212,6 +259,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"  {name}: precision {stats['precision']:.3f} recall {stats['recall']:.3f} ({stats['support']})"
         )
+    if "fusion" in report:
+        print("late fusion, validation accuracy:")
+        for name, accuracy in sorted(
+            report["fusion"]["val_accuracy"].items(), key=lambda kv: -kv[1]
+        ):
+            print(f"  {accuracy:.3f}  {name}")
+        print(f"best: {report['fusion']['best']}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,58 @@ def test_train_head_on_a_small_table(image_tree, tmp_path):
     assert json.loads((tmp_path / "head" / "report.json").read_text())["feature_table_fingerprint"]
 
 
+def test_train_head_fuses_tables_of_different_recipes(image_tree, tmp_path, capsys):
+    """Late fusion: tables of two recipes over the same images are joined on image_id (an image
+    missing from one is left out) and their vectors concatenated; the report scores each part
+    alone and together, and a fused head is not served as if it had one recipe."""
+    from fakes import MeanColorHandler
+
+    from transforms import model_io
+
+    for split in ("train", "val"):
+        for resize in ("squash", "crop"):
+            source = str(image_tree / split)
+            if split == "train" and resize == "crop":
+                source = str(image_tree / split / "*" / "[01].*")  # one image per class missing
+            run_extract(
+                source, tmp_path / f"{split}-{resize}", handler=MeanColorHandler(resize=resize)
+            )
+    fused = read_features([str(tmp_path / "train-squash"), str(tmp_path / "train-crop")])
+    assert fused.fused and fused.widths == (3, 3) and fused.x.shape == (4, 6)
+    squash = read_features([str(tmp_path / "train-squash")])
+    by_uri = dict(zip(squash.uris, squash.x, strict=True))
+    for uri, row in zip(fused.uris, fused.x, strict=True):
+        np.testing.assert_array_equal(row[:3], by_uri[uri])
+
+    report = train_head.run(
+        ["--features", str(tmp_path / "train-squash"), "--features", str(tmp_path / "train-crop")]
+        + [
+            "--val-features",
+            str(tmp_path / "val-squash"),
+            "--val-features",
+            str(tmp_path / "val-crop"),
+        ]
+        + ["--model-dir", str(tmp_path / "head"), "--epochs", "3"]
+    )
+    fusion = report["fusion"]
+    assert fusion["parts"] == ["mean_color", "mean_color[resize=crop]"]
+    assert len(fusion["val_accuracy"]) == 3 and fusion["best"] in fusion["val_accuracy"]
+    assert [p["resize"] for p in report["feature_table_parts"]] == ["squash", "crop"]
+    with pytest.raises(ValueError, match="late-fused features of 2 recipes"):
+        model_io.head_recipe(report)
+    with pytest.raises(SystemExit):
+        train_head.run(
+            [
+                "--features",
+                str(tmp_path / "train-squash"),
+                "--features",
+                str(tmp_path / "train-crop"),
+            ]
+            + ["--val-features", str(tmp_path / "val-squash"), "--model-dir", str(tmp_path / "h2")]
+        )
+    assert "1 recipe(s) here but 2 in the training tables" in capsys.readouterr().err
+
+
 def test_tables_without_labels_or_with_one_class_are_refused(image_tree, tmp_path, capsys):
     run_extract(str(image_tree / "train" / "cats"), tmp_path / "nolabels")
     with pytest.raises(ValueError, match="no row has a label"):

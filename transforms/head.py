@@ -1,15 +1,17 @@
 """Training a new classifier head on a feature table: reading, checks, split, model, report.
 
 No Beam here: a head trains on vectors that fit in memory. Tables are read with pyarrow, only the
-columns needed, and refused when their metadata says they came from different backbones, weights,
-sizes, poolings, preprocessing, resize or precision (``transforms.recipe``: vectors made by two
-recipes are not comparable).
+columns needed. Tables made with one recipe are stacked (more rows); tables made with different
+recipes of the *same images* (e.g. the per-backbone tables of one multi-backbone run) are joined
+on ``image_id`` and their vectors concatenated: late fusion. A validation set must hold the same
+recipes in the same order (``transforms.recipe``: vectors made by two recipes are not comparable).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,21 +23,55 @@ from transforms.recipe import COMPATIBILITY_KEYS, first_difference
 
 HEADS = ("logistic", "mlp")
 
+_LOG = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Vectors with their labels, read from one or more tables."""
+    """Vectors with their labels, read from one or more tables.
+
+    Attributes:
+        x: ``(n, D)`` float32; with several recipes, their vectors side by side, in order.
+        parts: each recipe's table metadata, in column order (one entry without fusion).
+        widths: each part's vector width.
+    """
 
     x: np.ndarray  # (n, D) float32
     labels: np.ndarray  # (n,) str
     uris: np.ndarray
-    metadata: dict[str, str]
+    parts: tuple[dict[str, str], ...]
+    widths: tuple[int, ...]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The first part's metadata (the only one without fusion)."""
+        return self.parts[0]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.parts) > 1
 
     @property
     def fingerprint(self) -> str:
         """Identifies what produced the vectors (not which images)."""
-        key = json.dumps({k: self.metadata.get(k, "") for k in COMPATIBILITY_KEYS}, sort_keys=True)
+        keys = [{k: meta.get(k, "") for k in COMPATIBILITY_KEYS} for meta in self.parts]
+        key = json.dumps(keys[0] if len(keys) == 1 else keys, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def part_names(parts: Sequence[dict[str, str]]) -> list[str]:
+    """Short, distinct names for recipes (``dinov2_small/cls``; ``resnet50/avg[resize=crop]``
+    where two share backbone and pooling)."""
+    names = []
+    for i, meta in enumerate(parts):
+        output = meta.get("pooling") or meta.get("layer")
+        name = f"{meta.get('backbone')}/{output}" if output else str(meta.get("backbone"))
+        twin = next((j for j in range(i) if names[j].split("[")[0] == name), None)
+        if twin is not None:
+            key = first_difference(parts[twin], meta)
+            name += f"[{key}={meta.get(key)}]"
+        names.append(name)
+    return names
 
 
 def check_compatible(first: dict[str, str], other: dict[str, str], where: str) -> None:
@@ -48,43 +84,112 @@ def check_compatible(first: dict[str, str], other: dict[str, str], where: str) -
         )
 
 
-def read_features(
-    table_dirs: Sequence[str], *, metadata: dict[str, str] | None = None
-) -> FeatureSet:
-    """Reads labelled vectors from tables, checking they are mutually compatible.
+@dataclass
+class _Part:
+    """The rows of one recipe, from one or more tables."""
+
+    metadata: dict[str, str]
+    ids: list[str]
+    uris: list[str]
+    labels: list[str | None]
+    xs: list[np.ndarray]
+    dirs: list[str]
+
+
+def read_features(table_dirs: Sequence[str], *, like: FeatureSet | None = None) -> FeatureSet:
+    """Reads labelled vectors from tables: tables of one recipe are stacked; tables of several
+    recipes are joined on ``image_id`` (images missing from any of them are left out, and
+    counted in the log) and their vectors concatenated in the order the recipes first appear.
 
     Args:
         table_dirs: one or more table folders (local or ``gs://``).
-        metadata: when given, the tables must also be compatible with it (e.g. train vs val).
+        like: when given (e.g. reading validation tables for a training set), the tables must
+            hold the same recipes in the same order.
 
     Raises:
-        ValueError: incompatible tables, no labels, or fewer than two classes.
+        ValueError: a folder without shards, tables whose labels disagree, no labels, or
+            recipes that differ from ``like``'s.
     """
-    xs, labels, uris = [], [], []
-    reference = metadata
+    parts: list[_Part] = []
     for table_dir in table_dirs:
         files = table.shard_files(table_dir)
         if not files:
             raise ValueError(f"{table_dir}: no features-*.parquet shards")
         for path in files:
             fs, inner = table.storage.filesystem(path)
-            shard = pq.read_table(inner, filesystem=fs, columns=["uri", "label", "feature"])
+            columns = ["image_id", "uri", "label", "feature"]
+            shard = pq.read_table(inner, filesystem=fs, columns=columns)
             meta = table.table_metadata(shard.schema)
-            if reference is None:
-                reference = meta
-            check_compatible(reference, meta, path)
-            xs.append(table.features_matrix(shard))
-            labels.extend(shard.column("label").to_pylist())
-            uris.extend(shard.column("uri").to_pylist())
+            part = next((p for p in parts if first_difference(p.metadata, meta) is None), None)
+            if part is None:
+                part = _Part(meta, [], [], [], [], [])
+                parts.append(part)
+            if table_dir not in part.dirs:
+                part.dirs.append(table_dir)
+            part.ids.extend(shard.column("image_id").to_pylist())
+            part.uris.extend(shard.column("uri").to_pylist())
+            part.labels.extend(shard.column("label").to_pylist())
+            part.xs.append(table.features_matrix(shard))
+    if like is not None:
+        if len(parts) != len(like.parts):
+            raise ValueError(
+                f"{', '.join(table_dirs)}: {len(parts)} recipe(s) here but {len(like.parts)} in "
+                "the training tables; give the validation tables of the same backbones, in order"
+            )
+        for part, reference in zip(parts, like.parts, strict=True):
+            check_compatible(reference, part.metadata, part.dirs[0])
+    ids, uris, labels, x = _join(parts) if len(parts) > 1 else _stack(parts[0])
     labelled = np.array([label is not None for label in labels], dtype=bool)
     if not labelled.any():
         raise ValueError(
             f"{', '.join(table_dirs)}: no row has a label; put images in class folders "
             "(train/ants/x.jpg) or give a manifest with a label column"
         )
-    x = np.concatenate(xs)[labelled]
-    y = np.array([label for label in labels if label is not None])
-    return FeatureSet(x, y, np.array(uris)[labelled], dict(reference or {}))
+    return FeatureSet(
+        x[labelled],
+        np.array([label for label in labels if label is not None]),
+        np.array(uris)[labelled],
+        tuple(p.metadata for p in parts),
+        tuple(int(p.xs[0].shape[1]) for p in parts),
+    )
+
+
+def _stack(part: _Part):
+    return part.ids, part.uris, part.labels, np.concatenate(part.xs)
+
+
+def _join(parts: list[_Part]):
+    """Inner join of several recipes' rows on image_id; vectors side by side."""
+    first = parts[0]
+    common = set(first.ids)
+    for part in parts[1:]:
+        common &= set(part.ids)
+    if not common:
+        names = ", ".join(part_names([p.metadata for p in parts]))
+        raise ValueError(
+            f"the tables of {names} share no image_id: late fusion needs the same images"
+        )
+    order = [i for i, image_id in enumerate(first.ids) if image_id in common]
+    ids = [first.ids[i] for i in order]
+    blocks = []
+    for part in parts:
+        position = {image_id: i for i, image_id in enumerate(part.ids)}
+        rows = np.array([position[image_id] for image_id in ids])
+        blocks.append(np.concatenate(part.xs)[rows])
+        labels = [part.labels[i] for i in rows]
+        if labels != [first.labels[i] for i in order]:
+            raise ValueError(
+                f"{part.dirs[0]}: labels differ from {first.dirs[0]} for the same images"
+            )
+    left_out = max(len(set(p.ids)) for p in parts) - len(ids)
+    if left_out:
+        _LOG.warning("late fusion: %d image(s) are missing from some tables and left out", left_out)
+    return (
+        ids,
+        [first.uris[i] for i in order],
+        [first.labels[i] for i in order],
+        np.concatenate(blocks, axis=1),
+    )
 
 
 def stratified_split(

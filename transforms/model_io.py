@@ -80,7 +80,21 @@ def read_head_report(head_dir: str) -> dict[str, Any]:
 
 
 def head_recipe(report: dict[str, Any]) -> FeatureRecipe:
-    """The recipe of the features a head was trained on."""
+    """The recipe of the features a head was trained on.
+
+    Raises:
+        ValueError: a late-fusion head (several recipes): serving it would need every backbone.
+    """
+    parts = report.get("feature_table_parts") or []
+    if len(parts) > 1:
+        names = ", ".join(
+            f"{p.get('backbone')}/{p.get('pooling') or p.get('layer')}" for p in parts
+        )
+        raise ValueError(
+            f"this head was trained on late-fused features of {len(parts)} recipes ({names}); "
+            "classify, export_model and finetune serve single-recipe heads: train a head on one "
+            "backbone's table to serve it"
+        )
     return FeatureRecipe.from_metadata(report["feature_table_metadata"])
 
 
