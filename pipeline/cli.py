@@ -71,7 +71,10 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "--layer", default=None, help="use a named layer of the full classifier (e.g. VGG16 fc2)"
     )
     group.add_argument(
-        "--image-size", type=int, default=None, help="square input side (default: the backbone's)"
+        "--image-size",
+        default=None,
+        help="square input side (default: the backbone's); with several backbones, one for all "
+        "or one each (224,160)",
     )
     group.add_argument(
         "--resize",
@@ -109,6 +112,47 @@ def recipe_from_args(args: argparse.Namespace) -> FeatureRecipe:
         ValueError: a bad combination, or a weights file that does not exist.
     """
     return FeatureRecipe.from_flags(**recipe_flags(args))
+
+
+#: Recipe flags that may list one value per backbone (``--weights preset,imagenet``).
+PER_BACKBONE_FLAGS = ("weights", "pooling", "image_size")
+
+
+def recipes_from_args(args: argparse.Namespace) -> list[FeatureRecipe]:
+    """One recipe per ``--backbone`` in a comma-separated list (a multi-backbone run).
+
+    ``--weights``, ``--pooling`` and ``--image-size`` give one value for every backbone or one
+    each, in order;
+    the other recipe flags apply to every backbone (None: each backbone's default).
+
+    Raises:
+        ValueError: a repeated backbone, a list of the wrong length, or a bad recipe.
+    """
+    flags = recipe_flags(args)
+    backbones = [b.strip() for b in (flags["backbone"] or "").split(",") if b.strip()] or [None]
+    if len(backbones) == 1:
+        return [FeatureRecipe.from_flags(**{**flags, "backbone": backbones[0]})]
+    per_backbone = {}
+    for name in PER_BACKBONE_FLAGS:
+        values = [v.strip() for v in str(flags[name]).split(",")] if flags[name] else [None]
+        if len(values) not in (1, len(backbones)):
+            raise ValueError(
+                f"--{name} lists {len(values)} values for {len(backbones)} backbones: give one "
+                "for all, or one per backbone"
+            )
+        per_backbone[name] = values * len(backbones) if len(values) == 1 else values
+    if flags["layer"]:
+        raise ValueError("--layer names a layer of one backbone: not with several backbones")
+    recipes = [
+        FeatureRecipe.from_flags(
+            **{**flags, "backbone": backbone, **{k: v[i] for k, v in per_backbone.items()}}
+        )
+        for i, backbone in enumerate(backbones)
+    ]
+    names = [r.backbone for r in recipes]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--backbone lists a backbone twice: {','.join(names)}")
+    return recipes
 
 
 def add_batch_size_flag(parser: argparse.ArgumentParser) -> None:

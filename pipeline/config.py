@@ -7,12 +7,14 @@ Flags this module does not know are returned untouched: they are Beam's own pipe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline import cli
 from pipeline.launch import TableRun
+from transforms import storage
 from transforms.extract import DEFAULT_CHUNK_SIZE, DEFAULT_DECODE_THREADS, MODES
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.lease import DEFAULT_EXPIRY_S
@@ -37,7 +39,9 @@ class ExtractConfig:
 
     Attributes:
         run: the inputs, the output table and how to treat it (mode, chunks, prune, lease, ...).
-        recipe: what makes the vectors (backbone, weights, pooling/layer, size, resize, precision).
+        recipes: what makes the vectors (backbone, weights, pooling/layer, size, resize,
+            precision); several for a multi-backbone run, which writes one table per backbone
+            under ``run.output`` (see :attr:`tables`).
         batch_size: images per model call.
         max_pixels: decompression-bomb guard.
         decode_threads: decoding threads per worker process.
@@ -47,14 +51,32 @@ class ExtractConfig:
     """
 
     run: TableRun
-    recipe: FeatureRecipe
+    recipes: tuple[FeatureRecipe, ...]
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_threads: int = DEFAULT_DECODE_THREADS
     intra_op_threads: int = 0
     cache_dir: str | None = None
 
+    @property
+    def recipe(self) -> FeatureRecipe:
+        """The first (with one backbone, the only) recipe."""
+        return self.recipes[0]
+
+    @property
+    def tables(self) -> list[tuple[FeatureRecipe, TableRun]]:
+        """Each recipe with its table: ``run.output`` itself for one backbone, else
+        ``run.output/<backbone>``."""
+        if len(self.recipes) == 1:
+            return [(self.recipe, self.run)]
+        return [
+            (r, dataclasses.replace(self.run, output=storage.join(self.run.output, r.backbone)))
+            for r in self.recipes
+        ]
+
     def __post_init__(self):
+        if not self.recipes:
+            raise ValueError("at least one backbone is required")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
@@ -200,7 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
         )
         config = ExtractConfig(
             run=run,
-            recipe=cli.recipe_from_args(args),
+            recipes=tuple(cli.recipes_from_args(args)),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
             decode_threads=args.decode_threads,

@@ -1,7 +1,9 @@
-"""Extraction job: images -> pretrained headless CNN -> Parquet feature table.
+"""Extraction job: images -> pretrained headless backbone -> Parquet feature table.
 
     python -m pipeline.extract --input DIR_GLOB_OR_gs:// --output OUT_DIR \\
         --backbone resnet50 --weights imagenet --pooling avg [Beam flags]
+    python -m pipeline.extract --input ... --output OUT --backbone dinov2_small,resnet50
+        # one read and decode pass, one table per backbone: OUT/dinov2_small/, OUT/resnet50/
     python -m pipeline.extract --demo     # offline: sample photos, real MobileNetV2 weights
 
 See ``python -m pipeline.extract --help``.
@@ -18,18 +20,21 @@ import apache_beam as beam
 
 from pipeline import cli, runners
 from pipeline.config import ExtractConfig, parse_args
-from pipeline.launch import launch
+from pipeline.launch import launch_tables
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import table
-from transforms.embed import BackboneModelHandler
-from transforms.extract import ExtractFeatures, run_metadata
+from transforms.embed import BackboneModelHandler, check_models_fit
+from transforms.extract import ExtractFeatureTables, run_metadata, table_job
+from transforms.recipe import FeatureRecipe
 
 
-def model_handler(config: ExtractConfig, *, processes_per_machine: int = 1) -> BackboneModelHandler:
+def model_handler(
+    config: ExtractConfig, recipe: FeatureRecipe, *, processes_per_machine: int = 1
+) -> BackboneModelHandler:
     threads = config.intra_op_threads or runners.thread_share(processes_per_machine)
     return BackboneModelHandler(
-        config.recipe,
+        recipe,
         batch_size=config.batch_size,
         cache_dir=config.cache_dir,
         intra_op_threads=threads,
@@ -39,21 +44,22 @@ def model_handler(config: ExtractConfig, *, processes_per_machine: int = 1) -> B
 def build(
     pipeline: beam.Pipeline,
     config: ExtractConfig,
-    run: plans.RunPlan,
+    runs: Sequence[plans.RunPlan],
     *,
-    handler: BackboneModelHandler | None = None,
-    lease: leases.Lease | None = None,
+    handlers: Sequence[BackboneModelHandler] | None = None,
+    leases_held: Sequence[leases.Lease | None] | None = None,
 ):
-    """Adds the extraction graph for a planned run to ``pipeline``; returns the summary
-    PCollection. Builds only: nothing is listed, read or written here."""
-    handler = handler or model_handler(config)
-    return pipeline | "ExtractFeatures" >> ExtractFeatures(
-        run,
-        model_handler=handler,
-        metadata=run_metadata(handler),
-        decode_threads=config.decode_threads,
-        max_pixels=config.max_pixels,
-        lease=lease,
+    """Adds the extraction graph for planned runs (one per table, sharing their chunks) to
+    ``pipeline``; returns the summaries PCollection. Builds only: nothing is listed, read or
+    written here."""
+    handlers = handlers or [model_handler(config, recipe) for recipe in config.recipes]
+    leases_held = leases_held or [None] * len(runs)
+    jobs = [
+        table_job(run, handler, run_metadata(handler), lease=lease)
+        for run, handler, lease in zip(runs, handlers, leases_held, strict=True)
+    ]
+    return pipeline | "ExtractFeatures" >> ExtractFeatureTables(
+        jobs, decode_threads=config.decode_threads, max_pixels=config.max_pixels
     )
 
 
@@ -61,22 +67,35 @@ def run(
     argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None
 ) -> dict[str, Any]:
     """Parses flags, plans, builds the graph, runs it; returns the table summary (or, with
-    ``--plan-only``, the plan) plus ``seconds``, ``mode`` and ``output``."""
+    ``--plan-only``, the plan) plus ``seconds``, ``mode`` and ``output``. A multi-backbone run
+    returns ``{"tables": [summary per backbone], "seconds", "mode", "output"}``."""
     config, beam_args = parse_args(argv)
     started = time.monotonic()
     processes = runners.local_processes(beam_args)
-    handler = model_handler(config, processes_per_machine=processes)
-    summary = launch(
-        config.run,
-        metadata=run_metadata(handler),
-        build=lambda p, planned, lease: build(p, config, planned, handler=handler, lease=lease),
+    handlers = [
+        model_handler(config, recipe, processes_per_machine=processes) for recipe in config.recipes
+    ]
+    if len(handlers) > 1:
+        check_models_fit(config.recipes, processes_per_machine=processes)
+    specs = [spec for _, spec in config.tables]
+    summaries = launch_tables(
+        specs,
+        metadatas=[run_metadata(h) for h in handlers],
+        build=lambda p, runs, held: build(p, config, runs, handlers=handlers, leases_held=held),
         beam_args=beam_args,
         test_pipeline=test_pipeline,
     )
-    summary.update(
-        seconds=time.monotonic() - started, mode=config.run.mode, output=config.run.output
-    )
-    return summary
+    seconds = time.monotonic() - started
+    for summary, spec in zip(summaries, specs, strict=True):
+        summary.update(seconds=seconds, mode=config.run.mode, output=spec.output)
+    if len(summaries) == 1:
+        return summaries[0]
+    return {
+        "tables": summaries,
+        "seconds": seconds,
+        "mode": config.run.mode,
+        "output": config.run.output,
+    }
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -117,10 +136,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (
         FileExistsError,
         FileNotFoundError,
+        MemoryError,
         ValueError,
         leases.LeaseHeld,
     ) as exc:
         sys.exit(f"error: {exc}")
+    for one in summary.get("tables", [summary]):
+        if len(summary.get("tables", ())) > 1:
+            print(f"== {one['output']}")
+        _print_summary(one)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
     if "plan" in summary:
         print(("dry run" if summary["dry_run"] else "plan only") + ", nothing was changed:")
         print(summary["plan"].describe())

@@ -16,6 +16,7 @@ later with a plan frozen at build time. The flex template (``deploy/dataflow``) 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -64,24 +65,38 @@ class TableRun:
 
 #: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.
 Build = Callable[[beam.Pipeline, plans.RunPlan, "leases.Lease | None"], Any]
+#: ``build(pipeline, run_plans, leases)``: the same for several tables written by one pipeline.
+BuildTables = Callable[[beam.Pipeline, list[plans.RunPlan], list["leases.Lease | None"]], Any]
 
 
 def plan(spec: TableRun, metadata: dict[str, str], run_id: str | None = None) -> plans.Plan:
     """Lists the inputs and plans the run against the table; writes nothing."""
+    return plan_tables([spec], [metadata], run_id)[0]
+
+
+def plan_tables(
+    specs: Sequence[TableRun], metadatas: Sequence[dict[str, str]], run_id: str | None = None
+) -> list[plans.Plan]:
+    """Lists the inputs once and plans each table against it, in shared chunks; writes nothing."""
+    first = specs[0]
     found = listing.list_inputs(
-        spec.inputs, include_all_files=spec.include_all_files, stat_manifest=spec.stat_manifest
+        first.inputs, include_all_files=first.include_all_files, stat_manifest=first.stat_manifest
     )
-    return plans.plan_run(
-        found,
-        spec.output,
-        metadata=metadata,
-        incremental=spec.mode == "incremental",
-        chunk_size=spec.chunk_size,
-        overwrite=spec.overwrite,
-        retry_errors=spec.retry_errors,
-        prune=spec.prune,
-        run_id=run_id,
-    )
+    planned = [
+        plans.plan_run(
+            found,
+            spec.output,
+            metadata=metadata,
+            incremental=spec.mode == "incremental",
+            chunk_size=spec.chunk_size,
+            overwrite=spec.overwrite,
+            retry_errors=spec.retry_errors,
+            prune=spec.prune,
+            run_id=run_id,
+        )
+        for spec, metadata in zip(specs, metadatas, strict=True)
+    ]
+    return plans.align_chunks(planned)
 
 
 def remove_table(output: str) -> None:
@@ -112,7 +127,30 @@ def launch(
         plans.IncompatibleTableError: an incremental run with another recipe.
         leases.LeaseHeld: another run is writing the table.
     """
-    listing.check_sources(spec.inputs)
+    return launch_tables(
+        [spec],
+        metadatas=[metadata],
+        build=lambda p, runs, held: build(p, runs[0], held[0]),
+        beam_args=beam_args,
+        test_pipeline=test_pipeline,
+        run_id=run_id,
+    )[0]
+
+
+def launch_tables(
+    specs: Sequence[TableRun],
+    *,
+    metadatas: Sequence[dict[str, str]],
+    build: BuildTables,
+    beam_args: Sequence[str],
+    test_pipeline: beam.Pipeline | None = None,
+    run_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`launch` for several tables over the same inputs written by one pipeline (a
+    multi-backbone run): one listing, a lease and a plan per table, shared chunks; returns each
+    table's summary (or plan), in order. Raises as :func:`launch` does, for any table."""
+    first = specs[0]
+    listing.check_sources(first.inputs)
     options = runners.pipeline_options(runners.beam_flags(beam_args))
     if options.view_as(GoogleCloudOptions).template_location:
         raise ValueError(
@@ -120,25 +158,39 @@ def launch(
             "use the flex template in deploy/dataflow, which plans when it is launched"
         )
     dry_run = bool(options.view_as(TestOptions).dry_run)
-    if spec.plan_only or dry_run:
-        planned = plan(spec, metadata)
+    if first.plan_only or dry_run:
+        planned = plan_tables(specs, metadatas)
+        runs = [p.run for p in planned]
         if dry_run:  # translate the graph (the runner submits nothing); the plan file is unwritten
-            runners.run_graph(lambda p: build(p, planned.run, None), beam_args, test_pipeline)
-        holder = leases.read_lease(spec.output)
-        return {
-            "plan_only": spec.plan_only,
-            "dry_run": dry_run,
-            "plan": planned.run,
-            "lease": leases.describe(holder) if holder else None,
-        }
+            runners.run_graph(
+                lambda p: build(p, runs, [None] * len(runs)), beam_args, test_pipeline
+            )
+        results = []
+        for spec, run in zip(specs, runs, strict=True):
+            holder = leases.read_lease(spec.output)
+            results.append(
+                {
+                    "plan_only": first.plan_only,
+                    "dry_run": dry_run,
+                    "plan": run,
+                    "lease": leases.describe(holder) if holder else None,
+                }
+            )
+        return results
     run_id = run_id or plans.new_run_id()
-    lease = leases.acquire(
-        spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease
-    )
-    with leases.holding(lease):
-        planned = plan(spec, metadata, run_id)
-        if spec.overwrite:
-            remove_table(spec.output)
-        plans.write_plan(planned)
-        runners.run_graph(lambda p: build(p, planned.run, lease), beam_args, test_pipeline)
-    return table.read_summary(spec.output)
+    with contextlib.ExitStack() as stack:
+        held = []
+        for spec in specs:  # one writer per table; a held one releases those taken before it
+            lease = leases.acquire(
+                spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease
+            )
+            stack.enter_context(leases.holding(lease))
+            held.append(lease)
+        planned = plan_tables(specs, metadatas, run_id)
+        for spec, planned_table in zip(specs, planned, strict=True):
+            if spec.overwrite:
+                remove_table(spec.output)
+            plans.write_plan(planned_table)
+        runs = [p.run for p in planned]
+        runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+    return [table.read_summary(spec.output) for spec in specs]

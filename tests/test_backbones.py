@@ -17,13 +17,19 @@ def _free_models():
     keras.backend.clear_session()
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+CNNS = sorted(name for name, spec in BACKBONES.items() if spec.kind == "keras_applications")
+
+
+@pytest.mark.parametrize("name", CNNS)
 def test_every_backbone_builds_with_its_declared_width(name):
+    """The keras.applications CNNs (the KerasHub towers: tests/test_hub.py)."""
     spec = BACKBONES[name]
     recipe = FeatureRecipe(name, weights="none", image_size=max(spec.min_size, 32))
     model = build_model(recipe)
     assert tuple(model.output.shape) == (None, spec.feature_dim)
     assert recipe.feature_dim == spec.feature_dim
+    # The stated parameter count (full classifier) bounds the headless model's from above.
+    assert 0 < model.count_params() <= spec.params_m * 1e6 * 1.01
 
 
 @pytest.mark.slow

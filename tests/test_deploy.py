@@ -53,7 +53,7 @@ def script_args(script: str, **env) -> list[str]:
 
 def planned(config):
     """The run's plan, made as the job makes it (nothing is written)."""
-    return launch.plan(config.run, run_metadata(model_handler(config))).run
+    return [launch.plan(config.run, run_metadata(model_handler(config, config.recipe))).run]
 
 
 def check_graph(pipeline: beam.Pipeline, proto: beam_runner_api_pb2.Pipeline) -> None:

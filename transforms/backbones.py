@@ -47,6 +47,8 @@ class BackboneSpec:
         layers: named layers of the full (``include_top=True``) model usable as features,
             mapped to their widths.
         min_size: the smallest input side Keras accepts for the headless model.
+        params_m: parameters of the full classifier, in millions, as the Keras applications
+            table states them (an upper bound of the headless model's; sizes memory).
     """
 
     name: str
@@ -56,6 +58,7 @@ class BackboneSpec:
     feature_dim: int
     layers: dict[str, int] = field(default_factory=dict)  # always includes "predictions"
     min_size: int = 32
+    params_m: float = 0.0
 
     kind = "keras_applications"
     poolings = POOLINGS
@@ -80,46 +83,52 @@ def _spec(name, constructor, module, input_size, feature_dim, layers=None, **kw)
 _VGG_LAYERS = {"fc1": 4096, "fc2": 4096}
 
 _SPECS = [
-    _spec("vgg16", "VGG16", "vgg16", 224, 512, layers=_VGG_LAYERS),
-    _spec("vgg19", "VGG19", "vgg19", 224, 512, layers=_VGG_LAYERS),
-    _spec("resnet50", "ResNet50", "resnet", 224, 2048),
-    _spec("resnet101", "ResNet101", "resnet", 224, 2048),
-    _spec("resnet152", "ResNet152", "resnet", 224, 2048),
-    _spec("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048),
-    _spec("resnet101_v2", "ResNet101V2", "resnet_v2", 224, 2048),
-    _spec("resnet152_v2", "ResNet152V2", "resnet_v2", 224, 2048),
-    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, min_size=75),
+    _spec("vgg16", "VGG16", "vgg16", 224, 512, layers=_VGG_LAYERS, params_m=138.4),
+    _spec("vgg19", "VGG19", "vgg19", 224, 512, layers=_VGG_LAYERS, params_m=143.7),
+    _spec("resnet50", "ResNet50", "resnet", 224, 2048, params_m=25.6),
+    _spec("resnet101", "ResNet101", "resnet", 224, 2048, params_m=44.7),
+    _spec("resnet152", "ResNet152", "resnet", 224, 2048, params_m=60.4),
+    _spec("resnet50_v2", "ResNet50V2", "resnet_v2", 224, 2048, params_m=25.6),
+    _spec("resnet101_v2", "ResNet101V2", "resnet_v2", 224, 2048, params_m=44.7),
+    _spec("resnet152_v2", "ResNet152V2", "resnet_v2", 224, 2048, params_m=60.4),
+    _spec("inception_v3", "InceptionV3", "inception_v3", 299, 2048, min_size=75, params_m=23.9),
     _spec(
-        "inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", 299, 1536, min_size=75
+        "inception_resnet_v2",
+        "InceptionResNetV2",
+        "inception_resnet_v2",
+        299,
+        1536,
+        min_size=75,
+        params_m=55.9,
     ),
-    _spec("xception", "Xception", "xception", 299, 2048, min_size=71),
-    _spec("mobilenet", "MobileNet", "mobilenet", 224, 1024),
-    _spec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, 1280),
-    _spec("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", 224, 576),
-    _spec("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", 224, 960),
-    _spec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, 1280),
-    _spec("efficientnet_b1", "EfficientNetB1", "efficientnet", 240, 1280),
-    _spec("efficientnet_b2", "EfficientNetB2", "efficientnet", 260, 1408),
-    _spec("efficientnet_b3", "EfficientNetB3", "efficientnet", 300, 1536),
-    _spec("efficientnet_b4", "EfficientNetB4", "efficientnet", 380, 1792),
-    _spec("efficientnet_b5", "EfficientNetB5", "efficientnet", 456, 2048),
-    _spec("efficientnet_b6", "EfficientNetB6", "efficientnet", 528, 2304),
-    _spec("efficientnet_b7", "EfficientNetB7", "efficientnet", 600, 2560),
-    _spec("efficientnet_v2_b0", "EfficientNetV2B0", "efficientnet_v2", 224, 1280),
-    _spec("efficientnet_v2_b1", "EfficientNetV2B1", "efficientnet_v2", 240, 1280),
-    _spec("efficientnet_v2_b2", "EfficientNetV2B2", "efficientnet_v2", 260, 1408),
-    _spec("efficientnet_v2_b3", "EfficientNetV2B3", "efficientnet_v2", 300, 1536),
-    _spec("efficientnet_v2_s", "EfficientNetV2S", "efficientnet_v2", 384, 1280),
-    _spec("efficientnet_v2_m", "EfficientNetV2M", "efficientnet_v2", 480, 1280),
-    _spec("efficientnet_v2_l", "EfficientNetV2L", "efficientnet_v2", 480, 1280),
-    _spec("densenet121", "DenseNet121", "densenet", 224, 1024),
-    _spec("densenet169", "DenseNet169", "densenet", 224, 1664),
-    _spec("densenet201", "DenseNet201", "densenet", 224, 1920),
-    _spec("convnext_tiny", "ConvNeXtTiny", "convnext", 224, 768),
-    _spec("convnext_small", "ConvNeXtSmall", "convnext", 224, 768),
-    _spec("convnext_base", "ConvNeXtBase", "convnext", 224, 1024),
-    _spec("convnext_large", "ConvNeXtLarge", "convnext", 224, 1536),
-    _spec("convnext_xlarge", "ConvNeXtXLarge", "convnext", 224, 2048),
+    _spec("xception", "Xception", "xception", 299, 2048, min_size=71, params_m=22.9),
+    _spec("mobilenet", "MobileNet", "mobilenet", 224, 1024, params_m=4.3),
+    _spec("mobilenet_v2", "MobileNetV2", "mobilenet_v2", 224, 1280, params_m=3.5),
+    _spec("mobilenet_v3_small", "MobileNetV3Small", "mobilenet_v3", 224, 576, params_m=2.6),
+    _spec("mobilenet_v3_large", "MobileNetV3Large", "mobilenet_v3", 224, 960, params_m=5.5),
+    _spec("efficientnet_b0", "EfficientNetB0", "efficientnet", 224, 1280, params_m=5.3),
+    _spec("efficientnet_b1", "EfficientNetB1", "efficientnet", 240, 1280, params_m=7.9),
+    _spec("efficientnet_b2", "EfficientNetB2", "efficientnet", 260, 1408, params_m=9.2),
+    _spec("efficientnet_b3", "EfficientNetB3", "efficientnet", 300, 1536, params_m=12.3),
+    _spec("efficientnet_b4", "EfficientNetB4", "efficientnet", 380, 1792, params_m=19.5),
+    _spec("efficientnet_b5", "EfficientNetB5", "efficientnet", 456, 2048, params_m=30.6),
+    _spec("efficientnet_b6", "EfficientNetB6", "efficientnet", 528, 2304, params_m=43.3),
+    _spec("efficientnet_b7", "EfficientNetB7", "efficientnet", 600, 2560, params_m=66.7),
+    _spec("efficientnet_v2_b0", "EfficientNetV2B0", "efficientnet_v2", 224, 1280, params_m=7.2),
+    _spec("efficientnet_v2_b1", "EfficientNetV2B1", "efficientnet_v2", 240, 1280, params_m=8.2),
+    _spec("efficientnet_v2_b2", "EfficientNetV2B2", "efficientnet_v2", 260, 1408, params_m=10.2),
+    _spec("efficientnet_v2_b3", "EfficientNetV2B3", "efficientnet_v2", 300, 1536, params_m=14.5),
+    _spec("efficientnet_v2_s", "EfficientNetV2S", "efficientnet_v2", 384, 1280, params_m=21.6),
+    _spec("efficientnet_v2_m", "EfficientNetV2M", "efficientnet_v2", 480, 1280, params_m=54.4),
+    _spec("efficientnet_v2_l", "EfficientNetV2L", "efficientnet_v2", 480, 1280, params_m=119.0),
+    _spec("densenet121", "DenseNet121", "densenet", 224, 1024, params_m=8.1),
+    _spec("densenet169", "DenseNet169", "densenet", 224, 1664, params_m=14.3),
+    _spec("densenet201", "DenseNet201", "densenet", 224, 1920, params_m=20.2),
+    _spec("convnext_tiny", "ConvNeXtTiny", "convnext", 224, 768, params_m=28.6),
+    _spec("convnext_small", "ConvNeXtSmall", "convnext", 224, 768, params_m=50.2),
+    _spec("convnext_base", "ConvNeXtBase", "convnext", 224, 1024, params_m=88.5),
+    _spec("convnext_large", "ConvNeXtLarge", "convnext", 224, 1536, params_m=197.7),
+    _spec("convnext_xlarge", "ConvNeXtXLarge", "convnext", 224, 2048, params_m=350.1),
 ]
 
 #: Every backbone: the ``keras.applications`` CNNs above, then the KerasHub presets

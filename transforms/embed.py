@@ -175,6 +175,50 @@ def set_tf_threads(intra_op: int) -> None:
         _LOG.warning("cannot set TensorFlow threads to %d here: %s", intra_op, exc)
 
 
+#: Share of a worker's memory the weights of a multi-backbone run may take; the rest is left for
+#: traced graphs, activations, decoded images and Beam.
+MODEL_MEMORY_SHARE = 0.4
+
+
+def machine_memory_bytes() -> int:
+    """This machine's memory, or its cgroup limit when lower (a container, a Dataflow VM)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def check_models_fit(
+    recipes: Sequence[FeatureRecipe],
+    *,
+    processes_per_machine: int = 1,
+    memory_bytes: int | None = None,
+) -> None:
+    """Refuses a multi-backbone run whose models cannot all stay loaded in each worker process
+    (every model is loaded once per process and kept; none is swapped out).
+
+    Raises:
+        MemoryError: naming each model's weight size and the budget.
+    """
+    memory = memory_bytes or machine_memory_bytes()
+    budget = memory * MODEL_MEMORY_SHARE / max(1, processes_per_machine)
+    sizes = {r.backbone: r.weight_bytes() for r in recipes}
+    if sum(sizes.values()) > budget:
+        listed = ", ".join(f"{name} {size / 2**30:.2f} GiB" for name, size in sizes.items())
+        raise MemoryError(
+            f"these backbones' weights ({listed}; {sum(sizes.values()) / 2**30:.2f} GiB) do not "
+            f"fit together in {budget / 2**30:.2f} GiB, {MODEL_MEMORY_SHARE:.0%} of "
+            f"{memory / 2**30:.1f} GiB per worker process x {processes_per_machine}; run them "
+            "separately or on larger workers"
+        )
+
+
 _MODELS: dict[str, Future] = {}
 _MODELS_LOCK = threading.Lock()
 _MAX_CACHED_MODELS = 2
@@ -184,21 +228,22 @@ def model_cache_key(handler: FeatureModelHandler) -> str:
     return f"{type(handler).__qualname__}:{json.dumps(handler.table_metadata(), sort_keys=True)}"
 
 
-def load_model_async(handler: FeatureModelHandler) -> Future:
+def load_model_async(handler: FeatureModelHandler, *, keep: int = 1) -> Future:
     """The handler's model, loaded once per worker process (in a background thread) and shared
     by all its threads; ``.result()`` waits for it and re-raises a failed load.
 
     Beam's ``Shared`` (what ``RunInference`` uses) frees a model when the last DoFn holding it is
     torn down; runners that set DoFns up per bundle (the DaskRunner does, per partition) would then
     reload the backbone for every bundle. This cache keeps the last two models for the life of
-    the process. Loading in the background lets the caller decode images meanwhile: building a
+    the process; a run of ``keep`` backbones keeps them all (never swapping one out for another).
+    Loading in the background lets the caller decode images meanwhile: building a
     Keras model is mostly single-threaded Python, so another core is free.
     """
     key = model_cache_key(handler)
     with _MODELS_LOCK:
         future = _MODELS.get(key)
         if future is None or (future.done() and future.exception() is not None):
-            while len(_MODELS) >= _MAX_CACHED_MODELS:
+            while len(_MODELS) >= max(_MAX_CACHED_MODELS, keep):
                 _MODELS.pop(next(iter(_MODELS)))
             future = Future()
             _MODELS[key] = future

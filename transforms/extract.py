@@ -30,10 +30,11 @@ that compose their own graph with ``RunInference``.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -83,27 +84,57 @@ def run_metadata(
 PREFETCH_BYTES = 256 << 20
 
 
-class _EmbedChunk(beam.DoFn):
-    """Embeds one planned chunk and commits its feature (and error) shard; yields its counts."""
+@dataclasses.dataclass(frozen=True)
+class TableJob:
+    """One table a run writes: its plan, the handler that makes its vectors, its metadata and
+    row schema, how feature rows become written rows, and its lease.
 
-    def __init__(
-        self,
-        run: plans.RunPlan,
-        handler: FeatureModelHandler,
-        *,
-        max_pixels: int,
-        decode_threads: int,
-        schema: pa.Schema,
-        to_row: Callable[[dict[str, Any]], dict[str, Any]] | None,
-        lease: Lease | None,
-    ):
-        self._run = run
-        self._handler = handler
-        self._lease = lease
+    Build it with :func:`table_job`. A multi-backbone run has one per backbone.
+    """
+
+    run: plans.RunPlan
+    handler: FeatureModelHandler
+    metadata: dict[str, str]
+    schema: pa.Schema
+    to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    lease: Lease | None = None
+
+    @property
+    def decode_key(self) -> tuple:
+        """Tables whose handlers agree on this decode each image once between them."""
+        h = self.handler
+        return (h.input_size, h.resize, h.interpolation)
+
+
+def table_job(
+    run: plans.RunPlan,
+    handler: FeatureModelHandler,
+    metadata: dict[str, str],
+    *,
+    to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    schema: pa.Schema | None = None,
+    lease: Lease | None = None,
+) -> TableJob:
+    """A :class:`TableJob`; ``schema`` is that of ``to_row``'s rows (default: feature rows),
+    with the table metadata added."""
+    metadata = dict(metadata)
+    features = table.feature_schema(handler.feature_dim, metadata)
+    schema = features if schema is None else schema.with_metadata(features.metadata)
+    return TableJob(run, handler, metadata, schema, to_row, lease)
+
+
+class _EmbedChunk(beam.DoFn):
+    """Embeds one planned chunk for every table and commits each table's feature (and error)
+    shard; yields one count record per table.
+
+    Images are read and decoded once per distinct (input size, resize, interpolation) among the
+    tables that need them, then embedded by each such table's model.
+    """
+
+    def __init__(self, jobs: Sequence[TableJob], *, max_pixels: int, decode_threads: int):
+        self._jobs = list(jobs)
         self._max_pixels = max_pixels
         self._decode_threads = max(1, decode_threads)
-        self._schema = schema
-        self._to_row = to_row
         self._embedded = beam.metrics.Metrics.counter(NAMESPACE, "images_embedded")
         self._failed = beam.metrics.Metrics.counter(NAMESPACE, "image_errors")
 
@@ -114,14 +145,13 @@ class _EmbedChunk(beam.DoFn):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _decoded_batches(
-        self, refs, errors, model: Future
+        self, job: TableJob, refs, errors, model: Future
     ) -> Iterator[list[tuple[Decoded, np.ndarray]]]:
         """Decoded images in batches, decoding two batches ahead of the consumer, and as far as
         ``PREFETCH_BYTES`` allows while the model is still loading."""
-        batch_size = self._handler.batch_size
-        size = self._handler.input_size
-        resize = self._handler.resize
-        interpolation = self._handler.interpolation
+        handler = job.handler
+        batch_size = handler.batch_size
+        size, resize, interpolation = job.decode_key
         ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * size[0] * size[1]))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
@@ -153,48 +183,75 @@ class _EmbedChunk(beam.DoFn):
         if batch:
             yield batch
 
-    def process(self, chunk: int, stale_removed: dict[str, int]):
+    def _embed(self, job: TableJob, model, batch, rows, errors) -> None:
+        if job.lease is not None:
+            job.lease.renew_if_due()
+        try:
+            vectors = job.handler.run_inference([pixels for _, pixels in batch], model)
+        except Exception as exc:  # a batch the model rejects: one error row per image
+            reason = f"{type(exc).__name__}: {exc}"
+            errors.extend(error_row(key.ref, "embed", reason) for key, _ in batch)
+            return
+        for (key, _), vector in zip(batch, vectors, strict=True):
+            row = feature_row(key.ref, key.width, key.height, vector)
+            rows.append(job.to_row(row) if job.to_row else row)
+
+    def process(self, chunk: int, stale_removed: dict[int, int]):
         # ``stale_removed`` (a side input) is only waited for: no chunk starts before the stale
         # rows are gone.
-        refs = plans.read_chunk(self._run.plan_uri, chunk)
-        rows: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        # Start loading the model (once per process) now; images decode while it loads.
-        model_future = load_model_async(self._handler) if refs else None
-        for batch in self._decoded_batches(refs, errors, model_future):
-            model = model_future.result()  # a model that cannot load fails the run
-            if self._lease is not None:
-                self._lease.renew_if_due()
-            try:
-                vectors = self._handler.run_inference([pixels for _, pixels in batch], model)
-            except Exception as exc:  # a batch the model rejects: one error row per image
-                reason = f"{type(exc).__name__}: {exc}"
-                errors.extend(error_row(key.ref, "embed", reason) for key, _ in batch)
-                continue
-            for (key, _), vector in zip(batch, vectors, strict=True):
-                row = feature_row(key.ref, key.width, key.height, vector)
-                rows.append(self._to_row(row) if self._to_row else row)
-        if self._lease is not None:
-            self._lease.check()  # never commit next to a run that took the table over
-        files = []
-        if rows:
-            uri = self._run.shard_uri(table.FEATURES, chunk)
-            table.write_parquet(uri, table.to_arrow(rows, self._schema))
-            files.append(uri)
-        if errors:
-            uri = self._run.shard_uri(table.ERRORS, chunk)
-            table.write_parquet(uri, table.to_arrow(errors, table.ERROR_SCHEMA))
-            files.append(uri)
-        self._embedded.inc(len(rows))
-        self._failed.inc(len(errors))
-        Progress.add(errors=len(errors))
-        yield {
-            "chunk": chunk,
-            "rows": len(rows),
-            "errors": len(errors),
-            "files": files,
-            "worker": f"{socket.gethostname()}:{os.getpid()}",
-        }
+        jobs = self._jobs
+        rows: list[list[dict[str, Any]]] = [[] for _ in jobs]
+        errors: list[list[dict[str, Any]]] = [[] for _ in jobs]
+        needs: dict[str, set[int]] = {}
+        refs: dict[tuple, dict[str, Any]] = {}  # decode key -> image_id -> ref, in plan order
+        for i, job in enumerate(jobs):
+            for ref in plans.read_chunk(job.run.plan_uri, chunk):
+                needs.setdefault(ref.image_id, set()).add(i)
+                refs.setdefault(job.decode_key, {}).setdefault(ref.image_id, ref)
+        for key, group in refs.items():
+            members = [i for i, job in enumerate(jobs) if job.decode_key == key]
+            # Start loading the models (once per process) now; images decode while they load.
+            models = {
+                i: load_model_async(jobs[i].handler, keep=len(jobs))
+                for i in members
+                if any(i in needs[image_id] for image_id in group)
+            }
+            decode_errors: list[dict[str, Any]] = []
+            first = jobs[members[0]]
+            for batch in self._decoded_batches(
+                first, group.values(), decode_errors, next(iter(models.values()))
+            ):
+                for i, future in models.items():
+                    mine = [item for item in batch if i in needs[item[0].ref.image_id]]
+                    if mine:  # a model that cannot load fails the run
+                        self._embed(jobs[i], future.result(), mine, rows[i], errors[i])
+            for error in decode_errors:
+                for i in sorted(needs[error["image_id"]] & set(members)):
+                    errors[i].append(error)
+        for job in jobs:
+            if job.lease is not None:
+                job.lease.check()  # never commit next to a run that took a table over
+        for i, job in enumerate(jobs):
+            files = []
+            if rows[i]:
+                uri = job.run.shard_uri(table.FEATURES, chunk)
+                table.write_parquet(uri, table.to_arrow(rows[i], job.schema))
+                files.append(uri)
+            if errors[i]:
+                uri = job.run.shard_uri(table.ERRORS, chunk)
+                table.write_parquet(uri, table.to_arrow(errors[i], table.ERROR_SCHEMA))
+                files.append(uri)
+            self._embedded.inc(len(rows[i]))
+            self._failed.inc(len(errors[i]))
+            Progress.add(errors=len(errors[i]))
+            yield {
+                "table": i,
+                "chunk": chunk,
+                "rows": len(rows[i]),
+                "errors": len(errors[i]),
+                "files": files,
+                "worker": f"{socket.gethostname()}:{os.getpid()}",
+            }
 
 
 def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
@@ -211,25 +268,22 @@ def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> 
     return [uri]
 
 
-def _remove_stale(_, *, run: plans.RunPlan, lease: Lease | None) -> dict[str, int]:
-    """Removes the plan's stale copies (idempotent: a runner may run it more than once)."""
-    if lease is not None:
-        lease.check()
-    removed = plans.remove_stale_rows(run)
-    if removed:
-        _LOG.info("removed %d stale rows before embedding", removed)
-    return {"removed": removed}
+def _remove_stale(_, *, jobs: Sequence[TableJob]) -> dict[int, int]:
+    """Removes every table's stale copies (idempotent: a runner may run it more than once)."""
+    removed = {}
+    for i, job in enumerate(jobs):
+        if job.lease is not None:
+            job.lease.check()
+        removed[i] = plans.remove_stale_rows(job.run)
+        if removed[i]:
+            _LOG.info("%s: removed %d stale rows before embedding", job.run.output_dir, removed[i])
+    return removed
 
 
-def _finalize(
-    element,
-    *,
-    run: plans.RunPlan,
-    schema: pa.Schema,
-    metadata: dict[str, str],
-    lease: Lease | None,
-):
-    _, results = element
+def _finalize(element, *, jobs: Sequence[TableJob]):
+    index, results = element
+    job = jobs[index]
+    run, schema, metadata, lease = job.run, job.schema, job.metadata, job.lease
     results = [r for r in results if "chunk" in r]
     new_rows = sum(r["rows"] for r in results)
     new_errors = sum(r["errors"] for r in results)
@@ -271,13 +325,70 @@ def _finalize(
     return summary
 
 
-class ExtractFeatures(beam.PTransform):
-    """Embeds a planned run's chunks and commits the table (see the module docstring).
+class ExtractFeatureTables(beam.PTransform):
+    """Embeds planned runs' chunks into one or more tables and commits each (see the module
+    docstring); the tables' plans must share their chunks (``plan.align_chunks``).
 
     Feature rows go to ``features-RUN-NNNNN-of-MMMMM.parquet``, failures (with their stage and
     reason) to ``_errors/errors-RUN-...parquet``, and ``_SUMMARY.json`` records ``inputs``,
     ``rows`` and ``errors`` (``inputs == rows + errors``) and ``skipped`` once every chunk is
-    committed.
+    committed, in each table's folder.
+
+    Args:
+        jobs: the tables (:func:`table_job`); their plan files must be written
+            (``plan.write_plan``) before the pipeline runs.
+        decode_threads: decoding threads per worker process.
+        max_pixels: decompression-bomb guard.
+
+    Returns:
+        A PCollection with one summary dict per table.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[TableJob],
+        *,
+        decode_threads: int = DEFAULT_DECODE_THREADS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        super().__init__()
+        self._jobs = list(jobs)
+        chunks = {job.run.num_chunks for job in self._jobs}
+        if len(chunks) != 1:
+            raise ValueError(f"the tables' plans must share their chunks, got {sorted(chunks)}")
+        self._decode_threads = decode_threads
+        self._max_pixels = max_pixels
+
+    def expand(self, pbegin):
+        jobs = self._jobs
+        embed = _EmbedChunk(jobs, max_pixels=self._max_pixels, decode_threads=self._decode_threads)
+        # Always one element, so Finalize runs (after it) even when there is nothing to embed.
+        removed = (
+            pbegin
+            | "Start" >> beam.Create([None])
+            | "RemoveStaleRows" >> beam.Map(_remove_stale, jobs=jobs)
+        )
+        results = (
+            pbegin
+            # One element per chunk: runners that partition a Create (Dask) spread the chunks.
+            | "Chunks" >> beam.Create(list(range(jobs[0].run.num_chunks)))
+            | "Spread" >> beam.Reshuffle()
+            | "EmbedChunk" >> beam.ParDo(embed, beam.pvalue.AsSingleton(removed))
+        )
+        every_table = removed | "EveryTable" >> beam.FlatMap(
+            lambda counts: [{"table": i, "removed": n} for i, n in counts.items()]
+        )
+        return (
+            (results, every_table)
+            | "AllChunks" >> beam.Flatten()
+            | "ByTable" >> beam.Map(lambda r: (r["table"], r))
+            | "Together" >> beam.GroupByKey()
+            | "Finalize" >> beam.Map(_finalize, jobs=jobs)
+        )
+
+
+class ExtractFeatures(beam.PTransform):
+    """One planned run's table: :class:`ExtractFeatureTables` with a single table.
 
     Args:
         run: the planned run (``transforms.plan.plan_run(...).run``); its plan file must be
@@ -308,47 +419,10 @@ class ExtractFeatures(beam.PTransform):
         lease: Lease | None = None,
     ):
         super().__init__()
-        self._run = run
-        self._handler = model_handler
-        self._decode_threads = decode_threads
-        self._max_pixels = max_pixels
-        self._to_row = to_row
-        self._lease = lease
-        self._metadata = dict(metadata)
-        schema_ = table.feature_schema(model_handler.feature_dim, self._metadata)
-        self._schema = schema_ if schema is None else schema.with_metadata(schema_.metadata)
+        job = table_job(run, model_handler, metadata, to_row=to_row, schema=schema, lease=lease)
+        self._tables = ExtractFeatureTables(
+            [job], decode_threads=decode_threads, max_pixels=max_pixels
+        )
 
     def expand(self, pbegin):
-        run, lease = self._run, self._lease
-        embed = _EmbedChunk(
-            run,
-            self._handler,
-            max_pixels=self._max_pixels,
-            decode_threads=self._decode_threads,
-            schema=self._schema,
-            to_row=self._to_row,
-            lease=lease,
-        )
-        # Always one element, so Finalize runs (after it) even when there is nothing to embed.
-        removed = (
-            pbegin
-            | "Start" >> beam.Create([None])
-            | "RemoveStaleRows" >> beam.Map(_remove_stale, run=run, lease=lease)
-        )
-        results = (
-            pbegin
-            # One element per chunk: runners that partition a Create (Dask) spread the chunks.
-            | "Chunks" >> beam.Create(list(range(run.num_chunks)))
-            | "Spread" >> beam.Reshuffle()
-            | "EmbedChunk" >> beam.ParDo(embed, beam.pvalue.AsSingleton(removed))
-        )
-        return (
-            (results, removed)
-            | "AllChunks" >> beam.Flatten()
-            | "OneKey" >> beam.Map(lambda r: (None, r))
-            | "Together" >> beam.GroupByKey()
-            | "Finalize"
-            >> beam.Map(
-                _finalize, run=run, schema=self._schema, metadata=self._metadata, lease=lease
-            )
-        )
+        return pbegin | self._tables

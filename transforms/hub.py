@@ -215,6 +215,11 @@ class HubSpec:
         return Tower(config["hidden_dim"], None, self.patch_size, self.input_size)
 
     @property
+    def params_m(self) -> float:
+        """Parameters in millions, as KerasHub's preset list states them (both towers)."""
+        return _preset_params(self.fam.presets_module)[self.name] / 1e6
+
+    @property
     def handle(self) -> str:
         """The versioned KerasHub handle of the preset (``kaggle://keras/...``), from KerasHub."""
         return _preset_handles(self.fam.presets_module)[self.name]
@@ -247,6 +252,12 @@ class Tower:
         """Vector width per pooling."""
         cls = self.projection_dim or self.hidden_dim
         return {"cls": cls, "avg": self.hidden_dim, "cls_avg": cls + self.hidden_dim}
+
+
+@functools.cache
+def _preset_params(module: str) -> dict[str, int]:
+    presets = importlib.import_module(f"keras_hub.src.models.{module}").backbone_presets
+    return {name: int(entry["metadata"]["params"]) for name, entry in presets.items()}
 
 
 @functools.cache

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -420,6 +420,30 @@ def plan_run(
     return Plan(run, work)
 
 
+def align_chunks(planned: Sequence[Plan]) -> list[Plan]:
+    """Several tables' plans over one listing (one multi-backbone run), re-cut into the *same*
+    chunks: chunk ``c`` of every table holds its share of one set of images, so a worker reads
+    and decodes each image once for all the tables that need it. Each table keeps its own plan
+    (what it embeds, keeps and removes); an image only some tables need is embedded only for
+    those.
+    """
+    if len(planned) < 2:
+        return list(planned)
+    chunk_size = planned[0].run.chunk_size
+    embedded = [p.work.filter(pc.not_equal(p.work["chunk"], REMOVAL)) for p in planned]
+    union = pc.unique(pa.chunked_array([w["image_id"] for w in embedded], pa.string()))
+    num_chunks = -(-len(union) // chunk_size)
+    aligned = []
+    for p, work in zip(planned, embedded, strict=True):
+        position = pc.index_in(work["image_id"], value_set=union)
+        chunk = pc.cast(pc.divide(pc.cast(position, pa.int64()), chunk_size), pa.int32())
+        removals = p.work.filter(pc.equal(p.work["chunk"], REMOVAL))
+        work = work.set_column(0, PLAN_SCHEMA.field("chunk"), chunk)
+        work = pa.concat_tables([work.sort_by("chunk"), removals])
+        aligned.append(Plan(dataclasses.replace(p.run, num_chunks=num_chunks), work))
+    return aligned
+
+
 # --- what happens when the run is submitted and when it runs ---
 
 
@@ -449,8 +473,10 @@ def write_plan(plan: Plan) -> None:
     storage.write_atomically(plan.run.plan_uri, lambda f: f.write(data))
 
 
-def read_chunk(plan_uri: str, chunk: int) -> list[ImageRef]:
-    """The refs of one chunk of a plan file."""
+def read_chunk(plan_uri: str | None, chunk: int) -> list[ImageRef]:
+    """The refs of one chunk of a plan file (none for a run with nothing to embed)."""
+    if plan_uri is None:
+        return []
     fs, path = storage.filesystem(plan_uri)
     t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", chunk)])
     return refs_from_table(t)

@@ -140,7 +140,7 @@ class FeatureRecipe:
             )
         if self.pooling not in spec.poolings:
             raise ValueError(
-                f"pooling for {spec.name} must be one of {spec.poolings}, got {self.pooling!r}"
+                f"pooling must be one of {spec.poolings} for {spec.name}, got {self.pooling!r}"
             )
         if self.layer is not None and self.layer not in spec.layers:
             valid = ", ".join(spec.layers)
@@ -187,6 +187,16 @@ class FeatureRecipe:
         if self.is_hub:
             return self.tower.widths[self.pooling]
         return spec.layers[self.layer] if self.layer else spec.feature_dim
+
+    def weight_bytes(self) -> int:
+        """About how much memory the model's float32 weights take: a weights file's or
+        checkpoint folder's size, else the registry's parameter count (KerasHub's for its
+        presets)."""
+        if self.weights_file is not None:
+            uri = self.weights_file
+            files = storage.find_files(uri) if storage.is_dir(uri) else [storage.file_info(uri)]
+            return sum(f.size for f in files if f.uri.endswith((".h5", ".keras", ".safetensors")))
+        return int(self.spec.params_m * 1e6 * 4)
 
     @property
     def preprocessing_spec(self) -> hub.Preprocessing:
@@ -308,7 +318,7 @@ class FeatureRecipe:
         weights: str | None = None,
         pooling: str | None = None,
         layer: str | None = None,
-        image_size: int | None = None,
+        image_size: int | str | None = None,
         resize: str | None = None,
         precision: str | None = None,
         l2_normalize: bool | None = None,
@@ -327,7 +337,7 @@ class FeatureRecipe:
             weights=weights,
             pooling=pooling or None,
             layer=layer or None,
-            image_size=image_size or default_size,
+            image_size=_size(image_size) or default_size,
             resize=resize or None,
             precision=precision or DEFAULT_PRECISION,
             l2_normalize=bool(l2_normalize),
@@ -366,6 +376,16 @@ class FeatureRecipe:
                     f"{flag} {value} contradicts the recorded recipe ({key}={ours}); "
                     f"leave {flag} out to use the recorded value",
                 )
+
+
+def _size(value: int | str | None) -> int | None:
+    """``--image-size`` as given (a string from the command line)."""
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--image-size must be a whole number of pixels, got {value!r}") from None
 
 
 def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:

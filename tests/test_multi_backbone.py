@@ -1,0 +1,122 @@
+"""Several backbones in one decode pass: one table per backbone, each equal to a separate run,
+each incremental on its own; images decoded once per (size, resize, interpolation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import encode, gradient
+from hub_checkpoints import write_transformers_dinov2
+
+from pipeline.extract import run
+from transforms import extract as extract_module
+from transforms import table
+from transforms.embed import check_models_fit
+from transforms.recipe import FeatureRecipe
+
+TWO_CNNS = ["--backbone", "mobilenet_v2,mobilenet_v3_small", "--weights", "none"]
+TWO_CNNS += ["--image-size", "32", "--chunk-size", "4"]
+
+
+def _same_table(a, b):
+    one, two = table.read_table(str(a)), table.read_table(str(b))
+    order_one = np.argsort(one.column("image_id").to_numpy(zero_copy_only=False))
+    order_two = np.argsort(two.column("image_id").to_numpy(zero_copy_only=False))
+    for name in ("image_id", "uri", "label", "split", "width", "height"):
+        assert np.array_equal(
+            one.column(name).to_numpy(zero_copy_only=False)[order_one],
+            two.column(name).to_numpy(zero_copy_only=False)[order_two],
+        ), name
+    np.testing.assert_allclose(
+        table.features_matrix(one)[order_one],
+        table.features_matrix(two)[order_two],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    meta_one, meta_two = table.table_metadata(one.schema), table.table_metadata(two.schema)
+    assert {k: v for k, v in meta_one.items()} == {k: v for k, v in meta_two.items()}
+
+
+@pytest.mark.slow
+def test_tables_equal_separate_runs_row_for_row(image_tree, tmp_path):
+    """A KerasHub tower (Transformers checkpoint, bicubic crop at 28 px) and a CNN (bilinear
+    squash at 32 px): two decode groups, one table each, equal to separate runs."""
+    hf = write_transformers_dinov2(tmp_path / "ckpt", registers=4)
+    flags = {
+        "dinov2_with_registers_small": ["--weights", str(hf), "--image-size", "28"],
+        "mobilenet_v2": ["--weights", "none", "--image-size", "32"],
+    }
+    base = ["--input", str(image_tree), "--chunk-size", "5"]
+    summary = run(
+        [*base, "--output", str(tmp_path / "multi")]
+        + ["--backbone", ",".join(flags), "--weights", f"{hf},none", "--image-size", "28,32"]
+    )
+    assert [s["rows"] for s in summary["tables"]] == [12, 12]
+    for backbone, extra in flags.items():
+        run([*base, "--output", str(tmp_path / backbone), "--backbone", backbone, *extra])
+        _same_table(tmp_path / "multi" / backbone, tmp_path / backbone)
+
+
+def test_each_image_is_decoded_once_per_decode_group(image_tree, tmp_path, monkeypatch):
+    calls = []
+    original = extract_module.read_and_decode
+
+    def counting(ref, *args):
+        calls.append(ref.uri)
+        return original(ref, *args)
+
+    monkeypatch.setattr(extract_module, "read_and_decode", counting)
+    summary = run(["--input", str(image_tree), "--output", str(tmp_path / "o"), *TWO_CNNS])
+    assert [(s["rows"], s["errors"]) for s in summary["tables"]] == [(12, 0), (12, 0)]
+    assert len(calls) == 12 and len(set(calls)) == 12
+    for backbone in ("mobilenet_v2", "mobilenet_v3_small"):
+        meta = table.table_metadata(table.read_table(str(tmp_path / "o" / backbone)).schema)
+        assert meta["backbone"] == backbone
+
+
+def test_each_table_is_incremental_on_its_own(image_tree, tmp_path):
+    """A table removed between runs is rebuilt whole; the other only gains the new image; a
+    bad file is an error row in both."""
+    out = tmp_path / "o"
+    run(["--input", str(image_tree), "--output", str(out), *TWO_CNNS])
+    (image_tree / "train" / "cats" / "new.png").write_bytes(encode(gradient(seed=99)))
+    (image_tree / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+    import shutil
+
+    shutil.rmtree(out / "mobilenet_v3_small")
+    summary = run(
+        ["--input", str(image_tree), "--output", str(out), *TWO_CNNS, "--mode", "incremental"]
+    )
+    first, second = summary["tables"]
+    assert (first["run"]["embedded"], first["rows"], first["errors"]) == (2, 13, 1)
+    assert (second["run"]["embedded"], second["rows"], second["errors"]) == (14, 13, 1)
+    _same_table(out / "mobilenet_v2", out / "mobilenet_v2")  # readable, consistent
+    plan = run(
+        ["--input", str(image_tree), "--output", str(out), *TWO_CNNS]
+        + ["--mode", "incremental", "--plan-only"]
+    )
+    assert [p["plan"].to_embed for p in plan["tables"]] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--backbone", "resnet50,resnet50"], "lists a backbone twice"),
+        (["--backbone", "resnet50,vgg16", "--weights", "none,none,none"], "3 values for 2"),
+        (["--backbone", "resnet50,vgg16", "--layer", "fc2"], "not with several backbones"),
+    ],
+)
+def test_bad_multi_backbone_flags(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_models_that_do_not_fit_together_are_refused():
+    recipes = [
+        FeatureRecipe.from_flags(backbone=name, weights="none")
+        for name in ("dinov2_giant", "vgg19")
+    ]
+    with pytest.raises(MemoryError, match=r"dinov2_giant 4\.\d+ GiB, vgg19 0\.5\d GiB"):
+        check_models_fit(recipes, memory_bytes=8 << 30)
+    check_models_fit(recipes, memory_bytes=64 << 30)
