@@ -26,6 +26,13 @@ Then: peak RSS of our one-process job on N and 10xN images (flat means memory is
 model and a few batches, not the dataset), and ``--precision bfloat16`` against float32 (speed,
 cosine of the vectors, and for the real sample weights the ants/bees head accuracy).
 
+``multi``: two backbones in one decode pass (``--backbone a,b``) against two separate runs on the
+same images. ``hub``: the KerasHub towers (``--hub-backbones``, random init of the presets'
+architectures, so offline) model-only and end to end, beside the same architecture in
+Hugging Face Transformers / PyTorch (random init, model only, same batch and threads) when a Python
+with torch + transformers is given (``--torch-python`` or ``FEATUREBEAM_TORCH_PYTHON``; they are
+not project dependencies); otherwise that row says it was skipped.
+
 The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
 URIs, so every one is embedded).
 """
@@ -47,7 +54,16 @@ from pipeline import bench_plan
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 
-SIZES = {"mobilenet_v2": 160, "resnet50": 224}
+SIZES = {
+    "mobilenet_v2": 160,
+    "resnet50": 224,
+    "mobilenet_v3_large": 160,
+    "dinov2_small": 224,
+    "siglip_base_patch16_224": 224,
+}
+#: The transformers the hub section times (random init; model cost does not depend on weights).
+HUB_BACKBONES = ("dinov2_small", "siglip_base_patch16_224")
+_TORCH_SCRIPT = Path(__file__).resolve().parent / "bench_torch.py"
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 
 
@@ -101,7 +117,12 @@ def measure_limit(args) -> dict:
     load_s = time.perf_counter() - started
 
     started = time.perf_counter()
-    pixels = [load_image(f.read_bytes(), spec.size).pixels for f in files]
+    pixels = [
+        load_image(
+            f.read_bytes(), spec.size, resize=spec.resize, interpolation=spec.interpolation
+        ).pixels
+        for f in files
+    ]
     decode_s = time.perf_counter() - started
     batches = [
         np.stack(pixels[i : i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)
@@ -126,8 +147,10 @@ def measure_ours(args) -> dict:
     from pipeline.extract import run
 
     out = Path(args.work) / f"ours-{os.getpid()}"
+    backbones = args.backbone.split(",")
     argv = ["--input", args.input, "--output", str(out), "--backbone", args.backbone]
-    argv += ["--weights", args.weights, "--image-size", str(SIZES[args.backbone])]
+    argv += ["--weights", args.weights]
+    argv += ["--image-size", ",".join(str(SIZES[b]) for b in backbones)]
     argv += ["--batch-size", str(args.batch_size), "--chunk-size", str(args.chunk_size)]
     argv += ["--precision", args.precision]
     if args.intra_op_threads:
@@ -138,7 +161,8 @@ def measure_ours(args) -> dict:
     started = time.perf_counter()
     summary = run(argv)
     seconds = time.perf_counter() - started
-    return {"images": summary["rows"] + summary["errors"], "seconds": seconds, "table": str(out)}
+    first = summary["tables"][0] if "tables" in summary else summary
+    return {"images": first["rows"] + first["errors"], "seconds": seconds, "table": str(out)}
 
 
 def measure_runinference(args) -> dict:
@@ -279,6 +303,81 @@ def _head_accuracy(source: Path, work: Path, precision: str) -> float:
     return float(clf.score(vx, vy))
 
 
+def _torch_python(args) -> str | None:
+    """A Python with torch + transformers: ``--torch-python``, $FEATUREBEAM_TORCH_PYTHON, or
+    this one if it has them."""
+    import importlib.util
+
+    given = args.torch_python or os.environ.get("FEATUREBEAM_TORCH_PYTHON")
+    if given:
+        return given
+    found = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+    return sys.executable if found else None
+
+
+def _measure_torch(python: str, backbone: str, batch_size: int, batches: int) -> dict:
+    proc = subprocess.run(
+        [python, str(_TORCH_SCRIPT), backbone, str(batch_size), str(batches)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"PyTorch measurement failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def report_hub(args, inputs: str, work: Path) -> None:
+    """Model-only and end-to-end speed of the KerasHub towers, and PyTorch's model-only."""
+    python = _torch_python(args)
+    print("\nmodern backbones (KerasHub, random init of the preset architecture, float32, XLA)")
+    print(f"  {'':<34} {'images/s':>8} {'x PyTorch':>9}")
+    for backbone in args.hub_backbones:
+        common = dict(backbone=backbone, weights="none", batch_size=args.batch_size)
+        limit = _measure("limit", work, input=inputs, **common)
+        ours = _measure("ours", work, input=inputs, chunk_size=args.count, **common)
+        torch_row = None
+        if python:
+            batches = max(2, min(8, args.count // args.batch_size))
+            torch_row = _measure_torch(python, backbone, args.batch_size, batches)
+        model = limit["model_per_s"]
+        ratio = f"{model / torch_row['per_s']:8.2f}x" if torch_row else "        -"
+        print(f"  {backbone} @ {SIZES[backbone]} px, model load {limit['model_load_s']:.1f} s")
+        print(f"  {'  ours, model only (compiled)':<34} {model:8.1f} {ratio}")
+        print(f"  {'  ours, end to end, 1 process':<34} {ours['per_s']:8.1f}")
+        if torch_row:
+            print(
+                f"  {'  PyTorch ' + torch_row['version'] + ', model only':<34} "
+                f"{torch_row['per_s']:8.1f}    1.00x  ({torch_row['threads']} threads)"
+            )
+        else:
+            print(
+                "    PyTorch: skipped (no torch + transformers here; pass --torch-python or set "
+                "FEATUREBEAM_TORCH_PYTHON to a Python that has them)"
+            )
+
+
+def report_multi(args, inputs: str, work: Path) -> None:
+    """Two backbones in one decode pass against two separate runs, same images."""
+    pair = args.multi_backbones
+    weights = [args.weights or ("sample" if b == "mobilenet_v2" else "none") for b in pair]
+    common = dict(batch_size=args.batch_size, chunk_size=args.count)
+    separate = [
+        _measure("ours", work, input=inputs, backbone=b, weights=w, **common)
+        for b, w in zip(pair, weights, strict=True)
+    ]
+    together = _measure(
+        "ours", work, input=inputs, backbone=",".join(pair), weights=",".join(weights), **common
+    )
+    apart_s = sum(r["seconds"] for r in separate)
+    each = " + ".join(f"{r['seconds']:.1f}" for r in separate)
+    print(
+        f"\nseveral backbones in one pass ({' + '.join(f'{b} @ {SIZES[b]}' for b in pair)}, "
+        f"{args.count} images): separate runs {apart_s:.1f} s "
+        f"({each}), one pass "
+        f"{together['seconds']:.1f} s: {apart_s / together['seconds']:.2f}x"
+    )
+
+
 def _row(name: str, per_s: float, limit: float, baseline: float | None, rss: float) -> str:
     base = f"{per_s / baseline:5.2f}x" if baseline else "    - "
     return f"  {name:<34} {per_s:8.1f} {per_s / limit:8.2f} {base:>9} {rss:9.0f}"
@@ -300,6 +399,10 @@ def run_bench(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
     print(f"machine: {os.cpu_count()} cores; images: {args.count} from {source}")
     inputs = str(make_input(source, args.count, work / "images"))
+    if args.only in ("hub", "multi"):
+        (report_hub if args.only == "hub" else report_multi)(args, inputs, work)
+        print(f"\nwork folder (safe to delete): {work}")
+        return
     for backbone in args.backbones:
         weights = args.weights or ("sample" if backbone == "mobilenet_v2" else "none")
         common = dict(backbone=backbone, weights=weights, batch_size=args.batch_size)
@@ -404,6 +507,10 @@ def run_bench(args) -> None:
             f"({rss[1] / rss[0]:.2f}x)"
         )
 
+    if "multi" not in args.skip:
+        report_multi(args, inputs, work)
+    if "hub" not in args.skip:
+        report_hub(args, inputs, work)
     if "plan" not in args.skip:
         bench_plan.report(args.plan_sizes, _measure, work)
 
@@ -451,10 +558,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--skip",
         default="",
         type=lambda s: set(s.split(",")),
-        help="comma list of: bf16, memory, plan",
+        help="comma list of: bf16, memory, multi, hub, plan",
     )
     parser.add_argument(
-        "--only", choices=("plan",), default=None, help="run only this section (plan: the planner)"
+        "--only",
+        choices=("plan", "multi", "hub"),
+        default=None,
+        help="run only this section (plan: the planner; multi: several backbones in one pass; "
+        "hub: the KerasHub towers against PyTorch)",
+    )
+    parser.add_argument(
+        "--multi-backbones",
+        default="mobilenet_v2,mobilenet_v3_large",
+        type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+        help="the pair timed in one pass against separate runs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hub-backbones",
+        default=",".join(HUB_BACKBONES),
+        type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+        help="KerasHub towers of the hub section (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-python",
+        default=None,
+        help="a Python with torch + transformers for the PyTorch row (default: "
+        "$FEATUREBEAM_TORCH_PYTHON, else this Python if it has them)",
     )
     parser.add_argument(
         "--plan-sizes",
@@ -478,7 +607,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.images and args.only != "plan":
         parser.error("--images is required (../shared/data/hymenoptera is not here)")
-    unknown = [b for b in args.backbones if b not in SIZES]
+    unknown = [
+        b for b in [*args.backbones, *args.multi_backbones, *args.hub_backbones] if b not in SIZES
+    ]
     if unknown:
         parser.error(f"benchmarked backbones: {sorted(SIZES)}; got {unknown}")
     run_bench(args)

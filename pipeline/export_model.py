@@ -55,7 +55,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     uris = table.read_table(report["feature_tables"][0], columns=["uri"]).column("uri").to_pylist()
     uris = uris[: args.check_images]
     pixels = np.stack(
-        [load_image(storage.read_bytes(u), recipe.size, resize=recipe.resize).pixels for u in uris]
+        [
+            load_image(
+                storage.read_bytes(u),
+                recipe.size,
+                resize=recipe.resize,
+                interpolation=recipe.interpolation,
+            ).pixels
+            for u in uris
+        ]
     )
     exported, _, _ = model_io.load_model_dir(args.model_dir)
     one_step = exported.predict(pixels.astype(np.float32), verbose=0)

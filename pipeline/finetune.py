@@ -65,7 +65,8 @@ def _dataset(uris, targets, recipe, *, batch_size, shuffle_seed=None):
     def load(uri):
         try:
             data = storage.read_bytes(uri.decode())
-            return load_image(data, size, resize=recipe.resize).pixels, True
+            image = load_image(data, size, resize=recipe.resize, interpolation=recipe.interpolation)
+            return image.pixels, True
         except (ImageError, OSError):
             return np.zeros((*size, 3), np.uint8), False
 

@@ -13,7 +13,7 @@ from pipeline import bench
 def test_bench_runs_every_measurement(image_tree, capsys):
     bench.main(
         ["--images", str(image_tree), "--count", "12", "--backbones", "mobilenet_v2"]
-        + ["--weights", "none", "--skip", "memory,bf16", "--chunk-size", "4"]
+        + ["--weights", "none", "--skip", "memory,bf16,hub", "--chunk-size", "4"]
         + ["--plan-sizes", "2000"]
     )
     out = capsys.readouterr().out
@@ -30,6 +30,19 @@ def test_bench_runs_every_measurement(image_tree, capsys):
         line = next(x for x in out.splitlines() if name in x)
         assert re.search(r"\d+\.\d+\s+\d+\.\d+", line), line
     assert "scaling 2 processes / 1 process" in out
+    assert re.search(r"several backbones in one pass .* one pass \d+\.\d s: \d+\.\d\dx", out)
+
+
+@pytest.mark.slow
+def test_bench_hub_section_runs(image_tree, capsys):
+    bench.main(
+        ["--images", str(image_tree), "--count", "4", "--batch-size", "2", "--only", "hub"]
+        + ["--hub-backbones", "dinov2_small", "--torch-python", ""]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"ours, model only \(compiled\)\s+\d+\.\d", out)
+    assert re.search(r"ours, end to end, 1 process\s+\d+\.\d", out)
+    assert "PyTorch: skipped" in out or re.search(r"PyTorch .* model only\s+\d", out)
     planner = next(x for x in out.splitlines() if x.strip().startswith("2,000"))
     assert re.search(r"22 \(20 \+ 2\), 1,978, 2, 20", planner)
 

@@ -148,3 +148,24 @@ def test_input_bytes_and_returned_pixels_are_independent():
 def test_unknown_resize_mode():
     with pytest.raises(ValueError, match="resize must be one of"):
         load_image(encode(gradient(), "PNG"), SIZE, resize="stretch")
+
+
+def test_load_images_equals_load_image_for_every_target():
+    """One decode for several targets gives each target exactly what load_image gives it,
+    including a JPEG whose targets ask for different draft scales."""
+    from transforms.images import Target, load_images
+
+    photo = encode(gradient(900, 640, seed=3), "JPEG", quality=90)
+    targets = [
+        Target((224, 224), "crop", "bicubic"),
+        Target((32, 32), "squash", "bilinear"),
+        Target((160, 160), "squash", "bilinear"),
+        Target((224, 224), "crop", "bicubic"),
+    ]
+    together = load_images(photo, targets)
+    for target, image in zip(targets, together, strict=True):
+        alone = load_image(
+            photo, target.size, resize=target.resize, interpolation=target.interpolation
+        )
+        np.testing.assert_array_equal(image.pixels, alone.pixels)
+        assert (image.width, image.height) == (alone.width, alone.height) == (900, 640)

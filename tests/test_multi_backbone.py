@@ -57,18 +57,19 @@ def test_tables_equal_separate_runs_row_for_row(image_tree, tmp_path):
         _same_table(tmp_path / "multi" / backbone, tmp_path / backbone)
 
 
-def test_each_image_is_decoded_once_per_decode_group(image_tree, tmp_path, monkeypatch):
+def test_each_image_is_read_and_decoded_once(image_tree, tmp_path, monkeypatch):
     calls = []
     original = extract_module.read_and_decode
 
-    def counting(ref, *args):
-        calls.append(ref.uri)
-        return original(ref, *args)
+    def counting(ref, targets, *args):
+        calls.append((ref.uri, len(targets)))
+        return original(ref, targets, *args)
 
     monkeypatch.setattr(extract_module, "read_and_decode", counting)
     summary = run(["--input", str(image_tree), "--output", str(tmp_path / "o"), *TWO_CNNS])
     assert [(s["rows"], s["errors"]) for s in summary["tables"]] == [(12, 0), (12, 0)]
-    assert len(calls) == 12 and len(set(calls)) == 12
+    assert len(calls) == 12 and len({uri for uri, _ in calls}) == 12
+    assert {n for _, n in calls} == {1}  # both backbones take the same 32 px squash
     for backbone in ("mobilenet_v2", "mobilenet_v3_small"):
         meta = table.table_metadata(table.read_table(str(tmp_path / "o" / backbone)).schema)
         assert meta["backbone"] == backbone

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -24,7 +25,7 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import storage
 from transforms.backbones import build_model, build_zero_shot, preprocess, preprocess_fn
-from transforms.images import DEFAULT_INTERPOLATION, ImageError, load_image
+from transforms.images import DEFAULT_INTERPOLATION, ImageError, Target, load_images
 from transforms.listing import ImageRef
 from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
 
@@ -68,24 +69,19 @@ def feature_row(ref: ImageRef, width: int, height: int, vector: np.ndarray) -> d
 
 
 def read_and_decode(
-    ref: ImageRef,
-    size: tuple[int, int],
-    resize: str,
-    max_pixels: int,
-    interpolation: str = DEFAULT_INTERPOLATION,
-) -> tuple[Decoded, np.ndarray] | dict[str, Any]:
-    """``(Decoded, uint8 pixels)`` for a readable image, else its error row."""
+    ref: ImageRef, targets: Sequence[Target], max_pixels: int
+) -> list[tuple[Decoded, np.ndarray]] | dict[str, Any]:
+    """The file read once and decoded for every target: ``(Decoded, uint8 pixels)`` per target,
+    or the image's error row."""
     try:
         data = storage.read_bytes(ref.uri)
     except Exception as exc:  # missing, permission, network: all become error rows
         return error_row(ref, "read", f"{type(exc).__name__}: {exc}")
     try:
-        image = load_image(
-            data, size, resize=resize, max_pixels=max_pixels, interpolation=interpolation
-        )
+        images = load_images(data, targets, max_pixels=max_pixels)
     except ImageError as exc:
         return error_row(ref, exc.stage, exc.reason)
-    return Decoded(ref, image.width, image.height), image.pixels
+    return [(Decoded(ref, image.width, image.height), image.pixels) for image in images]
 
 
 class Progress:
@@ -242,7 +238,10 @@ def load_model_async(handler: FeatureModelHandler, *, keep: int = 1) -> Future:
     reload the backbone for every bundle. This cache keeps the last two models for the life of
     the process; a run of ``keep`` backbones keeps them all (never swapping one out for another).
     Loading in the background lets the caller decode images meanwhile: building a
-    Keras model is mostly single-threaded Python, so another core is free.
+    Keras model is mostly single-threaded Python, so another core is free. Models load one after
+    another, in the order asked for, in one loader thread: loads hold the GIL, so two at once
+    would both finish late, while in turn the first model embeds while the next one loads
+    (``pipeline.bench``, several backbones in one pass).
     """
     key = model_cache_key(handler)
     with _MODELS_LOCK:
@@ -253,14 +252,30 @@ def load_model_async(handler: FeatureModelHandler, *, keep: int = 1) -> Future:
             future = Future()
             _MODELS[key] = future
 
-            def load():
-                try:
-                    future.set_result(handler.load_model())
-                except BaseException as exc:  # handed to whoever waits for the model
-                    future.set_exception(exc)
-
-            threading.Thread(target=load, name="load-model", daemon=True).start()
+            _submit_load(handler, future)
         return future
+
+
+_LOADS: queue.Queue = queue.Queue()
+_LOADER: list[threading.Thread] = []
+
+
+def _submit_load(handler: FeatureModelHandler, future: Future) -> None:
+    """Queues a load for this process's one loader thread (started on first use; a daemon, so a
+    hung load never blocks the process from exiting)."""
+    if not _LOADER or not _LOADER[0].is_alive():
+        _LOADER[:] = [threading.Thread(target=_load_forever, name="load-model", daemon=True)]
+        _LOADER[0].start()
+    _LOADS.put((handler, future))
+
+
+def _load_forever() -> None:
+    while True:
+        handler, future = _LOADS.get()
+        try:
+            future.set_result(handler.load_model())
+        except BaseException as exc:  # handed to whoever waits for the model
+            future.set_exception(exc)
 
 
 class FeatureModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):

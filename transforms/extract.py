@@ -39,14 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 
 from transforms import plan as plans
 from transforms import storage, table
 from transforms.embed import (
     NAMESPACE,
-    Decoded,
     FeatureModelHandler,
     Progress,
     error_row,
@@ -54,7 +52,7 @@ from transforms.embed import (
     load_model_async,
     read_and_decode,
 )
-from transforms.images import DEFAULT_MAX_PIXELS
+from transforms.images import DEFAULT_MAX_PIXELS, Target
 from transforms.lease import Lease
 
 _LOG = logging.getLogger(__name__)
@@ -127,8 +125,9 @@ class _EmbedChunk(beam.DoFn):
     """Embeds one planned chunk for every table and commits each table's feature (and error)
     shard; yields one count record per table.
 
-    Images are read and decoded once per distinct (input size, resize, interpolation) among the
-    tables that need them, then embedded by each such table's model.
+    Each image is read once and decoded once (per JPEG draft scale) for all the tables that need
+    it, fitted to each distinct (input size, resize, interpolation), and embedded by each such
+    table's model.
     """
 
     def __init__(self, jobs: Sequence[TableJob], *, max_pixels: int, decode_threads: int):
@@ -144,15 +143,13 @@ class _EmbedChunk(beam.DoFn):
     def teardown(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _decoded_batches(
-        self, job: TableJob, refs, errors, model: Future
-    ) -> Iterator[list[tuple[Decoded, np.ndarray]]]:
-        """Decoded images in batches, decoding two batches ahead of the consumer, and as far as
-        ``PREFETCH_BYTES`` allows while the model is still loading."""
-        handler = job.handler
-        batch_size = handler.batch_size
-        size, resize, interpolation = job.decode_key
-        ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * size[0] * size[1]))
+    def _decoded(self, refs, targets_of, model: Future) -> Iterator[tuple[Any, Any]]:
+        """``(ref, result)`` in order, each image read once and decoded for all its targets
+        (``targets_of(ref)``) in the pool: decoding runs two batches ahead of the consumer, and
+        as far as ``PREFETCH_BYTES`` allows while ``model`` is still loading."""
+        batch_size = max(job.handler.batch_size for job in self._jobs)
+        biggest = max(h * w for job in self._jobs for h, w in [job.decode_key[0]])
+        ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * biggest))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
 
@@ -162,26 +159,15 @@ class _EmbedChunk(beam.DoFn):
                 ref = next(refs_left, None)
                 if ref is None:
                     return
-                pending.append(
-                    self._pool.submit(
-                        read_and_decode, ref, size, resize, self._max_pixels, interpolation
-                    )
-                )
+                future = self._pool.submit(read_and_decode, ref, targets_of(ref), self._max_pixels)
+                pending.append((ref, future))
 
         fill()
-        batch: list[tuple[Decoded, np.ndarray]] = []
         while pending:
-            result = pending.popleft().result()
+            ref, future = pending.popleft()
+            result = future.result()
             fill()
-            if isinstance(result, dict):
-                errors.append(result)
-                continue
-            batch.append(result)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+            yield ref, result
 
     def _embed(self, job: TableJob, model, batch, rows, errors) -> None:
         if job.lease is not None:
@@ -196,38 +182,62 @@ class _EmbedChunk(beam.DoFn):
             row = feature_row(key.ref, key.width, key.height, vector)
             rows.append(job.to_row(row) if job.to_row else row)
 
+    def _embed_all(self, refs, needs, rows, errors) -> None:
+        """Reads and decodes each image once for every target its tables need, and embeds each
+        target's batches with the models of the tables that need those images."""
+        jobs = self._jobs
+        targets = {}  # decode key -> Target
+        for job in jobs:
+            size, resize, interpolation = job.decode_key
+            targets.setdefault(job.decode_key, Target(size, resize, interpolation))
+        # Start loading the models (once per process) now; images decode while they load.
+        used = sorted({i for tables in needs.values() for i in tables})
+        models = {i: load_model_async(jobs[i].handler, keep=len(jobs)) for i in used}
+        keys_of = {
+            image_id: list(dict.fromkeys(jobs[i].decode_key for i in tables))
+            for image_id, tables in needs.items()
+        }
+        batches: dict[tuple, list] = {key: [] for key in targets}
+
+        def flush(key):
+            batch, batches[key] = batches[key], []
+            for i in used:
+                if jobs[i].decode_key != key:
+                    continue
+                mine = [item for item in batch if i in needs[item[0].ref.image_id]]
+                if mine:  # a model that cannot load fails the run
+                    self._embed(jobs[i], models[i].result(), mine, rows[i], errors[i])
+
+        def targets_of(ref):
+            return [targets[key] for key in keys_of[ref.image_id]]
+
+        for ref, result in self._decoded(refs, targets_of, models[used[0]]):
+            if isinstance(result, dict):  # unreadable: an error row in every table that needs it
+                for i in needs[ref.image_id]:
+                    errors[i].append(result)
+                continue
+            for key, item in zip(keys_of[ref.image_id], result, strict=True):
+                batches[key].append(item)
+                if len(batches[key]) == jobs[0].handler.batch_size:
+                    flush(key)
+        for key in batches:
+            if batches[key]:
+                flush(key)
+
     def process(self, chunk: int, stale_removed: dict[int, int]):
         # ``stale_removed`` (a side input) is only waited for: no chunk starts before the stale
         # rows are gone.
         jobs = self._jobs
         rows: list[list[dict[str, Any]]] = [[] for _ in jobs]
         errors: list[list[dict[str, Any]]] = [[] for _ in jobs]
-        needs: dict[str, set[int]] = {}
-        refs: dict[tuple, dict[str, Any]] = {}  # decode key -> image_id -> ref, in plan order
+        needs: dict[str, list[int]] = {}  # image_id -> the tables that embed it
+        refs: dict[str, Any] = {}  # image_id -> ref, in plan order
         for i, job in enumerate(jobs):
             for ref in plans.read_chunk(job.run.plan_uri, chunk):
-                needs.setdefault(ref.image_id, set()).add(i)
-                refs.setdefault(job.decode_key, {}).setdefault(ref.image_id, ref)
-        for key, group in refs.items():
-            members = [i for i, job in enumerate(jobs) if job.decode_key == key]
-            # Start loading the models (once per process) now; images decode while they load.
-            models = {
-                i: load_model_async(jobs[i].handler, keep=len(jobs))
-                for i in members
-                if any(i in needs[image_id] for image_id in group)
-            }
-            decode_errors: list[dict[str, Any]] = []
-            first = jobs[members[0]]
-            for batch in self._decoded_batches(
-                first, group.values(), decode_errors, next(iter(models.values()))
-            ):
-                for i, future in models.items():
-                    mine = [item for item in batch if i in needs[item[0].ref.image_id]]
-                    if mine:  # a model that cannot load fails the run
-                        self._embed(jobs[i], future.result(), mine, rows[i], errors[i])
-            for error in decode_errors:
-                for i in sorted(needs[error["image_id"]] & set(members)):
-                    errors[i].append(error)
+                needs.setdefault(ref.image_id, []).append(i)
+                refs.setdefault(ref.image_id, ref)
+        if refs:
+            self._embed_all(list(refs.values()), needs, rows, errors)
         for job in jobs:
             if job.lease is not None:
                 job.lease.check()  # never commit next to a run that took a table over

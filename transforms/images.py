@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,24 @@ class ImageError(ValueError):
 
 
 @dataclass(frozen=True)
+class Target:
+    """What one backbone needs from an image: its input ``(height, width)``, how the image is
+    fitted to it (:data:`RESIZE_MODES`) and the resize filter (:data:`INTERPOLATIONS`)."""
+
+    size: tuple[int, int]
+    resize: str = DEFAULT_RESIZE
+    interpolation: str = DEFAULT_INTERPOLATION
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+
+
+@dataclass(frozen=True)
 class LoadedImage:
     """Decoded, RGB, resized pixels plus the original (display-oriented) size."""
 
@@ -95,14 +114,51 @@ def load_image(
     Raises:
         ImageError: empty input, not an image, truncated or corrupt data, or too many pixels.
     """
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(
-            f"interpolation must be one of {tuple(INTERPOLATIONS)}, got {interpolation!r}"
-        )
+    target = Target(tuple(size), resize, interpolation)
+    return load_images(data, [target], max_pixels=max_pixels)[0]
+
+
+def load_images(
+    data: bytes, targets: Sequence[Target], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[LoadedImage]:
+    """:func:`load_image` for several targets at once (a multi-backbone run): the image is
+    decoded once per distinct JPEG draft scale the targets ask for (once, for other formats)
+    and fitted to each target, so every result equals :func:`load_image`'s for that target.
+
+    Raises:
+        ImageError: as :func:`load_image`.
+    """
     if not data:
         raise ImageError("decode", "empty file (0 bytes)")
+    results: dict[Target, LoadedImage] = {}
+    decoded: dict[tuple, tuple[Image.Image, int, int]] = {}
+    for target in targets:
+        if target in results:
+            continue
+        image = _open(data, max_pixels)
+        with image:
+            width, height = image.size
+            try:
+                scale = _draft(image, target.size)  # header only: nothing is decoded yet
+                if scale not in decoded:
+                    rgb = _decode_rgb(image)
+                    if _swaps_axes(image):
+                        width, height = height, width
+                    decoded[scale] = (rgb, width, height)
+                rgb, width, height = decoded[scale]
+                pixels = _fit(rgb, target.size, target.resize, INTERPOLATIONS[target.interpolation])
+            except ImageError:
+                raise
+            except Exception as exc:
+                raise ImageError(
+                    "decode", f"corrupt image data: {type(exc).__name__}: {exc}"
+                ) from None
+        results[target] = LoadedImage(pixels=pixels, width=width, height=height)
+    return [results[target] for target in targets]
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens (reads the header of) an image, refusing decompression bombs."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -113,23 +169,13 @@ def load_image(
         raise ImageError("limits", f"too many pixels ({exc})") from None
     except Exception as exc:  # Pillow raises many types on corrupt headers
         raise ImageError("decode", f"unreadable header: {type(exc).__name__}: {exc}") from None
-
-    with image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(
-                "limits", f"{width}x{height} = {width * height} pixels exceeds limit {max_pixels}"
-            )
-        try:
-            rgb = _decode_rgb(image, size)
-        except ImageError:
-            raise
-        except Exception as exc:
-            raise ImageError("decode", f"corrupt image data: {type(exc).__name__}: {exc}") from None
-        if _swaps_axes(image):
-            width, height = height, width
-    pixels = _fit(rgb, size, resize, INTERPOLATIONS[interpolation])
-    return LoadedImage(pixels=pixels, width=width, height=height)
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError(
+            "limits", f"{width}x{height} = {width * height} pixels exceeds limit {max_pixels}"
+        )
+    return image
 
 
 def _swaps_axes(image: Image.Image) -> bool:
@@ -137,16 +183,23 @@ def _swaps_axes(image: Image.Image) -> bool:
     return image.getexif().get(ImageOps.ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
 
 
-def _decode_rgb(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """First frame, JPEG draft scaling, full decode, EXIF orientation, then RGB."""
+def _draft(image: Image.Image, size: tuple[int, int]) -> tuple:
+    """Asks a JPEG for DCT scaling to twice the target size; returns the decoded size it will
+    have (the key of what a decode produces), or ``()`` for formats without draft mode."""
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)
-    if image.format == "JPEG":
-        target_h, target_w = size
-        box = (target_w * _DRAFT_MARGIN, target_h * _DRAFT_MARGIN)
-        if _swaps_axes(image):
-            box = box[::-1]
-        image.draft("RGB", box)
+    if image.format != "JPEG":
+        return ()
+    target_h, target_w = size
+    box = (target_w * _DRAFT_MARGIN, target_h * _DRAFT_MARGIN)
+    if _swaps_axes(image):
+        box = box[::-1]
+    image.draft("RGB", box)
+    return image.size
+
+
+def _decode_rgb(image: Image.Image) -> Image.Image:
+    """Full decode (after any draft request), EXIF orientation, then RGB."""
     image.load()
     oriented = ImageOps.exif_transpose(image) or image
     return _to_rgb(oriented)
