@@ -46,7 +46,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backbone",
         default=None,
-        help=f"registered backbone; one of: {', '.join(BACKBONES)} "
+        help="registered backbone, or several comma-separated (pipeline.extract: one decode "
+        f"pass, one table per backbone); one of: {', '.join(BACKBONES)} "
         f"(default: {recipes.DEFAULT_BACKBONE})",
     )
     group.add_argument(

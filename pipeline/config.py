@@ -90,8 +90,9 @@ class ExtractConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.extract",
-        description="Embed an image collection with a pretrained headless CNN into a Parquet "
-        "feature table. Unknown flags are Beam pipeline options (e.g. --runner, "
+        description="Embed an image collection with a pretrained headless backbone (a Keras CNN "
+        "or a KerasHub vision transformer; several at once with --backbone a,b) into Parquet "
+        "feature tables. Unknown flags are Beam pipeline options (e.g. --runner, "
         "--direct_num_workers 2 --direct_running_mode multi_processing; --runner dask with "
         "--dask_client_address HOST:PORT, or --dask_local_workers N for a local cluster).",
     )

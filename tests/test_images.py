@@ -169,3 +169,11 @@ def test_load_images_equals_load_image_for_every_target():
         )
         np.testing.assert_array_equal(image.pixels, alone.pixels)
         assert (image.width, image.height) == (alone.width, alone.height) == (900, 640)
+
+
+@pytest.mark.parametrize("width,height", [(500, 333), (500, 375), (333, 500), (640, 427)])
+def test_crop_of_sizes_whose_scale_rounds_up(width, height):
+    """500 / 224 * 224 is 500.00000000000006 in floating point: the crop box must still lie
+    inside the image (Pillow refuses a negative offset)."""
+    image = load_image(encode(gradient(width, height), "JPEG"), (224, 224), resize="crop")
+    assert image.pixels.shape == (224, 224, 3)

@@ -236,7 +236,8 @@ def _fit(image: Image.Image, size: tuple[int, int], resize: str, resample) -> np
     if resize == "crop":
         w, h = image.size
         scale = min(w / target_w, h / target_h)
-        crop_w, crop_h = target_w * scale, target_h * scale
+        # min() keeps the crop inside the image when w / target_w * target_w rounds above w.
+        crop_w, crop_h = min(target_w * scale, w), min(target_h * scale, h)
         left, top = (w - crop_w) / 2, (h - crop_h) / 2
         box = (left, top, left + crop_w, top + crop_h)
     if image.size != (target_w, target_h) or box is not None:
