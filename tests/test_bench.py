@@ -31,6 +31,8 @@ def test_bench_runs_every_measurement(image_tree, capsys):
         assert re.search(r"\d+\.\d+\s+\d+\.\d+", line), line
     assert "scaling 2 processes / 1 process" in out
     assert re.search(r"several backbones in one pass .* one pass \d+\.\d s: \d+\.\d\dx", out)
+    planner = next(x for x in out.splitlines() if x.strip().startswith("2,000"))
+    assert re.search(r"22 \(20 \+ 2\), 1,978, 2, 20", planner)
 
 
 @pytest.mark.slow
@@ -43,8 +45,6 @@ def test_bench_hub_section_runs(image_tree, capsys):
     assert re.search(r"ours, model only \(compiled\)\s+\d+\.\d", out)
     assert re.search(r"ours, end to end, 1 process\s+\d+\.\d", out)
     assert "PyTorch: skipped" in out or re.search(r"PyTorch .* model only\s+\d", out)
-    planner = next(x for x in out.splitlines() if x.strip().startswith("2,000"))
-    assert re.search(r"22 \(20 \+ 2\), 1,978, 2, 20", planner)
 
 
 def test_bench_input_is_distinct_links(image_tree, tmp_path):
