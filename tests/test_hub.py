@@ -9,6 +9,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -451,3 +452,42 @@ def test_stage_weights_keeps_the_text_preprocessor(tmp_path):
     assert {"preprocessor.json", "tokenizer.json", "image_converter.json"} <= set(os.listdir(uri))
     with pytest.raises(ValueError, match="a random init is built on each worker"):
         stage("clip_vit_base_patch16", "none", str(tmp_path / "bucket"))
+
+
+@pytest.mark.slow
+def test_a_keras_hub_backbone_serves_the_four_uses(image_tree, tmp_path):
+    """Features, a head on them, classify --head with the recorded recipe, and one exported
+    Keras model (loadable in a fresh process) whose probabilities equal backbone -> head."""
+    from pipeline import classify, export_model, extract, train_head
+
+    hf = write_transformers_dinov2(tmp_path / "hf", registers=4)
+    common = ["--backbone", "dinov2_with_registers_small", "--weights", str(hf)]
+    common += ["--image-size", "28", "--pooling", "cls_avg"]
+    for split in ("train", "val"):
+        extract.run(
+            ["--input", str(image_tree / split), "--output", str(tmp_path / split), *common]
+        )
+    train_head.run(
+        ["--features", str(tmp_path / "train"), "--val-features", str(tmp_path / "val")]
+        + ["--model-dir", str(tmp_path / "head"), "--epochs", "3"]
+    )
+    summary = classify.run(
+        ["--input", str(image_tree / "val"), "--output", str(tmp_path / "pred")]
+        + ["--head", str(tmp_path / "head")]
+    )
+    assert (summary["rows"], summary["errors"]) == (6, 0)
+    assert summary["metadata"]["pooling"] == "cls_avg"
+    export_model.main(["--head", str(tmp_path / "head"), "--model-dir", str(tmp_path / "model")])
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import keras, transforms.keras_layers; "
+            f"m = keras.models.load_model({str(tmp_path / 'model' / 'model.keras')!r}, "
+            "compile=False); print(tuple(m.output.shape))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip().endswith("(None, 2)")
