@@ -224,12 +224,6 @@ class HubSpec:
         """The versioned KerasHub handle of the preset (``kaggle://keras/...``), from KerasHub."""
         return _preset_handles(self.fam.presets_module)[self.name]
 
-    @property
-    def preprocessing(self) -> str:
-        """The published preprocessing (the recipe records what it read from the preset)."""
-        mean, std, interpolation = self.fam.published
-        return describe_preprocessing(Preprocessing.from_mean_std(mean, std, interpolation))
-
 
 @dataclass(frozen=True)
 class Tower:
@@ -277,7 +271,7 @@ class Preprocessing:
     scale: tuple[float, float, float]
     offset: tuple[float, float, float]
     interpolation: str
-    source: str = "published"
+    source: str = "published"  # where the numbers were read: a preset, a file, or the model card
 
     @classmethod
     def from_mean_std(cls, mean, std, interpolation, *, rescale=1 / 255, source="published"):
@@ -327,6 +321,14 @@ def read_preprocessing(spec: HubSpec, weights: str, local_dir: str | None = None
         weights: ``none``, ``preset``, a handle, or a directory.
         local_dir: a local copy of a remote directory (read instead of ``weights``).
     """
+    prep = _read_preprocessing(spec, weights, local_dir)
+    _LOG.info(
+        "%s preprocessing (from %s): %s", spec.name, prep.source, describe_preprocessing(prep)
+    )
+    return prep
+
+
+def _read_preprocessing(spec: HubSpec, weights: str, local_dir: str | None) -> Preprocessing:
     if weights == "none":
         mean, std, interpolation = spec.fam.published
         return Preprocessing.from_mean_std(mean, std, interpolation)
