@@ -63,7 +63,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--pooling",
         default=None,
-        choices=(*POOLINGS, *HUB_POOLINGS),
+        choices=tuple(dict.fromkeys((*POOLINGS, *HUB_POOLINGS))),
         help="CNNs: avg or max over the last feature map (default avg). KerasHub backbones: cls "
         "(class token / SigLIP's pooled output / CLIP's projected embedding; the default), avg "
         "(mean of the patch tokens) or cls_avg (both concatenated)",
