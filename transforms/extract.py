@@ -98,10 +98,10 @@ class TableJob:
     lease: Lease | None = None
 
     @property
-    def decode_key(self) -> tuple:
-        """Tables whose handlers agree on this decode each image once between them."""
+    def target(self) -> Target:
+        """What this table needs from each image; tables that agree on it share the pixels."""
         h = self.handler
-        return (h.input_size, h.resize, h.interpolation)
+        return Target(tuple(h.input_size), h.resize, h.interpolation)
 
 
 def table_job(
@@ -132,6 +132,7 @@ class _EmbedChunk(beam.DoFn):
 
     def __init__(self, jobs: Sequence[TableJob], *, max_pixels: int, decode_threads: int):
         self._jobs = list(jobs)
+        self._batch_size = max(job.handler.batch_size for job in self._jobs)
         self._max_pixels = max_pixels
         self._decode_threads = max(1, decode_threads)
         self._embedded = beam.metrics.Metrics.counter(NAMESPACE, "images_embedded")
@@ -147,8 +148,8 @@ class _EmbedChunk(beam.DoFn):
         """``(ref, result)`` in order, each image read once and decoded for all its targets
         (``targets_of(ref)``) in the pool: decoding runs two batches ahead of the consumer, and
         as far as ``PREFETCH_BYTES`` allows while ``model`` is still loading."""
-        batch_size = max(job.handler.batch_size for job in self._jobs)
-        biggest = max(h * w for job in self._jobs for h, w in [job.decode_key[0]])
+        batch_size = self._batch_size
+        biggest = max(job.target.size[0] * job.target.size[1] for job in self._jobs)
         ahead_loading = max(2 * batch_size, PREFETCH_BYTES // (3 * biggest))
         pending: collections.deque = collections.deque()
         refs_left = iter(refs)
@@ -186,43 +187,39 @@ class _EmbedChunk(beam.DoFn):
         """Reads and decodes each image once for every target its tables need, and embeds each
         target's batches with the models of the tables that need those images."""
         jobs = self._jobs
-        targets = {}  # decode key -> Target
-        for job in jobs:
-            size, resize, interpolation = job.decode_key
-            targets.setdefault(job.decode_key, Target(size, resize, interpolation))
         # Start loading the models (once per process) now; images decode while they load.
         used = sorted({i for tables in needs.values() for i in tables})
         models = {i: load_model_async(jobs[i].handler, keep=len(jobs)) for i in used}
-        keys_of = {
-            image_id: list(dict.fromkeys(jobs[i].decode_key for i in tables))
+        targets_of = {
+            image_id: list(dict.fromkeys(jobs[i].target for i in tables))
             for image_id, tables in needs.items()
         }
-        batches: dict[tuple, list] = {key: [] for key in targets}
+        batches: dict[Target, list] = {job.target: [] for job in jobs}
 
-        def flush(key):
-            batch, batches[key] = batches[key], []
+        def flush(target):
+            batch, batches[target] = batches[target], []
             for i in used:
-                if jobs[i].decode_key != key:
+                if jobs[i].target != target:
                     continue
                 mine = [item for item in batch if i in needs[item[0].ref.image_id]]
                 if mine:  # a model that cannot load fails the run
                     self._embed(jobs[i], models[i].result(), mine, rows[i], errors[i])
 
-        def targets_of(ref):
-            return [targets[key] for key in keys_of[ref.image_id]]
+        def targets_for(ref):
+            return targets_of[ref.image_id]
 
-        for ref, result in self._decoded(refs, targets_of, models[used[0]]):
+        for ref, result in self._decoded(refs, targets_for, models[used[0]]):
             if isinstance(result, dict):  # unreadable: an error row in every table that needs it
                 for i in needs[ref.image_id]:
                     errors[i].append(result)
                 continue
-            for key, item in zip(keys_of[ref.image_id], result, strict=True):
-                batches[key].append(item)
-                if len(batches[key]) == jobs[0].handler.batch_size:
-                    flush(key)
-        for key in batches:
-            if batches[key]:
-                flush(key)
+            for target, item in zip(targets_of[ref.image_id], result, strict=True):
+                batches[target].append(item)
+                if len(batches[target]) == self._batch_size:
+                    flush(target)
+        for target in batches:
+            if batches[target]:
+                flush(target)
 
     def process(self, chunk: int, stale_removed: dict[int, int]):
         # ``stale_removed`` (a side input) is only waited for: no chunk starts before the stale

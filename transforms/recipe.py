@@ -145,11 +145,12 @@ class FeatureRecipe:
         if self.layer is not None and self.layer not in spec.layers:
             valid = ", ".join(spec.layers)
             raise ValueError(f"unknown layer {self.layer!r} for {spec.name}; valid layers: {valid}")
-        size = self.image_size or spec.input_size
         if hub_backbone:
             tower = self.tower
             size = self.image_size or tower.image_size
             hub.check_image_size(spec, tower, size)
+        else:
+            size = self.image_size or spec.input_size
         if self.layer is not None and size != spec.input_size:
             raise ValueError(
                 f"layer {self.layer!r} needs the full classifier, whose input size is fixed at "
