@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import cli
+from pipeline import cli, logs
 from pipeline.launch import TableRun, launch
 from transforms import hub, model_io, storage
 from transforms import lease as leases
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline.classify",
         description=__doc__.split("\n\n")[0] + " Unknown flags are Beam pipeline options.",
     )
+    logs.verbosity_flags(parser)
     parser.add_argument("--input", action="append", required=True, help="as for pipeline.extract")
     parser.add_argument("--output", required=True)
     parser.add_argument(
@@ -152,7 +153,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     try:
         summary = run(argv)
     except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:

@@ -10,11 +10,11 @@ themselves are stated once, in ``transforms.recipe``.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline import logs
 from transforms import recipe as recipes
 from transforms.backbones import BACKBONES, POOLINGS, PRECISIONS
 from transforms.hub import HUB_POOLINGS
@@ -33,11 +33,10 @@ RECIPE_FLAGS = (
 )
 
 
-def configure_logging() -> None:
-    """The jobs' log format: time, level, logger, message, at INFO."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(argv: Sequence[str] | None = None) -> None:
+    """The jobs' logging (``pipeline.logs``): our lines at INFO (``-q``: warnings only, ``-v``:
+    debug and the frameworks' own lines), without the frameworks' noise."""
+    logs.setup(logs.verbosity_from(argv))
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

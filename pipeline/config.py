@@ -12,10 +12,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline import cli
+from pipeline import cli, logs
 from pipeline.launch import TableRun
 from transforms import storage
-from transforms.extract import DEFAULT_CHUNK_SIZE, DEFAULT_DECODE_THREADS, MODES
+from transforms.extract import (
+    AUTO_DECODE_THREADS,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_DECODE_THREADS,
+    MODES,
+)
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.lease import DEFAULT_EXPIRY_S
 from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
@@ -44,7 +49,7 @@ class ExtractConfig:
             under ``run.output`` (see :attr:`tables`).
         batch_size: images per model call.
         max_pixels: decompression-bomb guard.
-        decode_threads: decoding threads per worker process.
+        decode_threads: decoding threads per worker process (0: auto).
         intra_op_threads: TensorFlow threads per worker process; 0 = its own default, or a
             share of the cores when several local worker processes run (see ``runners``).
         cache_dir: where remote weights are copied on workers.
@@ -81,10 +86,23 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise ValueError("--max-pixels must be >= 1")
-        if self.decode_threads < 1:
-            raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
+        if self.decode_threads < 0:
+            raise ValueError(f"--decode-threads must be auto or >= 1, got {self.decode_threads}")
         if self.intra_op_threads < 0:
             raise ValueError("--intra-op-threads must be >= 0")
+
+
+def _decode_threads(value: str) -> int:
+    """``auto`` (:data:`AUTO_DECODE_THREADS`) or a count >= 1."""
+    if value.strip().lower() == "auto":
+        return AUTO_DECODE_THREADS
+    try:
+        threads = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a count, got {value!r}") from None
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a count >= 1, got {threads}")
+    return threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--direct_num_workers 2 --direct_running_mode multi_processing; --runner dask with "
         "--dask_client_address HOST:PORT, or --dask_local_workers N for a local cluster).",
     )
+    logs.verbosity_flags(parser)
     parser.add_argument(
         "--input",
         action="append",
@@ -153,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--decode-threads",
-        type=int,
+        type=_decode_threads,
         default=DEFAULT_DECODE_THREADS,
-        help="image decoding threads per worker process, overlapping the model "
-        "(default: %(default)s)",
+        metavar="auto|N",
+        help="image decoding threads per worker process, overlapping the model; auto (the "
+        "default): the process's share of cores, less one for the model when it runs on a GPU",
     )
     parser.add_argument(
         "--intra-op-threads",

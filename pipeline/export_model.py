@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli
+from pipeline import cli, logs
 from transforms import model_io, storage, table
 from transforms.images import load_image
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.export_model", description=__doc__.split("\n\n")[0]
     )
+    logs.verbosity_flags(parser)
     parser.add_argument("--head", required=True, help="a train_head --model-dir")
     parser.add_argument(
         "--model-dir", required=True, help="where model.keras goes (local or gs://)"
@@ -82,7 +83,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     result = run(argv)
     print(
         f"exported {result['model']}; on {result['checked_images']} images its probabilities equal "

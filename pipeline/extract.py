@@ -23,7 +23,7 @@ from pipeline.config import ExtractConfig, parse_args
 from pipeline.launch import launch_tables
 from transforms import lease as leases
 from transforms import plan as plans
-from transforms import table
+from transforms import startup, table
 from transforms.embed import BackboneModelHandler, check_models_fit
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
 from transforms.recipe import FeatureRecipe
@@ -48,6 +48,7 @@ def build(
     *,
     handlers: Sequence[BackboneModelHandler] | None = None,
     leases_held: Sequence[leases.Lease | None] | None = None,
+    processes_per_machine: int = 1,
 ):
     """Adds the extraction graph for planned runs (one per table, sharing their chunks) to
     ``pipeline``; returns the summaries PCollection. Builds only: nothing is listed, read or
@@ -59,7 +60,10 @@ def build(
         for run, handler, lease in zip(runs, handlers, leases_held, strict=True)
     ]
     return pipeline | "ExtractFeatures" >> ExtractFeatureTables(
-        jobs, decode_threads=config.decode_threads, max_pixels=config.max_pixels
+        jobs,
+        decode_threads=config.decode_threads,
+        max_pixels=config.max_pixels,
+        processes_per_machine=processes_per_machine,
     )
 
 
@@ -69,6 +73,7 @@ def run(
     """Parses flags, plans, builds the graph, runs it; returns the table summary (or, with
     ``--plan-only``, the plan) plus ``seconds``, ``mode`` and ``output``. A multi-backbone run
     returns ``{"tables": [summary per backbone], "seconds", "mode", "output"}``."""
+    startup.mark("imports")
     config, beam_args = parse_args(argv)
     started = time.monotonic()
     processes = runners.local_processes(beam_args)
@@ -81,13 +86,16 @@ def run(
     summaries = launch_tables(
         specs,
         metadatas=[run_metadata(h) for h in handlers],
-        build=lambda p, runs, held: build(p, config, runs, handlers=handlers, leases_held=held),
+        build=lambda p, runs, held: build(
+            p, config, runs, handlers=handlers, leases_held=held, processes_per_machine=processes
+        ),
         beam_args=beam_args,
         test_pipeline=test_pipeline,
     )
     seconds = time.monotonic() - started
     for summary, spec in zip(summaries, specs, strict=True):
         summary.update(seconds=seconds, mode=config.run.mode, output=spec.output)
+        summary["startup"] = startup.marks()  # this process's; empty steps ran in other workers
     if len(summaries) == 1:
         return summaries[0]
     return {
@@ -130,7 +138,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     try:
         summary = run(argv)
     except (

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli
+from pipeline import cli, logs
 from transforms import model_io, storage
 from transforms.head import stratified_split
 from transforms.images import ImageError, load_image
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.finetune", description=__doc__.split("\n\n")[0]
     )
+    logs.verbosity_flags(parser)
     parser.add_argument(
         "--images", action="append", required=True, help="labelled images; repeatable"
     )
@@ -152,7 +153,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     r = run(argv)
     print(
         f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "

@@ -24,10 +24,11 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
-from pipeline import runners
+from pipeline import logs, runners
 from transforms import lease as leases
-from transforms import listing, storage, table
+from transforms import listing, startup, storage, table
 from transforms import plan as plans
+from transforms.embed import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 
 
@@ -96,6 +97,7 @@ def plan_tables(
         )
         for spec, metadata in zip(specs, metadatas, strict=True)
     ]
+    startup.mark("list + plan")
     return plans.align_chunks(planned)
 
 
@@ -192,5 +194,11 @@ def launch_tables(
                 remove_table(spec.output)
             plans.write_plan(planned_table)
         runs = [p.run for p in planned]
-        runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+        bar = logs.progress_enabled()
+        Progress.start(sum(run.to_embed for run in runs), bar=bar)
+        try:
+            with logs.around_bar(bar):  # log lines print above the bar, not through it
+                runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+        finally:
+            Progress.finish()
     return [table.read_summary(spec.output) for spec in specs]

@@ -35,7 +35,7 @@ import pathlib
 import tempfile
 from collections.abc import Sequence
 
-from pipeline import cli
+from pipeline import cli, logs
 from transforms import model_io, sample_weights, storage
 from transforms.backbones import build_model, get_backbone
 from transforms.recipe import WEIGHT_KEYWORDS, FeatureRecipe
@@ -127,8 +127,9 @@ def _cache() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     parser = argparse.ArgumentParser(prog="python -m pipeline.stage_weights", description=__doc__)
+    logs.verbosity_flags(parser)
     parser.add_argument("--backbone", required=True, help="a registered backbone, e.g. resnet50")
     parser.add_argument(
         "--weights",

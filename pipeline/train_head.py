@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli
+from pipeline import cli, logs
 from transforms import model_io, storage
 from transforms.head import (
     HEADS,
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.train_head", description=__doc__.split("\n\n")[0]
     )
+    logs.verbosity_flags(parser)
     parser.add_argument(
         "--features", action="append", required=True, help="table folder; repeatable"
     )
@@ -249,7 +250,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging()
+    cli.configure_logging(argv)
     report = run(argv)
     print(
         f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "

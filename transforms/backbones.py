@@ -20,6 +20,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from transforms import startup
 from transforms.hub import HUB_SPECS, HubSpec
 
 if TYPE_CHECKING:
@@ -226,7 +227,9 @@ def _build(recipe: FeatureRecipe, weights_path: str | None):
     if spec.kind == "keras_hub":
         from transforms.hub import build_image_model
 
-        return build_image_model(recipe, local_dir=weights_path)
+        model = build_image_model(recipe, local_dir=weights_path)
+        startup.mark("model build + weights")
+        return model
     constructor = getattr(keras.applications, spec.constructor)
     from_file = recipe.weights_file is not None
     weights = "imagenet" if recipe.weights == "imagenet" else None
@@ -244,8 +247,10 @@ def _build(recipe: FeatureRecipe, weights_path: str | None):
     model = constructor(
         include_top=False, weights=weights, input_shape=(size, size, 3), pooling=recipe.pooling
     )
+    startup.mark("model build")
     if from_file:
         _load_file_weights(model, weights_path)
+        startup.mark("weights load")
     return model
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler
 
-from transforms import storage
+from transforms import startup, storage
 from transforms.backbones import build_model, build_zero_shot, preprocess, preprocess_fn
 from transforms.images import DEFAULT_INTERPOLATION, ImageError, Target, load_images
 from transforms.listing import ImageRef
@@ -85,30 +85,75 @@ def read_and_decode(
 
 
 class Progress:
-    """Per-process progress log: images done, images/s and errors, every few seconds."""
+    """This process's embedding progress: a tqdm bar on a terminal (images done out of the
+    total, images/s, errors, ETA), else a log line every ``every_s`` seconds.
+
+    The launching process calls :meth:`start` with the run's total; worker processes of other
+    runners (which never see it) log their own counts.
+    """
 
     _lock = threading.Lock()
-    _state: dict[str, float] = {}
+    _state: dict[str, Any] = {}
 
     @classmethod
-    def add(cls, *, done: int = 0, errors: int = 0, every_s: float = 10.0) -> None:
+    def start(cls, total: int, *, bar: bool, every_s: float = 10.0) -> None:
+        """A new run of ``total`` images (summed over the tables of a multi-backbone run)."""
+        with cls._lock:
+            cls._close_bar()
+            now = time.monotonic()
+            cls._state = dict(start=now, last=now, done=0, errors=0, total=total, every_s=every_s)
+            if bar and total:
+                from tqdm import tqdm
+
+                cls._state["bar"] = tqdm(
+                    total=total, unit="img", desc="embedding", dynamic_ncols=True, leave=True
+                )
+
+    @classmethod
+    def finish(cls) -> None:
+        with cls._lock:
+            cls._close_bar()
+            cls._state = {}
+
+    @classmethod
+    def _close_bar(cls) -> None:
+        bar = cls._state.pop("bar", None)
+        if bar is not None:
+            bar.close()
+
+    @classmethod
+    def add(cls, *, done: int = 0, errors: int = 0) -> None:
+        """``done`` images embedded and ``errors`` images failed (both advance the bar)."""
         with cls._lock:
             now = time.monotonic()
             state = cls._state
             if not state:
-                state.update(start=now, last=now, done=0, errors=0)
+                state.update(start=now, last=now, done=0, errors=0, total=0, every_s=10.0)
             state["done"] += done
             state["errors"] += errors
-            if now - state["last"] >= every_s:
-                state["last"] = now
-                rate = state["done"] / max(now - state["start"], 1e-9)
-                _LOG.info(
-                    "progress (pid %d): %d images embedded, %.1f images/s, %d errors",
-                    os.getpid(),
-                    state["done"],
-                    rate,
-                    state["errors"],
-                )
+            bar = state.get("bar")
+            if bar is not None:
+                if errors:
+                    bar.set_postfix(errors=state["errors"], refresh=False)
+                bar.update(done + errors)
+                return
+            if now - state["last"] < state["every_s"]:
+                return
+            state["last"] = now
+            finished = state["done"] + state["errors"]
+            rate = finished / max(now - state["start"], 1e-9)
+            of = ""
+            if state["total"]:
+                eta = (state["total"] - finished) / rate if rate else float("inf")
+                of = f" of {state['total']} ({finished / state['total']:.0%}, ETA {eta:.0f} s)"
+            _LOG.info(
+                "progress (pid %d): %d images%s, %.1f images/s, %d errors",
+                os.getpid(),
+                finished,
+                of,
+                rate,
+                state["errors"],
+            )
 
 
 class Embedder:
@@ -126,6 +171,7 @@ class Embedder:
         import keras
         import tensorflow as tf
 
+        startup.mark("tensorflow import")
         self.recipe = recipe
         self.head = None
         if prompts:  # zero-shot: the head scores the image embedding against each prompt
@@ -154,6 +200,7 @@ class Embedder:
         # Trace now (one trace serves every batch size), so that a model loaded in the background
         # is ready to run at full speed.
         self(np.zeros((1, size, size, 3), np.uint8))
+        startup.mark("trace")
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._embed(pixels).numpy().astype(np.float32, copy=False)
@@ -414,6 +461,9 @@ class BackboneModelHandler(FeatureModelHandler):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[np.ndarray]:
         vectors = model(np.stack(batch))
+        if "first batch" not in startup.marks():
+            startup.mark("first batch")
+            _LOG.info("first batch embedded %s", startup.describe())
         Progress.add(done=len(batch))
         return list(vectors)
 

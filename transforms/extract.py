@@ -27,7 +27,6 @@ inference run one after the other in one thread, while the chunk's decode pool o
 that compose their own graph with ``RunInference``.
 """
 
-from __future__ import annotations
 
 import collections
 import dataclasses
@@ -41,8 +40,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
+from transforms import devices, storage, table
 from transforms import plan as plans
-from transforms import storage, table
 from transforms.embed import (
     NAMESPACE,
     FeatureModelHandler,
@@ -58,7 +57,9 @@ from transforms.lease import Lease
 _LOG = logging.getLogger(__name__)
 MODES = ("full", "incremental")
 DEFAULT_CHUNK_SIZE = 1000
-DEFAULT_DECODE_THREADS = 2
+#: ``--decode-threads auto``: sized per worker process by ``devices.auto_decode_threads``.
+AUTO_DECODE_THREADS = 0
+DEFAULT_DECODE_THREADS = AUTO_DECODE_THREADS
 
 
 def tool_version() -> str:
@@ -130,19 +131,50 @@ class _EmbedChunk(beam.DoFn):
     table's model.
     """
 
-    def __init__(self, jobs: Sequence[TableJob], *, max_pixels: int, decode_threads: int):
+    def __init__(
+        self,
+        jobs: Sequence[TableJob],
+        *,
+        max_pixels: int,
+        decode_threads: int,
+        processes_per_machine: int = 1,
+    ):
         self._jobs = list(jobs)
         self._batch_size = max(job.handler.batch_size for job in self._jobs)
         self._max_pixels = max_pixels
-        self._decode_threads = max(1, decode_threads)
+        self._decode_threads = decode_threads
+        self._processes_per_machine = processes_per_machine
         self._embedded = beam.metrics.Metrics.counter(NAMESPACE, "images_embedded")
         self._failed = beam.metrics.Metrics.counter(NAMESPACE, "image_errors")
 
     def setup(self):
-        self._pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
+        self._threads = self._decode_threads
+        self._checked_device = self._decode_threads != AUTO_DECODE_THREADS
+        if not self._checked_device:
+            # A first guess without TensorFlow (which is still loading): checked once it is.
+            self._gpu = devices.visible_gpus() > 0
+            self._threads = devices.auto_decode_threads(
+                processes_per_machine=self._processes_per_machine, gpu=self._gpu
+            )
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
     def teardown(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _check_device(self) -> None:
+        """Once the model is loaded: sizes the pool for the device TensorFlow actually uses
+        (``--decode-threads auto``), if the first guess was wrong."""
+        self._checked_device = True
+        gpu = devices.tensorflow_gpus() > 0
+        if gpu == self._gpu:
+            return
+        threads = devices.auto_decode_threads(
+            processes_per_machine=self._processes_per_machine, gpu=gpu
+        )
+        _LOG.info("the model runs on %s: %d decode threads", "a GPU" if gpu else "CPU", threads)
+        old, self._pool = self._pool, ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        old.shutdown(wait=False)  # its queued reads still finish
+        self._gpu, self._threads = gpu, threads
 
     def _decoded(self, refs, targets_of, model: Future) -> Iterator[tuple[Any, Any]]:
         """``(ref, result)`` in order, each image read once and decoded for all its targets
@@ -155,7 +187,12 @@ class _EmbedChunk(beam.DoFn):
         refs_left = iter(refs)
 
         def fill():
-            limit = 2 * batch_size if model.done() else ahead_loading
+            if model.done() and not self._checked_device and model.exception() is None:
+                self._check_device()
+            # Two batches ahead, and at least two images per decode thread.
+            limit = max(2 * batch_size, 2 * self._threads)
+            if not model.done():
+                limit = max(limit, ahead_loading)
             while len(pending) < limit:
                 ref = next(refs_left, None)
                 if ref is None:
@@ -344,8 +381,10 @@ class ExtractFeatureTables(beam.PTransform):
     Args:
         jobs: the tables (:func:`table_job`); their plan files must be written
             (``plan.write_plan``) before the pipeline runs.
-        decode_threads: decoding threads per worker process.
+        decode_threads: decoding threads per worker process (:data:`AUTO_DECODE_THREADS`:
+            sized from its cores and whether its model runs on a GPU, ``transforms.devices``).
         max_pixels: decompression-bomb guard.
+        processes_per_machine: worker processes sharing a machine (for ``auto``).
 
     Returns:
         A PCollection with one summary dict per table.
@@ -357,9 +396,11 @@ class ExtractFeatureTables(beam.PTransform):
         *,
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        processes_per_machine: int = 1,
     ):
         super().__init__()
         self._jobs = list(jobs)
+        self._processes_per_machine = processes_per_machine
         chunks = {job.run.num_chunks for job in self._jobs}
         if len(chunks) != 1:
             raise ValueError(f"the tables' plans must share their chunks, got {sorted(chunks)}")
@@ -368,7 +409,12 @@ class ExtractFeatureTables(beam.PTransform):
 
     def expand(self, pbegin):
         jobs = self._jobs
-        embed = _EmbedChunk(jobs, max_pixels=self._max_pixels, decode_threads=self._decode_threads)
+        embed = _EmbedChunk(
+            jobs,
+            max_pixels=self._max_pixels,
+            decode_threads=self._decode_threads,
+            processes_per_machine=self._processes_per_machine,
+        )
         # Always one element, so Finalize runs (after it) even when there is nothing to embed.
         removed = (
             pbegin

@@ -1,0 +1,133 @@
+"""A run's stderr as a user sees it: our lines and the progress, none of the frameworks' noise."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import write_image_tree
+
+from pipeline import logs
+from transforms import devices
+from transforms.embed import Progress
+
+#: Lines a default run on a CPU machine used to print (TensorFlow 2.21, Beam 2.77).
+NOISE_LINES = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1796034450.030421   30297 cudart_stub.cc:31] Could not find cuda drivers on "
+    "your machine, GPU will not be used.",
+    "I0000 00:00:1796034450.162755   30297 cpu_feature_guard.cc:227] This TensorFlow binary is "
+    "optimized to use available CPU instructions in performance-critical operations.",
+    "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow "
+    "with the appropriate compiler flags.",
+    "E0000 00:00:1796034456.686511   30297 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+    "CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)",
+]
+BEAM_INFO = ("Converting string literal type hint", "Creating state cache")
+
+
+@pytest.mark.parametrize("line", NOISE_LINES)
+def test_noise_lines_are_recognised(line):
+    assert logs.is_noise(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "E0000 00:00:1796034456.686511   30297 bfc_allocator.cc:47] Out of memory trying to "
+        "allocate 2.00GiB",
+        "F0000 00:00:1796034456.686511   30297 check.cc:12] Check failed: x == y",
+        "2026-11-30 10:27:40,394 INFO transforms.embed: loaded mobilenet_v2",
+        "Traceback (most recent call last):",
+        "error: input not found: /nowhere",
+    ],
+)
+def test_real_errors_and_our_lines_pass(line):
+    assert not logs.is_noise(line)
+
+
+def _job(tmp_path, *flags):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=2, size=(48, 40))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP")}
+    argv = [sys.executable, "-m", "pipeline.extract", "--input", str(images)]
+    argv += ["--output", str(tmp_path / "out"), "--backbone", "mobilenet_v2", "--weights", "none"]
+    argv += ["--image-size", "64", *flags]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_default_run_prints_none_of_the_frameworks_noise(tmp_path):
+    proc = _job(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stderr.splitlines():
+        assert not logs.is_noise(line), line
+        assert not any(text in line for text in BEAM_INFO), line
+    assert "INFO transforms.plan: run " in proc.stderr  # our own lines stay
+    assert "first batch embedded" in proc.stderr
+    assert "after process start: imports" in proc.stderr
+    assert "inputs 8 = rows 8 + errors 0" in proc.stdout
+
+
+def test_quiet_prints_nothing_but_the_result_and_verbose_everything(tmp_path):
+    quiet = _job(tmp_path, "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr.strip() == ""
+    assert "inputs 8 = rows 8 + errors 0" in quiet.stdout
+    verbose = _job(tmp_path, "--verbose", "--overwrite")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "DEBUG" in verbose.stderr or "first batch embedded" in verbose.stderr
+    assert any(logs.is_noise(line) for line in verbose.stderr.splitlines())  # unfiltered
+
+
+def test_progress_bar_counts_images_and_errors(capsys):
+    Progress.start(5, bar=True)
+    Progress.add(done=3)
+    Progress.add(errors=2)
+    Progress.finish()
+    err = capsys.readouterr().err
+    assert "embedding" in err and "5/5" in err and "errors=2" in err
+
+
+def test_progress_without_a_terminal_logs_counts_total_and_eta(caplog):
+    caplog.set_level(logging.INFO, logger="transforms.embed")
+    Progress.start(10, bar=False, every_s=0.0)
+    Progress.add(done=4)
+    Progress.add(errors=1)
+    Progress.finish()
+    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
+    assert lines and "5 images of 10 (50%, ETA" in lines[-1] and "1 errors" in lines[-1]
+
+
+def test_auto_decode_threads_follow_cores_and_the_device(monkeypatch):
+    monkeypatch.setattr(devices, "cores_available", lambda: 16)
+    assert devices.auto_decode_threads(gpu=False) == 16
+    assert devices.auto_decode_threads(gpu=True) == 15  # one core drives the GPU
+    assert devices.auto_decode_threads(processes_per_machine=4, gpu=False) == 4
+    assert devices.auto_decode_threads(processes_per_machine=4, gpu=True) == 3
+    monkeypatch.setattr(devices, "cores_available", lambda: 1)
+    assert devices.auto_decode_threads(gpu=True) == 1
+
+
+def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(os, "listdir", lambda path: ["0000:00:04.0", "0000:00:05.0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.visible_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert devices.visible_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert devices.visible_gpus() == 0
+
+
+def test_decode_threads_flag_takes_auto_or_a_count():
+    from pipeline.config import parse_args
+
+    def threads(*flags):
+        config, _ = parse_args(["--input", "x", "--output", "y", *flags])
+        return config.decode_threads
+
+    assert threads() == 0  # auto
+    assert threads("--decode-threads", "auto") == 0
+    assert threads("--decode-threads", "3") == 3
+    with pytest.raises(SystemExit):
+        threads("--decode-threads", "0")

@@ -1,0 +1,55 @@
+"""Where a worker process's start-up time goes: seconds from process start to named marks.
+
+A job reports the time from its process's start to its first embedded batch, and what came in
+between (imports, planning, TensorFlow import, model build, weight load, trace), in its log and
+its summary; ``pipeline.bench`` prints the breakdown. Marks are per process and the first of
+each name wins (a process that loads two models reports the first).
+"""
+
+import logging
+import os
+import threading
+import time
+
+_LOG = logging.getLogger(__name__)
+_lock = threading.Lock()
+_marks: dict[str, float] = {}
+
+
+def _process_start() -> float:
+    """This process's start as a ``time.time()`` value (Linux ``/proc``; elsewhere the moment
+    this module was imported, which misses the interpreter's start and the first imports)."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+PROCESS_START = _process_start()
+
+
+def mark(name: str) -> None:
+    """Records that ``name`` happened now (the first time only)."""
+    with _lock:
+        _marks.setdefault(name, time.time() - PROCESS_START)
+
+
+def marks() -> dict[str, float]:
+    """Seconds from process start to each mark, in the order they happened."""
+    with _lock:
+        return dict(sorted(_marks.items(), key=lambda item: item[1]))
+
+
+def describe() -> str:
+    """``first batch 9.8 s after process start: imports 4.1, ...`` (each step's own seconds)."""
+    steps = marks()
+    previous = 0.0
+    parts = []
+    for name, at in steps.items():
+        parts.append(f"{name} {at - previous:.1f}")
+        previous = at
+    return f"{previous:.1f} s after process start: " + ", ".join(parts)
