@@ -27,7 +27,6 @@ inference run one after the other in one thread, while the chunk's decode pool o
 that compose their own graph with ``RunInference``.
 """
 
-
 import collections
 import dataclasses
 import logging
