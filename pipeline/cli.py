@@ -10,6 +10,8 @@ themselves are stated once, in ``transforms.recipe``.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,9 +36,17 @@ RECIPE_FLAGS = (
 
 
 def configure_logging(argv: Sequence[str] | None = None) -> None:
-    """The jobs' logging (``pipeline.logs``): our lines at INFO (``-q``: warnings only, ``-v``:
-    debug and the frameworks' own lines), without the frameworks' noise."""
+    """What every job's ``main`` does first: its logging (``pipeline.logs``: our lines at INFO,
+    ``-q`` warnings only, ``-v`` debug and the frameworks' own lines, without the frameworks'
+    noise), and a quick exit.
+
+    The exit: at interpreter shutdown Python's garbage collector walks every object of the
+    TensorFlow and Beam modules, which took 2.5 s of each job on a 2-core machine. Freezing the
+    heap in the last exit handler (registered first, so it runs last) skips that walk; it took
+    0.4 s. Exit handlers still run, and our files are closed before ``main`` returns.
+    """
     logs.setup(logs.verbosity_from(argv))
+    atexit.register(gc.freeze)
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:

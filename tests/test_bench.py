@@ -14,7 +14,7 @@ def test_bench_runs_every_measurement(image_tree, capsys):
     bench.main(
         ["--images", str(image_tree), "--count", "12", "--backbones", "mobilenet_v2"]
         + ["--weights", "none", "--skip", "memory,bf16,hub", "--chunk-size", "4"]
-        + ["--plan-sizes", "2000"]
+        + ["--plan-sizes", "2000", "--rounds", "1", "--large-count", "2"]
     )
     out = capsys.readouterr().out
     for name in (
@@ -30,6 +30,10 @@ def test_bench_runs_every_measurement(image_tree, capsys):
         line = next(x for x in out.splitlines() if name in x)
         assert re.search(r"\d+\.\d+\s+\d+\.\d+", line), line
     assert "scaling 2 processes / 1 process" in out
+    assert re.search(r"ours / Keras dataset \+ predict, per round: \d+\.\d\dx; worst", out)
+    assert re.search(r"start-up: first batch \d+\.\d s after process start \(imports", out)
+    assert re.search(r"images/s per core: ants/bees \d+ .* 12 MP photos \d+\.\d", out)
+    assert re.search(r"quality guard .* cosine mean 0\.\d{5}, 1st percentile", out)
     assert re.search(r"several backbones in one pass .* one pass \d+\.\d s: \d+\.\d\dx", out)
     planner = next(x for x in out.splitlines() if x.strip().startswith("2,000"))
     assert re.search(r"22 \(20 \+ 2\), 1,978, 2, 20", planner)
