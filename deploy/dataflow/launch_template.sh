@@ -11,7 +11,7 @@ BACKBONE=${BACKBONE:-resnet50}
 GPU_TYPE=${GPU_TYPE:-nvidia-tesla-t4}
 # "^~^" makes "~" the separator, because the accelerator option itself holds ";" and ",".
 PARAMS="^~^input=$INPUT~output=$OUTPUT~backbone=$BACKBONE~weights=$WEIGHTS~mode=incremental"
-PARAMS+="~batch_size=128~chunk_size=2000~decode_threads=4~cache_dir=/tmp/featurebeam-weights"
+PARAMS+="~batch_size=128~chunk_size=2000~decode_threads=auto~cache_dir=/tmp/featurebeam-weights"
 PARAMS+="~sdk_container_image=$IMAGE~number_of_worker_harness_threads=4"
 PARAMS+="~dataflow_service_options=worker_accelerator=type:$GPU_TYPE;count:1;install-nvidia-driver"
 gcloud dataflow flex-template run "featurebeam-$(date -u +%Y%m%d-%H%M%S)" \

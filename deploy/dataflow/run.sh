@@ -26,7 +26,7 @@ ARGS=(
   -m pipeline.extract
   --input "$INPUT" --output "$OUTPUT" --mode "$MODE"
   --backbone "$BACKBONE" --weights "$WEIGHTS" --cache-dir /tmp/featurebeam-weights
-  --batch-size 128 --chunk-size 2000 --decode-threads 4
+  --batch-size 128 --chunk-size 2000 --decode-threads auto
   --runner DataflowRunner --project "$PROJECT" --region "$REGION"
   --temp_location "gs://$BUCKET/tmp" --staging_location "gs://$BUCKET/staging"
   --sdk_container_image "$IMAGE" --sdk_location container

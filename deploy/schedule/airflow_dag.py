@@ -47,7 +47,7 @@ with DAG(
                     "mode": "incremental",
                     "batch_size": "128",
                     "chunk_size": "2000",
-                    "decode_threads": "4",
+                    "decode_threads": "auto",
                     "cache_dir": "/tmp/featurebeam-weights",
                     "sdk_container_image": Variable.get("featurebeam_image", default_var=""),
                     "number_of_worker_harness_threads": "4",

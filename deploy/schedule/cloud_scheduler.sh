@@ -15,7 +15,7 @@ BODY=$(cat <<JSON
   "containerSpecGcsPath": "gs://$BUCKET/templates/featurebeam-extract.json",
   "parameters": {"input": "$INPUT", "output": "$OUTPUT", "backbone": "${BACKBONE:-resnet50}",
                  "weights": "$WEIGHTS", "mode": "incremental", "batch_size": "128",
-                 "chunk_size": "2000", "decode_threads": "4", "cache_dir": "/tmp/featurebeam-weights",
+                 "chunk_size": "2000", "decode_threads": "auto", "cache_dir": "/tmp/featurebeam-weights",
                  "sdk_container_image": "$IMAGE", "number_of_worker_harness_threads": "4"},
   "environment": {"tempLocation": "gs://$BUCKET/tmp", "machineType": "n1-standard-8", "maxWorkers": 8,
                   "additionalExperiments": ["use_runner_v2", "no_use_multiple_sdk_containers"],
