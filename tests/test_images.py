@@ -206,10 +206,10 @@ def _with_orientation(image: Image.Image, orientation: int) -> bytes:
 
 @pytest.mark.parametrize("size, resize", [((160, 160), "squash"), ((224, 224), "crop")])
 def test_fast_jpeg_draft_stays_within_tolerance_of_a_full_decode(size, resize):
-    """The faster decode (JPEG DCT scaling down to the target size, ``DRAFT_MARGIN``) against
+    """The faster decode (JPEG DCT scaling to ``DRAFT_MARGIN`` times the target size) against
     decoding every pixel, on generated photos of several sizes, some EXIF-rotated: the pixels
-    stay within the tolerance the bench's quality guard (vector cosine >= 0.999) was measured at.
-    """
+    stay within the tolerance at which the bench's quality guard (vector cosine >= 0.999 to a
+    full decode) holds."""
     from transforms.images import DRAFT_MARGIN
 
     diffs, worst = [], 0.0
@@ -223,7 +223,8 @@ def test_fast_jpeg_draft_stays_within_tolerance_of_a_full_decode(size, resize):
         diff = np.abs(fast.pixels.astype(int) - full.pixels.astype(int))
         diffs.append(diff.mean())
         worst = max(worst, float(np.percentile(diff, 99)))
-    # Measured: means 0.3-1.1 and 99th percentiles <= 6 grey levels; half the target size
-    # (margin 0.5) gives means up to 3.0 and 99th percentiles of 14-17, and fails here.
-    assert np.mean(diffs) < 1.5, diffs
-    assert worst <= 10, worst
+    # Measured at DRAFT_MARGIN 2: means 0.0-0.35 and 99th percentiles <= 2 grey levels. Drafting
+    # down to the target size (margin 1: means up to 1.1, 99th percentiles up to 6), which failed
+    # the bench's vector guard on real photos, fails here too.
+    assert np.mean(diffs) < 0.6, diffs
+    assert worst <= 3, worst
