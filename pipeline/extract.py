@@ -24,7 +24,7 @@ from pipeline.launch import launch_tables
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import startup, table
-from transforms.embed import BackboneModelHandler, check_models_fit, load_model_async
+from transforms.embed import BackboneModelHandler, check_models_fit
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
 from transforms.recipe import FeatureRecipe
 
@@ -83,14 +83,6 @@ def run(
     if len(handlers) > 1:
         check_models_fit(config.recipes, processes_per_machine=processes)
     specs = [spec for _, spec in config.tables]
-
-    def preload(runs):
-        # Workers that are threads of this process use the models loaded here: start loading
-        # now, so that the import, build and trace overlap Beam's own start-up.
-        if runners.runs_in_process(beam_args) and any(run.to_embed for run in runs):
-            for handler in handlers:
-                load_model_async(handler, keep=len(handlers))
-
     summaries = launch_tables(
         specs,
         metadatas=[run_metadata(h) for h in handlers],
@@ -99,7 +91,6 @@ def run(
         ),
         beam_args=beam_args,
         test_pipeline=test_pipeline,
-        planned_hook=None if test_pipeline is not None else preload,
     )
     seconds = time.monotonic() - started
     for summary, spec in zip(summaries, specs, strict=True):

@@ -147,14 +147,10 @@ def launch_tables(
     beam_args: Sequence[str],
     test_pipeline: beam.Pipeline | None = None,
     run_id: str | None = None,
-    planned_hook: Callable[[Sequence[plans.RunPlan]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`launch` for several tables over the same inputs written by one pipeline (a
     multi-backbone run): one listing, a lease and a plan per table, shared chunks; returns each
-    table's summary (or plan), in order. Raises as :func:`launch` does, for any table.
-
-    ``planned_hook(runs)`` is called once the runs are planned, before the pipeline is built
-    (the extract job starts loading its models there when they will run in this process)."""
+    table's summary (or plan), in order. Raises as :func:`launch` does, for any table."""
     first = specs[0]
     listing.check_sources(first.inputs)
     options = runners.pipeline_options(runners.beam_flags(beam_args))
@@ -198,8 +194,6 @@ def launch_tables(
                 remove_table(spec.output)
             plans.write_plan(planned_table)
         runs = [p.run for p in planned]
-        if planned_hook is not None:
-            planned_hook(runs)
         bar = logs.progress_enabled()
         Progress.start(sum(run.to_embed for run in runs), bar=bar)
         try:

@@ -127,16 +127,6 @@ def local_processes(beam_args: Sequence[str]) -> int:
     return dask_local_workers(beam_args) or 1
 
 
-def runs_in_process(beam_args: Sequence[str]) -> bool:
-    """Whether this run's workers are threads of this process (our local runner, not in
-    ``multi_processing`` mode), so that a model loaded here is the one they use."""
-    args, _ = _split_local_workers(beam_args)
-    options = PipelineOptions(args)
-    if _runner_name(options) not in _LOCAL_NAMES:
-        return False
-    return options.get_all_options().get("direct_running_mode") != "multi_processing"
-
-
 def thread_share(processes: int) -> int:
     """TensorFlow threads for each of ``processes`` processes sharing this machine (0: default)."""
     if processes <= 1:

@@ -37,5 +37,6 @@ def test_cache_names_follow_the_recipe_and_skip_what_is_not_frozen():
     assert frozen_graph_name({**metadata, "pooling": "max"}) != name
     assert frozen_graph_name({**metadata, "weights_fingerprint": "other"}) != name
     assert frozen_graph_name({**metadata, "head": "gs://b/head.keras"}) is None
+    assert frozen_graph_name({**metadata, "precision": "bfloat16"}) is None
     hub = FeatureRecipe.from_flags(backbone="dinov2_small", weights="none")
     assert frozen_graph_name(hub.to_metadata()) is None

@@ -241,11 +241,15 @@ _FROZEN_FORMAT = "1"
 def frozen_graph_name(metadata: dict[str, str]) -> str | None:
     """The cache file name of a recipe's frozen function (its table metadata, which fingerprints
     the weights, and TensorFlow's version), or None where freezing does not apply: KerasHub
-    towers (compiled with XLA instead), heads and zero-shot prompts."""
+    towers (compiled with XLA instead), heads, zero-shot prompts and bfloat16."""
     import hashlib
 
     spec = BACKBONES.get(metadata.get("backbone", ""))
     if metadata.get("head") or spec is None or spec.kind != "keras_applications":
+        return None
+    if metadata.get("precision", "float32") != "float32":
+        # Folded into bfloat16 arithmetic, the batch norms round differently: the vectors would
+        # no longer match the model's (a served head would see other features).
         return None
     from importlib import metadata as packages
 
