@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import bench_plan
+from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 
@@ -628,13 +629,9 @@ def run_bench(args) -> None:
         print(f"  scaling 2 processes / 1 process: {ours2['per_s'] / ours1:.2f}x")
         marks = rounds[0]["ours"].get("startup") or {}
         if "first batch" in marks:
-            steps, previous = [], 0.0
-            for name, at in marks.items():
-                steps.append(f"{name} {at - previous:.1f}")
-                previous = at
             print(
                 f"  start-up: first batch {marks['first batch']:.1f} s after process start "
-                f"({', '.join(steps)})"
+                f"({startup.steps(marks)})"
             )
         if large is not None:
             decode = _measure("decode", work, input=inputs, large=large, backbone=backbone)

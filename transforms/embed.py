@@ -106,14 +106,18 @@ class Progress:
         """A new run of ``total`` images (summed over the tables of a multi-backbone run)."""
         with cls._lock:
             cls._close_bar()
-            now = time.monotonic()
-            cls._state = dict(start=now, last=now, done=0, errors=0, total=total, every_s=every_s)
+            cls._state = cls._fresh(total, every_s)
             if bar and total:
                 from tqdm import tqdm
 
                 cls._state["bar"] = tqdm(
                     total=total, unit="img", desc="embedding", dynamic_ncols=True, leave=True
                 )
+
+    @staticmethod
+    def _fresh(total: int = 0, every_s: float = 10.0) -> dict[str, Any]:
+        now = time.monotonic()
+        return dict(start=now, last=now, done=0, errors=0, total=total, every_s=every_s)
 
     @classmethod
     def finish(cls) -> None:
@@ -131,10 +135,10 @@ class Progress:
     def add(cls, *, done: int = 0, errors: int = 0) -> None:
         """``done`` images embedded and ``errors`` images failed (both advance the bar)."""
         with cls._lock:
-            now = time.monotonic()
             state = cls._state
-            if not state:
-                state.update(start=now, last=now, done=0, errors=0, total=0, every_s=10.0)
+            if not state:  # a worker process that never saw the run's start
+                state.update(cls._fresh())
+            now = time.monotonic()
             state["done"] += done
             state["errors"] += errors
             bar = state.get("bar")
@@ -569,8 +573,7 @@ class BackboneModelHandler(FeatureModelHandler):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[np.ndarray]:
         vectors = model(np.stack(batch))
-        if "first batch" not in startup.marks():
-            startup.mark("first batch")
+        if startup.mark("first batch"):
             _LOG.info("first batch embedded %s", startup.describe())
         Progress.add(done=len(batch))
         return list(vectors)

@@ -32,10 +32,13 @@ def _process_start() -> float:
 PROCESS_START = _process_start()
 
 
-def mark(name: str) -> None:
-    """Records that ``name`` happened now (the first time only)."""
+def mark(name: str) -> bool:
+    """Records that ``name`` happened now, the first time only; True when it was recorded."""
     with _lock:
-        _marks.setdefault(name, time.time() - PROCESS_START)
+        if name in _marks:
+            return False
+        _marks[name] = time.time() - PROCESS_START
+        return True
 
 
 def marks() -> dict[str, float]:
@@ -44,12 +47,19 @@ def marks() -> dict[str, float]:
         return dict(sorted(_marks.items(), key=lambda item: item[1]))
 
 
-def describe() -> str:
-    """``first batch 9.8 s after process start: imports 4.1, ...`` (each step's own seconds)."""
-    steps = marks()
+def steps(recorded: dict[str, float]) -> str:
+    """``imports 4.1, list + plan 0.3, ...``: each mark's own seconds, in order, from
+    :func:`marks` (this process's, or another's read back from its summary)."""
     previous = 0.0
     parts = []
-    for name, at in steps.items():
+    for name, at in sorted(recorded.items(), key=lambda item: item[1]):
         parts.append(f"{name} {at - previous:.1f}")
         previous = at
-    return f"{previous:.1f} s after process start: " + ", ".join(parts)
+    return ", ".join(parts)
+
+
+def describe() -> str:
+    """``9.8 s after process start: imports 4.1, ...`` (each step's own seconds)."""
+    recorded = marks()
+    last = max(recorded.values(), default=0.0)
+    return f"{last:.1f} s after process start: {steps(recorded)}"
