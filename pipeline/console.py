@@ -20,6 +20,7 @@ COMMANDS = {
     "finetune": ("pipeline.finetune", "fine-tune an exported model's backbone"),
     "stage-weights": ("pipeline.stage_weights", "copy a backbone's weights to a bucket"),
     "sample-weights": ("pipeline.sample_weights", "prepare the offline real MobileNetV2"),
+    "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
     "bench": ("pipeline.bench", "throughput and memory benchmark"),
 }
 
