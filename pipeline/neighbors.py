@@ -1,38 +1,98 @@
-"""Nearest neighbours of every row of a feature table, near-duplicates and k-NN accuracy.
+"""Nearest neighbours of every row of a feature table, near-duplicates, k-NN accuracy, and the
+neighbours of new images.
 
-    python -m pipeline.neighbors --features OUT --output NN_OUT [--k 10] [--duplicates 0.95]
+    python -m pipeline.neighbors --features OUT --output NN_OUT [--k 10] [--exact | --index auto]
+                                 [--duplicates 0.95] [--query IMAGE_OR_DIR_OR_GLOB]
+                                 [--val-features VAL_OUT] [--head HEAD_DIR]
 
-Work in progress (issue 12): exact search only, the whole table in memory; the approximate index,
-``--query``, ``--val-features`` and streaming by shards are not built yet.
+Writes to ``NN_OUT``:
 
-Writes ``NN_OUT/neighbors.parquet`` (``image_id``, ``uri``, ``neighbor_ids``, ``neighbor_uris``,
-``similarities``, best first, the row itself excluded) and, with ``--duplicates``,
-``NN_OUT/duplicates.parquet`` (``group``, ``image_id``, ``uri``, ``split``, ``label``); prints the
-k-NN accuracy of a labelled table and the duplicate groups that cross split boundaries.
+- ``neighbors.parquet``: ``image_id``, ``uri``, ``neighbor_ids``, ``neighbor_uris``,
+  ``similarities`` (cosine, best first, the row itself excluded) for every row;
+- with ``--duplicates THRESHOLD``, ``duplicates.parquet``: ``group``, ``image_id``, ``uri``,
+  ``split``, ``label`` for every row with a neighbour at cosine >= THRESHOLD, grouped as connected
+  components;
+- with ``--query``, ``query/`` (the new images' feature table, made with the table's own recipe
+  rebuilt from its metadata) and ``query_neighbors.parquet`` (their neighbours in the table). A
+  feature table given as ``--query`` is used as it is, and refused if another recipe made it;
+- ``_SUMMARY.json``: the figures printed at the end.
+
+Every table's metadata records the source table, its fingerprint and recipe. The table is read in
+batches, never whole. Exact search is used up to ``transforms.neighbors.AUTO_INDEX_ROWS`` rows,
+a faiss IVF index past it (``--index auto``). For a labelled table the job prints the
+leave-one-out k-NN accuracy (k = 1, 5, 20), or with ``--val-features`` the accuracy of the val
+rows against the table, beside the head's when ``--head`` is given. Unknown flags are Beam pipeline
+options for embedding ``--query`` images.
 """
 
 import argparse
+import json
+import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import cli, logs
-from transforms import neighbors
+from pipeline.launch import TableRun, launch
+from transforms import lease as leases
+from transforms import model_io, neighbors, storage
 from transforms import table as tables
+from transforms.neighbors import FeatureShards, Searcher
 
 NEIGHBORS_FILE = "neighbors.parquet"
 DUPLICATES_FILE = "duplicates.parquet"
+QUERY_DIR = "query"
+QUERY_NEIGHBORS_FILE = "query_neighbors.parquet"
+KNN_KS = (1, 5, 20)
+
+_LOG = logging.getLogger(__name__)
+
+NEIGHBOR_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("neighbor_ids", pa.list_(pa.string())),
+        pa.field("neighbor_uris", pa.list_(pa.string())),
+        pa.field("similarities", pa.list_(pa.float32())),
+    ]
+)
+DUPLICATE_SCHEMA = pa.schema(
+    [
+        pa.field("group", pa.int64()),
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("label", pa.string()),
+    ]
+)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.neighbors", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.neighbors",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     logs.verbosity_flags(parser)
     parser.add_argument("--features", required=True, help="a feature table folder")
     parser.add_argument("--output", required=True, help="folder for the neighbour tables")
     parser.add_argument("--k", type=int, default=10, help="neighbours per row (default 10)")
+    search = parser.add_mutually_exclusive_group()
+    search.add_argument(
+        "--index",
+        default="auto",
+        choices=neighbors.INDEXES,
+        help=f"exact search, a faiss IVF index, or auto: faiss past "
+        f"{neighbors.AUTO_INDEX_ROWS:,} rows (default)",
+    )
+    search.add_argument("--exact", action="store_true", help="exact search at any size")
     parser.add_argument(
         "--duplicates",
         type=float,
@@ -41,81 +101,345 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="group rows with cosine >= THRESHOLD (0 < THRESHOLD <= 1) as near-duplicates",
     )
     parser.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        help="images (file, folder or glob) to embed with the table's recipe and look up; or a "
+        "feature table made with the same recipe",
+    )
+    parser.add_argument(
+        "--val-features",
+        default=None,
+        help="a labelled table of the same recipe: k-NN accuracy of its rows against the table",
+    )
+    parser.add_argument(
+        "--head", default=None, help="a train_head --model-dir: print its accuracy beside k-NN"
+    )
+    cli.add_batch_size_flag(parser)
+    parser.add_argument("--cache-dir", default=None, help="as for pipeline.extract (--query)")
+    parser.add_argument(
         "--block", type=int, default=neighbors.DEFAULT_BLOCK, help=argparse.SUPPRESS
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
+    args, beam_args = cli.parse_known(parser, argv)
     if args.duplicates is not None:
         try:
             neighbors.check_threshold(args.duplicates)
         except ValueError as exc:
             parser.error(str(exc))
-    return args
+    if args.k < 1:
+        parser.error(f"--k must be >= 1, got {args.k}")
+    if beam_args and not args.query:
+        parser.error(f"unrecognized arguments: {' '.join(beam_args)}")
+    if args.exact:
+        args.index = "exact"
+    return args, beam_args
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    try:
-        table = tables.read_table(args.features)
-    except FileNotFoundError:
-        raise ValueError(
-            f"{args.features}: no feature table here (no features-*.parquet)"
-        ) from None
-    rows = neighbors.from_table(table)
-    index, sims = neighbors.exact_neighbors(
-        rows.matrix, rows.matrix, args.k, exclude_self=True, block=args.block
-    )
-    os.makedirs(args.output, exist_ok=True)
-    out = pa.table(
-        {
-            "image_id": pa.array(rows.image_id.tolist(), pa.string()),
-            "uri": pa.array(rows.uri.tolist(), pa.string()),
-            "neighbor_ids": pa.array(rows.image_id[index].tolist(), pa.list_(pa.string())),
-            "neighbor_uris": pa.array(rows.uri[index].tolist(), pa.list_(pa.string())),
-            "similarities": pa.array(sims.tolist(), pa.list_(pa.float32())),
-        }
-    )
-    pq.write_table(out, os.path.join(args.output, NEIGHBORS_FILE))
-    summary = {"rows": len(rows), "k": args.k, "output": args.output}
-    if all(label is not None for label in rows.label):
-        summary["knn_accuracy"] = neighbors.knn_accuracy(rows.label[index], rows.label)
-    if args.duplicates is not None:
-        groups = neighbors.duplicate_groups(index, sims, args.duplicates)
-        members = [(g, i) for g, group in enumerate(groups) for i in group]
-        pq.write_table(
-            pa.table(
-                {
-                    "group": pa.array([g for g, _ in members], pa.int64()),
-                    "image_id": pa.array([rows.image_id[i] for _, i in members], pa.string()),
-                    "uri": pa.array([rows.uri[i] for _, i in members], pa.string()),
-                    "split": pa.array([rows.split[i] for _, i in members], pa.string()),
-                    "label": pa.array([rows.label[i] for _, i in members], pa.string()),
-                }
-            ),
-            os.path.join(args.output, DUPLICATES_FILE),
+def _output_metadata(base: FeatureShards, **extra: Any) -> dict[bytes, bytes]:
+    """The source table's recipe plus where the neighbours came from, as ``featurebeam.*``."""
+    meta = {
+        **base.metadata,
+        "source_table": base.table_dir,
+        "source_fingerprint": base.fingerprint,
+        "source_rows": str(len(base)),
+        **{k: str(v) for k, v in extra.items()},
+    }
+    return {f"{tables.METADATA_PREFIX}{k}".encode(): v.encode() for k, v in meta.items()}
+
+
+def _neighbor_batch(
+    queries: pa.Table, base: FeatureShards, index: np.ndarray, sims: np.ndarray, k: int
+) -> pa.RecordBatch:
+    """One batch of the neighbour table: the first ``k`` of each row's neighbours."""
+    index, sims = index[:, :k], sims[:, :k]
+    offsets = pa.array(np.arange(0, index.size + 1, k, dtype=np.int32))
+    flat = pa.array(index.reshape(-1))
+
+    def lists(column):
+        return pa.ListArray.from_arrays(
+            offsets, base.ids.column(column).take(flat).combine_chunks()
         )
-        crossing = [g for g in groups if len({rows.split[i] for i in g}) > 1]
-        summary["duplicate_groups"] = len(groups)
-        summary["cross_split_groups"] = len(crossing)
-        summary["cross_split_examples"] = [[rows.uri[i] for i in g] for g in crossing[:3]]
+
+    return pa.RecordBatch.from_arrays(
+        [
+            queries.column("image_id").combine_chunks(),
+            queries.column("uri").combine_chunks(),
+            lists("image_id"),
+            lists("uri"),
+            pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1), pa.float32())),
+        ],
+        schema=NEIGHBOR_SCHEMA,
+    )
+
+
+class _Knn:
+    """Correct votes counted batch by batch (``neighbors.knn_accuracy`` per batch)."""
+
+    def __init__(self, base_labels: np.ndarray, ks: Sequence[int]):
+        self.base_labels = base_labels
+        self.ks = ks
+        self.correct = dict.fromkeys(ks, 0.0)
+        self.rows = 0
+
+    def add(self, index: np.ndarray, labels: np.ndarray) -> None:
+        for k, accuracy in neighbors.knn_accuracy(self.base_labels[index], labels, self.ks).items():
+            self.correct[k] += accuracy * len(labels)
+        self.rows += len(labels)
+
+    def result(self) -> dict[int, float]:
+        return {k: round(c / self.rows, 4) for k, c in self.correct.items()}
+
+
+def _require_labels(shards: FeatureShards, why: str) -> np.ndarray:
+    labels = shards.column("label")
+    missing = int(sum(label is None for label in labels))
+    if missing:
+        raise ValueError(
+            f"{why} needs a label on every row; {shards.table_dir} has {missing} unlabelled "
+            f"row(s) of {len(labels)} (label images by folder: INPUT/<label>/*.jpg)"
+        )
+    return labels
+
+
+def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int, knn) -> list:
+    """Neighbours of every row to ``neighbors.parquet``; returns the pairs at or above the
+    duplicate threshold (``(i, j)``, i < j)."""
+    pairs: list[tuple[int, int]] = []
+    labels = base.column("label") if knn is not None else None
+
+    def write(f):
+        meta = _output_metadata(base, k=args.k, index=searcher.method)
+        with pq.ParquetWriter(f, NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
+            for offset, batch in base.batches():
+                index, sims = searcher.search(batch, search_k, self_offset=offset)
+                rows = base.ids.slice(offset, len(batch))
+                writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
+                if knn is not None:
+                    knn.add(index, labels[offset : offset + len(batch)])
+                if args.duplicates is not None:
+                    r, c = np.nonzero(sims[:, : args.k] >= args.duplicates)
+                    i, j = r + offset, index[r, c]
+                    pairs.extend(
+                        zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist(), strict=True)
+                    )
+
+    storage.write_atomically(storage.join(args.output, NEIGHBORS_FILE), write)
+    return sorted(set(pairs))
+
+
+def _write_duplicates(args, base: FeatureShards, pairs) -> dict[str, Any]:
+    groups = neighbors.groups_of_pairs(pairs)
+    ids = base.ids.to_pydict()
+    members = [(g, i) for g, group in enumerate(groups) for i in group]
+    table = pa.table(
+        {
+            "group": pa.array([g for g, _ in members], pa.int64()),
+            **{
+                name: pa.array([ids[name][i] for _, i in members], pa.string())
+                for name in ("image_id", "uri", "split", "label")
+            },
+        },
+        schema=DUPLICATE_SCHEMA,
+    ).replace_schema_metadata(_output_metadata(base, threshold=args.duplicates))
+    tables.write_parquet(storage.join(args.output, DUPLICATES_FILE), table)
+    crossing = [g for g in groups if len({ids["split"][i] for i in g}) > 1]
+    return {
+        "duplicate_threshold": args.duplicates,
+        "duplicate_groups": len(groups),
+        "duplicate_rows": len(members),
+        "cross_split_groups": len(crossing),
+        "cross_split_examples": [[ids["uri"][i] for i in g] for g in crossing[:5]],
+    }
+
+
+def _val_knn(args, base: FeatureShards, searcher: Searcher, base_labels) -> dict[int, float]:
+    val = FeatureShards.open(args.val_features)
+    base.check_same_recipe(val)
+    val_labels = _require_labels(val, "k-NN accuracy on --val-features")
+    ks = tuple(k for k in KNN_KS if k <= len(base))
+    knn = _Knn(base_labels, ks)
+    for offset, batch in val.batches():
+        index, _ = searcher.search(batch, max(ks))
+        knn.add(index, val_labels[offset : offset + len(batch)])
+    return knn.result()
+
+
+def _query_recipe(args, base: FeatureShards):
+    """The recipe to embed ``--query`` images with: the table's, rebuilt from its metadata;
+    None when the query is a feature table already."""
+    if not args.query or (len(args.query) == 1 and tables.shard_files(args.query[0])):
+        return None
+    from transforms.recipe import FeatureRecipe
+
+    try:
+        return FeatureRecipe.from_metadata(base.metadata)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(
+            f"cannot rebuild the recipe of {base.table_dir} from its metadata to embed the "
+            f"query images: {exc}"
+        ) from None
+
+
+def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
+    """The query images' feature table, made with the base table's recipe."""
+    from transforms.embed import BackboneModelHandler
+    from transforms.extract import ExtractFeatures, run_metadata
+
+    handler = BackboneModelHandler(recipe, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    metadata = run_metadata(handler)
+
+    def build(pipeline, planned, lease):
+        return pipeline | "EmbedQueries" >> ExtractFeatures(
+            planned, model_handler=handler, metadata=metadata, lease=lease
+        )
+
+    return launch(
+        TableRun(
+            inputs=tuple(args.query),
+            output=storage.join(args.output, QUERY_DIR),
+            overwrite=True,
+        ),
+        metadata=metadata,
+        build=build,
+        beam_args=beam_args,
+    )
+
+
+def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    if recipe is None:
+        query_dir = args.query[0]
+    else:
+        embedded = _embed_queries(args, recipe, beam_args)
+        query_dir = storage.join(args.output, QUERY_DIR)
+        summary.update(
+            query_inputs=embedded["inputs"], query_errors=embedded["errors"], query_table=query_dir
+        )
+    try:
+        queries = FeatureShards.open(query_dir)
+    except ValueError:
+        raise ValueError(
+            f"none of the --query images could be embedded: see {query_dir}/_errors"
+        ) from None
+    base.check_same_recipe(queries)
+    neighbors.check_k(args.k, len(base))
+
+    def write(f):
+        meta = _output_metadata(base, k=args.k, index=searcher.method, query_table=query_dir)
+        with pq.ParquetWriter(f, NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
+            for offset, batch in queries.batches():
+                index, sims = searcher.search(batch, args.k)
+                rows = queries.ids.slice(offset, len(batch))
+                writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
+
+    storage.write_atomically(storage.join(args.output, QUERY_NEIGHBORS_FILE), write)
+    summary["query_rows"] = len(queries)
+    return summary
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Writes the neighbour tables; returns the summary (also ``NN_OUT/_SUMMARY.json``).
+
+    Raises:
+        ValueError: no table, k larger than the table, an unlabelled table asked for k-NN
+            accuracy, or a query/val table made with another recipe.
+    """
+    args, beam_args = _parse(argv)
+    started = time.monotonic()
+    base = FeatureShards.open(args.features)
+    neighbors.check_k(args.k, len(base) - 1)
+    head = model_io.read_head_report(args.head) if args.head else None
+    query_recipe = _query_recipe(args, base)
+    base_labels = None
+    if args.val_features or head is not None:
+        base_labels = _require_labels(base, "k-NN accuracy")
+    elif all(label is not None for label in base.column("label")):
+        base_labels = base.column("label")
+    storage.makedirs(args.output)
+
+    searcher = Searcher(base, index=args.index, block=args.block)
+    _LOG.info("%d rows, %d-d: %s search", len(base), base.dim, searcher.method)
+    loo_ks = tuple(k for k in KNN_KS if k <= len(base) - 1)
+    leave_one_out = base_labels is not None and not args.val_features
+    search_k = max(args.k, max(loo_ks)) if leave_one_out else args.k
+    knn = _Knn(base_labels, loo_ks) if leave_one_out else None
+    pairs = _write_all_rows(args, base, searcher, search_k, knn)
+    summary: dict[str, Any] = {
+        "features": args.features,
+        "rows": len(base),
+        "dim": base.dim,
+        "k": args.k,
+        "index": searcher.method,
+        "output": args.output,
+        "source_fingerprint": base.fingerprint,
+    }
+    if knn is not None:
+        summary["knn_accuracy"] = knn.result()
+        summary["knn_on"] = "leave-one-out"
+    if args.val_features:
+        summary["knn_accuracy"] = _val_knn(args, base, searcher, base_labels)
+        summary["knn_on"] = f"val table {args.val_features}"
+    if head is not None:
+        summary["head"] = {
+            "dir": args.head,
+            "kind": head.get("head"),
+            "accuracy": head["accuracy"],
+            "validation": head.get("validation"),
+            "same_recipe": head.get("feature_table_fingerprint") == base.fingerprint,
+        }
+        if not summary["head"]["same_recipe"]:
+            _LOG.warning("the head %s was trained on features of another recipe", args.head)
+    if args.duplicates is not None:
+        summary.update(_write_duplicates(args, base, pairs))
+    if args.query:
+        summary.update(_query(args, base, searcher, query_recipe, beam_args))
+    summary["seconds"] = round(time.monotonic() - started, 2)
+    data = json.dumps(summary, indent=2).encode()
+    storage.write_atomically(
+        storage.join(args.output, tables.SUMMARY_FILE), lambda f: f.write(data)
+    )
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     cli.configure_logging(argv)
     try:
-        summary = run(argv)
-    except ValueError as exc:
+        s = run(argv)
+    except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:
         sys.exit(f"error: {exc}")
-    print(f"{summary['rows']} rows, {summary['k']} neighbours each -> {summary['output']}")
-    for k, accuracy in summary.get("knn_accuracy", {}).items():
-        print(f"  leave-one-out {k}-NN accuracy: {accuracy:.3f}")
-    if "duplicate_groups" in summary:
+    out = s["output"]
+    print(
+        f"{s['rows']} rows, {s['k']} neighbours each ({s['index']} search, {s['seconds']} s) "
+        f"-> {os.path.join(out, NEIGHBORS_FILE)}"
+    )
+    for k, accuracy in s.get("knn_accuracy", {}).items():
+        print(f"  {k}-NN accuracy ({s['knn_on']}): {accuracy:.3f}")
+    if "head" in s:
+        head = s["head"]
         print(
-            f"  near-duplicate groups: {summary['duplicate_groups']}, of which "
-            f"{summary['cross_split_groups']} cross split boundaries"
+            f"  {head['kind']} head accuracy: {head['accuracy']:.3f} "
+            f"(its validation: {head['validation']}; {head['dir']})"
         )
-        for example in summary["cross_split_examples"]:
+    if "duplicate_groups" in s:
+        print(
+            f"  near-duplicate groups at cosine >= {s['duplicate_threshold']}: "
+            f"{s['duplicate_groups']} ({s['duplicate_rows']} rows), of which "
+            f"{s['cross_split_groups']} cross split boundaries -> {out}/{DUPLICATES_FILE}"
+        )
+        for example in s["cross_split_examples"]:
             print(f"    e.g. {', '.join(example)}")
+    if "query_rows" in s:
+        if "query_inputs" in s:
+            print(
+                f"  query: inputs {s['query_inputs']} = rows {s['query_rows']} + errors "
+                f"{s['query_errors']} -> {s['query_table']}"
+            )
+        print(f"  query neighbours -> {os.path.join(out, QUERY_NEIGHBORS_FILE)}")
 
 
 if __name__ == "__main__":

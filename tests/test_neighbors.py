@@ -68,9 +68,10 @@ def test_knn_accuracy_on_clusters_and_unlabelled_rows():
         neighbors.knn_accuracy(labels[index], unlabelled)
 
 
-def _write_table(folder, vectors, labels=None, splits=None):
+def _write_table(folder, vectors, labels=None, splits=None, *, shards=1, metadata=None):
     from transforms import table
 
+    folder.mkdir(parents=True, exist_ok=True)
     rows = [
         {
             "image_id": f"id{i}",
@@ -85,10 +86,12 @@ def _write_table(folder, vectors, labels=None, splits=None):
         }
         for i, v in enumerate(vectors)
     ]
-    schema = table.feature_schema(vectors.shape[1], {"backbone": "test"})
-    table.write_parquet(
-        str(folder / "features-00000-of-00001.parquet"), table.to_arrow(rows, schema)
-    )
+    schema = table.feature_schema(vectors.shape[1], metadata or {"backbone": "test"})
+    bounds = np.linspace(0, len(rows), shards + 1).astype(int)
+    for s in range(shards):  # ids sort as strings: keep each shard's rows in order
+        part = table.to_arrow(rows[bounds[s] : bounds[s + 1]], schema)
+        part = part.take(np.argsort([int(i[2:]) for i in part.column("image_id").to_pylist()]))
+        table.write_parquet(str(folder / table.shard_name("features", s, shards)), part)
 
 
 def test_neighbors_job_writes_tables_and_reports(tmp_path):
@@ -101,7 +104,6 @@ def test_neighbors_job_writes_tables_and_reports(tmp_path):
     labels = np.concatenate([labels, labels[[5]]])
     splits = ["train"] * 60 + ["val"]
     features = tmp_path / "features"
-    features.mkdir()
     _write_table(features, x, labels, splits)
     summary = run(
         ["--features", str(features), "--output", str(tmp_path / "nn"), "--k", "5"]
@@ -117,7 +119,7 @@ def test_neighbors_job_writes_tables_and_reports(tmp_path):
     assert summary["duplicate_groups"] == 1 and summary["cross_split_groups"] == 1
     dups = pq.read_table(tmp_path / "nn" / "duplicates.parquet").to_pylist()
     assert sorted(d["split"] for d in dups) == ["train", "val"]
-    assert set(summary["knn_accuracy"]) == {1, 5}
+    assert set(summary["knn_accuracy"]) == {1, 5, 20}
 
 
 def test_neighbors_job_bad_inputs(tmp_path, capsys):
@@ -129,13 +131,125 @@ def test_neighbors_job_bad_inputs(tmp_path, capsys):
         run(["--features", str(empty), "--output", str(tmp_path / "o")])
     x, _ = _clustered(n=8)
     features = tmp_path / "f"
-    features.mkdir()
     _write_table(features, x)
     with pytest.raises(ValueError, match="larger than the 7 rows"):
         run(["--features", str(features), "--output", str(tmp_path / "o"), "--k", "8"])
     with pytest.raises(SystemExit):
         main(["--features", str(features), "--output", str(tmp_path / "o"), "--duplicates", "1.5"])
     assert "(0, 1]" in capsys.readouterr().err
+
+
+def test_streamed_search_over_shards_matches_brute_force(tmp_path):
+    """Three shards read 13 rows at a time give the in-memory answer; the id columns follow."""
+    x, labels = _clustered(n=100)
+    _write_table(tmp_path / "t", x, labels, shards=3)
+    shards = neighbors.FeatureShards.open(str(tmp_path / "t"))
+    assert len(shards) == 100 and shards.dim == x.shape[1] and len(shards.files) == 3
+    assert [m.shape[0] for _, m in shards.batches(rows=13)][:3] == [13, 13, 7]
+    expected_index, expected_sims = neighbors.exact_neighbors(x, x, 7, exclude_self=True)
+    for offset, batch in shards.batches(rows=13):
+        index, sims = neighbors.exact_search(
+            batch, lambda: shards.batches(rows=13), 7, self_offset=offset, block=5
+        )
+        np.testing.assert_allclose(sims, expected_sims[offset : offset + len(batch)], atol=1e-6)
+        assert (index == expected_index[offset : offset + len(batch)]).mean() > 0.99  # ties
+    assert shards.column("label").tolist() == labels.tolist()
+    assert shards.column("split").tolist() == [None] * 100
+
+
+def test_faiss_index_finds_the_exact_neighbours_and_never_the_row_itself():
+    x, _ = _clustered(n=2000, dim=32, clusters=20)
+    exact, _ = neighbors.exact_neighbors(x, x, 10, exclude_self=True)
+    index = neighbors.FaissIndex(32, neighbors.cells_for(len(x)), nprobe=8)
+    index.index.train(x)
+    index.index.add(x)
+    found, sims = index.search(x, 10, self_offset=0)
+    assert found.shape == (2000, 10) and not (found == np.arange(2000)[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
+    assert recall > 0.9, recall
+    assert (np.diff(sims, axis=1) <= 1e-6).all()
+    assert neighbors.cells_for(2000) == 51 and neighbors.cells_for(10) == 1
+
+
+def test_auto_index_is_exact_for_small_tables_and_faiss_past_the_threshold():
+    small = neighbors.AUTO_INDEX_ROWS
+    assert neighbors.choose_index("auto", small) == "exact"
+    assert neighbors.choose_index("auto", small + 1) == "faiss"
+    assert neighbors.choose_index("exact", 10**9) == "exact"
+    with pytest.raises(ValueError, match="unknown index"):
+        neighbors.choose_index("annoy", 10)
+
+
+def test_neighbors_job_with_the_faiss_index(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.neighbors import run
+    from transforms import table
+
+    x, labels = _clustered(n=500)
+    _write_table(tmp_path / "f", x, labels, shards=2)
+    summary = run(
+        ["--features", str(tmp_path / "f"), "--output", str(tmp_path / "nn"), "--k", "5"]
+        + ["--index", "faiss"]
+    )
+    assert summary["index"] == "faiss" and summary["knn_accuracy"][5] > 0.8
+    written = pq.read_table(tmp_path / "nn" / "neighbors.parquet")
+    assert written.num_rows == 500
+    meta = table.table_metadata(written.schema)
+    assert meta["source_fingerprint"] == summary["source_fingerprint"]
+    assert meta["index"] == "faiss" and meta["backbone"] == "test" and meta["source_rows"] == "500"
+
+
+def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.neighbors import main, run
+
+    x, labels = _clustered(n=300)
+    recipe = {"backbone": "mobilenet_v2", "pooling": "avg", "input_size": "160"}
+    _write_table(tmp_path / "train", x[:200], labels[:200], metadata=recipe)
+    _write_table(tmp_path / "val", x[200:], labels[200:], metadata=recipe)
+    other = {**recipe, "pooling": "max"}
+    _write_table(tmp_path / "other", x[200:], labels[200:], metadata=other)
+    _write_table(tmp_path / "unlabelled", x[200:], metadata=recipe)
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "report.json").write_text(
+        json.dumps({"head": "logistic", "accuracy": 0.9, "validation": "tables"})
+    )
+    base = ["--features", str(tmp_path / "train"), "--output", str(tmp_path / "nn")]
+
+    summary = run([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
+    assert summary["knn_on"].startswith("val table") and summary["knn_accuracy"][5] > 0.8
+    assert summary["head"]["accuracy"] == 0.9 and not summary["head"]["same_recipe"]
+
+    summary = run([*base, "--k", "3", "--query", str(tmp_path / "val")])
+    assert summary["query_rows"] == 100
+    found = pq.read_table(tmp_path / "nn" / "query_neighbors.parquet").to_pylist()
+    assert len(found) == 100 and all(len(r["neighbor_ids"]) == 3 for r in found)
+    assert all(int(r["neighbor_ids"][0][2:]) < 200 for r in found)  # neighbours in the table
+
+    with pytest.raises(ValueError, match="another recipe.*pooling is 'max' there but 'avg'"):
+        run([*base, "--query", str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="another recipe"):
+        run([*base, "--val-features", str(tmp_path / "other")])
+    with pytest.raises(ValueError, match="needs a label on every row.*100 unlabelled"):
+        run([*base, "--val-features", str(tmp_path / "unlabelled")])
+    unlabelled = ["--features", str(tmp_path / "unlabelled"), "--output", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="needs a label on every row"):
+        run([*unlabelled, "--head", str(head)])
+    assert "knn_accuracy" not in run(unlabelled)  # not asked: no figure, no error
+    _write_table(tmp_path / "no-recipe", x[:20])
+    with pytest.raises(ValueError, match="cannot rebuild the recipe"):
+        run(
+            ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o")]
+            + ["--query", str(tmp_path)]
+        )
+    main([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
+    printed = capsys.readouterr().out
+    assert "5-NN accuracy (val table" in printed and "logistic head accuracy: 0.900" in printed
 
 
 @pytest.mark.slow
@@ -175,3 +289,24 @@ def test_a_planted_near_duplicate_is_found_across_splits(tmp_path, sample_weight
     assert summary["duplicate_groups"] == 1 and summary["cross_split_groups"] == 1
     (group,) = summary["cross_split_examples"]
     assert sorted(uri.rsplit("/", 1)[-1] for uri in group) == ["cat_copy.jpg", "chelsea.png"]
+
+    # The copy as a query, embedded with the table's own recipe: its nearest rows are itself (the
+    # same vector) and the original.
+    import pyarrow.parquet as pq
+
+    from transforms import table
+
+    summary = run(
+        ["--features", str(tmp_path / "features"), "--output", str(tmp_path / "nn"), "--k", "2"]
+        + ["--query", str(tmp_path / "images" / "train" / "photos" / "cat_copy.jpg")]
+    )
+    assert summary["query_inputs"] == 1 and summary["query_rows"] == 1
+    (found,) = pq.read_table(tmp_path / "nn" / "query_neighbors.parquet").to_pylist()
+    names = [uri.rsplit("/", 1)[-1] for uri in found["neighbor_uris"]]
+    assert names == ["cat_copy.jpg", "chelsea.png"], names
+    assert found["similarities"][0] > 0.9999 and found["similarities"][1] > 0.95
+    query_meta = table.read_table(str(tmp_path / "nn" / "query")).schema
+    base_meta = table.read_table(str(tmp_path / "features")).schema
+    assert table.table_metadata(query_meta)["weights_fingerprint"] == (
+        table.table_metadata(base_meta)["weights_fingerprint"]
+    )

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from transforms import table
-from transforms.recipe import COMPATIBILITY_KEYS, first_difference
+from transforms.recipe import COMPATIBILITY_KEYS, first_difference, table_fingerprint
 
 HEADS = ("logistic", "mlp")
 
@@ -54,9 +54,10 @@ class FeatureSet:
     @property
     def fingerprint(self) -> str:
         """Identifies what produced the vectors (not which images)."""
+        if len(self.parts) == 1:
+            return table_fingerprint(self.parts[0])
         keys = [{k: meta.get(k, "") for k in COMPATIBILITY_KEYS} for meta in self.parts]
-        key = json.dumps(keys[0] if len(keys) == 1 else keys, sort_keys=True)
-        return hashlib.sha256(key.encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def part_names(parts: Sequence[dict[str, str]]) -> list[str]:

@@ -1,36 +1,43 @@
-"""Nearest neighbours over a feature table: exact cosine k-NN in blocks, near-duplicate groups,
-and leave-one-out k-NN accuracy. Pure numpy/pyarrow; nothing here imports Beam or TensorFlow.
+"""Nearest neighbours over a feature table: exact cosine k-NN in blocks, an approximate faiss index
+for large tables, near-duplicate groups, and k-NN accuracy. numpy, pyarrow and faiss; nothing here
+imports Beam or TensorFlow.
 
-Work in progress for issue 12: the approximate index, the query path and the CLI are not built.
+A table is read in batches of rows (:class:`FeatureShards`), never whole: a 1M x 1280 float32 table
+is 5 GB. Only the id, URI, label and split columns are held for every row.
 
-Exact search is blocked matrix products: the rows are L2-normalised once, each block of queries is
-multiplied with each block of the table, and a running top-k is merged per query block. Memory is
-bounded by ``block x block`` similarities plus ``queries x k`` candidates, not N x N.
+Exact search is blocked matrix products: each block of queries is multiplied with each block of the
+table, and a running top-k is merged per query. Memory is bounded by ``block x block`` similarities
+plus ``queries x k`` candidates, not N x N. Cost grows with N squared, so past
+:data:`AUTO_INDEX_ROWS` rows (measured in ``pipeline.bench``) ``index="auto"`` builds an
+inverted-file index instead (faiss ``IndexIVFScalarQuantizer``: k-means cells, vectors stored as 8
+bits per dimension, 1/4 of float32). Why faiss, and not usearch or hnswlib: see the README ("Look at
+your features"); in short, the graph indexes (HNSW) hold float32 vectors plus a graph in memory and
+took far longer to build on a 2-core machine, while IVF trains on a sample and adds the table batch
+by batch.
 """
 
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from transforms import storage
 from transforms import table as tables
+from transforms.recipe import first_difference, table_fingerprint
 
 DEFAULT_BLOCK = 4096
-
-
-@dataclass(frozen=True)
-class Vectors:
-    """A table's rows as arrays: ids, URIs, labels and splits (None where absent), and the
-    L2-normalised vectors."""
-
-    image_id: np.ndarray
-    uri: np.ndarray
-    label: np.ndarray
-    split: np.ndarray
-    matrix: np.ndarray  # float32 (rows, dim), unit length (zero rows stay zero)
-
-    def __len__(self) -> int:
-        return len(self.image_id)
+#: Rows read from a table at a time (a 1280-d batch is 320 MiB of float32).
+DEFAULT_BATCH_ROWS = 65_536
+#: Past this many rows ``index="auto"`` uses the approximate index (``pipeline.bench`` measures
+#: where exact search stops being the faster of the two on a 2-core machine).
+AUTO_INDEX_ROWS = 20_000
+INDEXES = ("auto", "exact", "faiss")
+#: Cells probed per query: recall@10 >= 0.95 on the bench's 50k sample (README).
+DEFAULT_NPROBE = 16
+ID_COLUMNS = ("image_id", "uri", "label", "split")
 
 
 def normalize(matrix: np.ndarray) -> np.ndarray:
@@ -40,21 +47,148 @@ def normalize(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.where(norms > 0, norms, 1.0)
 
 
-def from_table(table: pa.Table) -> Vectors:
-    """The rows of a feature table (``transforms.table.read_table``)."""
+@dataclass(frozen=True)
+class FeatureShards:
+    """A feature table read in batches: its id columns for every row, its vectors on demand.
 
-    def column(name):
-        if name in table.column_names:
-            return np.asarray(table.column(name).to_pylist(), dtype=object)
-        return np.full(table.num_rows, None, dtype=object)
+    Attributes:
+        table_dir: the folder.
+        files: its shard files, in order (row ``i`` is counted across them in this order).
+        ids: ``image_id``, ``uri``, ``label``, ``split`` for every row (label and split null
+            where absent).
+        dim: vector width.
+        metadata: the table's ``featurebeam.*`` metadata (its recipe).
+    """
 
-    return Vectors(
-        image_id=column("image_id"),
-        uri=column("uri"),
-        label=column("label"),
-        split=column("split"),
-        matrix=normalize(tables.features_matrix(table)),
-    )
+    table_dir: str
+    files: tuple[str, ...]
+    ids: pa.Table
+    dim: int
+    metadata: dict[str, str]
+
+    @classmethod
+    def open(cls, table_dir: str) -> "FeatureShards":
+        """Reads a table's id columns and schema.
+
+        Raises:
+            ValueError: no ``features-*.parquet`` shards in the folder.
+        """
+        files = tables.shard_files(table_dir)
+        if not files:
+            raise ValueError(f"{table_dir}: no feature table here (no features-*.parquet)")
+        fs, _ = storage.filesystem(files[0])
+        schema = pq.read_schema(storage.filesystem(files[0])[1], filesystem=fs)
+        have = [c for c in ID_COLUMNS if c in schema.names]
+        ids = tables.read_table(table_dir, columns=have)
+        for name in ID_COLUMNS:
+            if name not in have:
+                ids = ids.append_column(name, pa.nulls(ids.num_rows, pa.string()))
+        return cls(
+            table_dir=table_dir,
+            files=tuple(files),
+            ids=ids.select(list(ID_COLUMNS)).combine_chunks(),
+            dim=schema.field("feature").type.list_size,
+            metadata=tables.table_metadata(schema),
+        )
+
+    def __len__(self) -> int:
+        return self.ids.num_rows
+
+    @property
+    def fingerprint(self) -> str:
+        return table_fingerprint(self.metadata)
+
+    def column(self, name: str) -> np.ndarray:
+        """One id column as an object array (None where null)."""
+        return np.asarray(self.ids.column(name).to_pylist(), dtype=object)
+
+    def batches(self, rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """``(offset, unit-length float32 vectors)`` for consecutive batches of rows."""
+        offset = 0
+        for path in self.files:
+            fs, inner = storage.filesystem(path)
+            with fs.open(inner, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["feature"]):
+                    flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                    yield offset, normalize(flat.reshape(-1, self.dim))
+                    offset += batch.num_rows
+
+    def sample(self, rows: int, *, seed: int = 0) -> np.ndarray:
+        """About ``rows`` vectors drawn evenly from the whole table (one pass)."""
+        keep = min(1.0, rows / max(len(self), 1))
+        rng = np.random.default_rng(seed)
+        picked = [m[rng.random(len(m)) < keep] for _, m in self.batches()]
+        return np.concatenate(picked) if picked else np.zeros((0, self.dim), np.float32)
+
+    def check_same_recipe(self, other: "FeatureShards") -> None:
+        """Raises ValueError naming the first recipe setting on which ``other`` differs."""
+        key = first_difference(self.metadata, other.metadata)
+        if key is not None:
+            raise ValueError(
+                f"{other.table_dir} was made with another recipe than {self.table_dir}: "
+                f"{key} is {other.metadata.get(key)!r} there but {self.metadata.get(key)!r} here; "
+                "its vectors cannot be compared with the table's"
+            )
+
+
+def check_k(k: int, available: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k > available:
+        raise ValueError(f"k={k} is larger than the {available} rows there are to find")
+
+
+class _TopK:
+    """The k best (similarity, index) pairs seen so far for each of ``n`` queries."""
+
+    def __init__(self, n: int, k: int):
+        self.k = k
+        self.sim = np.full((n, k), -np.inf, dtype=np.float32)
+        self.index = np.full((n, k), -1, dtype=np.int64)
+
+    def merge(self, sims: np.ndarray, offset: int, rows: slice) -> None:
+        """Adds the similarities of queries ``rows`` to base rows ``offset ...``."""
+        take = min(self.k, sims.shape[1])
+        part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+        cand_sim = np.concatenate([self.sim[rows], np.take_along_axis(sims, part, 1)], axis=1)
+        cand_index = np.concatenate([self.index[rows], part + offset], axis=1)
+        keep = np.argpartition(-cand_sim, self.k - 1, axis=1)[:, : self.k]
+        self.sim[rows] = np.take_along_axis(cand_sim, keep, 1)
+        self.index[rows] = np.take_along_axis(cand_index, keep, 1)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-self.sim, axis=1, kind="stable")
+        return np.take_along_axis(self.index, order, 1), np.take_along_axis(self.sim, order, 1)
+
+
+def exact_search(
+    queries: np.ndarray,
+    base_batches: Callable[[], Iterator[tuple[int, np.ndarray]]],
+    k: int,
+    *,
+    self_offset: int | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine k nearest base rows of each query (all unit length), best first, as
+    ``(indices int64 (q, k), similarities float32 (q, k))``; ``base_batches()`` yields
+    ``(offset, vectors)`` (a fresh pass each call).
+
+    ``self_offset``: the queries are base rows ``self_offset ...``, and a row is not its own
+    neighbour. The caller checks that k fits (:func:`check_k`).
+    """
+    top = _TopK(len(queries), k)
+    for b_offset, batch in base_batches():
+        for b0 in range(0, len(batch), block):
+            base = batch[b0 : b0 + block]
+            for q0 in range(0, len(queries), block):
+                sims = queries[q0 : q0 + block] @ base.T
+                if self_offset is not None:
+                    rows = np.arange(sims.shape[0])
+                    cols = rows + self_offset + q0 - (b_offset + b0)
+                    inside = (cols >= 0) & (cols < sims.shape[1])
+                    sims[rows[inside], cols[inside]] = -np.inf
+                top.merge(sims, b_offset + b0, slice(q0, q0 + sims.shape[0]))
+    return top.result()
 
 
 def exact_neighbors(
@@ -65,44 +199,105 @@ def exact_neighbors(
     exclude_self: bool = False,
     block: int = DEFAULT_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine k nearest rows of ``base`` for each row of ``queries`` (both L2-normalised),
-    best first: ``(indices int64 (q, k), similarities float32 (q, k))``.
-
-    ``exclude_self``: ``queries`` is ``base`` and a row is not its own neighbour.
+    """:func:`exact_search` over a base held in memory; ``exclude_self``: ``queries`` is
+    ``base`` and a row is not its own neighbour.
 
     Raises:
         ValueError: ``k`` < 1 or more than the candidates there are.
     """
-    n = len(base)
-    available = n - 1 if exclude_self else n
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > available:
-        raise ValueError(f"k={k} is larger than the {available} rows there are to find")
-    out_index = np.empty((len(queries), k), dtype=np.int64)
-    out_sim = np.empty((len(queries), k), dtype=np.float32)
-    for q0 in range(0, len(queries), block):
-        q = queries[q0 : q0 + block]
-        best_sim = np.full((len(q), k), -np.inf, dtype=np.float32)
-        best_index = np.zeros((len(q), k), dtype=np.int64)
-        for b0 in range(0, n, block):
-            sims = q @ base[b0 : b0 + block].T
-            if exclude_self:
-                rows = np.arange(len(q))
-                cols = rows + q0 - b0
-                inside = (cols >= 0) & (cols < sims.shape[1])
-                sims[rows[inside], cols[inside]] = -np.inf
-            take = min(k, sims.shape[1])
-            part = np.argpartition(-sims, take - 1, axis=1)[:, :take]
-            cand_sim = np.concatenate([best_sim, np.take_along_axis(sims, part, 1)], axis=1)
-            cand_index = np.concatenate([best_index, part + b0], axis=1)
-            keep = np.argpartition(-cand_sim, k - 1, axis=1)[:, :k]
-            best_sim = np.take_along_axis(cand_sim, keep, 1)
-            best_index = np.take_along_axis(cand_index, keep, 1)
-        order = np.argsort(-best_sim, axis=1, kind="stable")
-        out_sim[q0 : q0 + len(q)] = np.take_along_axis(best_sim, order, 1)
-        out_index[q0 : q0 + len(q)] = np.take_along_axis(best_index, order, 1)
-    return out_index, out_sim
+    check_k(k, len(base) - 1 if exclude_self else len(base))
+    return exact_search(
+        queries,
+        lambda: iter([(0, base)]),
+        k,
+        self_offset=0 if exclude_self else None,
+        block=block,
+    )
+
+
+def cells_for(rows: int) -> int:
+    """IVF cells for a table: about 2 sqrt(N) (faiss' guidance is 4-16 sqrt(N) for query-heavy
+    indexes; fewer cells train faster, and an all-rows search pays one pass either way), with at
+    least 39 training rows per cell, as faiss' k-means asks."""
+    return max(1, min(int(2 * math.sqrt(rows)), rows // 39))
+
+
+class FaissIndex:
+    """An approximate cosine index over a table: faiss IVF with 8-bit scalar quantisation,
+    trained on a sample and filled batch by batch. Similarities it returns are computed on the
+    8-bit codes (off by about 1e-3)."""
+
+    def __init__(self, dim: int, cells: int, *, nprobe: int = DEFAULT_NPROBE):
+        import faiss
+
+        self._faiss = faiss
+        self.cells = cells
+        self.index = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(dim),
+            dim,
+            cells,
+            faiss.ScalarQuantizer.QT_8bit,
+            faiss.METRIC_INNER_PRODUCT,
+        )
+        self.index.cp.niter = 10  # k-means iterations: 10 instead of 25, recall within 0.01
+        self.index.cp.seed = 0
+        self.index.nprobe = min(nprobe, cells)
+
+    @classmethod
+    def build(cls, shards: FeatureShards, *, nprobe: int = DEFAULT_NPROBE) -> "FaissIndex":
+        """Trains on up to 64 rows per cell drawn from the whole table, then adds every row."""
+        built = cls(shards.dim, cells_for(len(shards)), nprobe=nprobe)
+        built.index.train(shards.sample(64 * built.cells))
+        for _, batch in shards.batches():
+            built.index.add(batch)
+        return built
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(
+        self, queries: np.ndarray, k: int, *, self_offset: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """As :func:`exact_search`, approximately. With ``self_offset`` a row's own entry is
+        dropped from its k + 1 results (or the last one, when it was not found)."""
+        extra = 1 if self_offset is not None else 0
+        sims, index = self.index.search(np.ascontiguousarray(queries), k + extra)
+        if extra:
+            own = index == (self_offset + np.arange(len(queries)))[:, None]
+            own[~own.any(axis=1), -1] = True  # not found: drop the worst instead
+            keep = ~own
+            index = index[keep].reshape(len(queries), k)
+            sims = sims[keep].reshape(len(queries), k)
+        return index.astype(np.int64), sims.astype(np.float32)
+
+
+def choose_index(index: str, rows: int) -> str:
+    """``exact`` or ``faiss`` for a table of ``rows``: ``auto`` picks by :data:`AUTO_INDEX_ROWS`."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown index {index!r}; choose from {', '.join(INDEXES)}")
+    if index == "auto":
+        return "faiss" if rows > AUTO_INDEX_ROWS else "exact"
+    return index
+
+
+class Searcher:
+    """k-NN over one table, exact or through a faiss index, query batch by query batch."""
+
+    def __init__(self, shards: FeatureShards, *, index: str = "auto", block: int = DEFAULT_BLOCK):
+        self.shards = shards
+        self.block = block
+        self.method = choose_index(index, len(shards))
+        self._index = FaissIndex.build(shards) if self.method == "faiss" else None
+
+    def search(
+        self, queries: np.ndarray, k: int, *, self_offset: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        check_k(k, len(self.shards) - (1 if self_offset is not None else 0))
+        if self._index is not None:
+            return self._index.search(queries, k, self_offset=self_offset)
+        return exact_search(
+            queries, self.shards.batches, k, self_offset=self_offset, block=self.block
+        )
 
 
 def check_threshold(threshold: float) -> None:
@@ -116,21 +311,28 @@ def duplicate_groups(
     """Connected components of the pairs with cosine >= ``threshold`` among each row's
     neighbours (rows without such a pair are in no group); groups of 2+ rows, largest first."""
     check_threshold(threshold)
-    parent = list(range(len(indices)))
+    rows, cols = np.nonzero(similarities >= threshold)
+    return groups_of_pairs(zip(rows.tolist(), indices[rows, cols].tolist(), strict=True))
+
+
+def groups_of_pairs(pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """Connected components (union-find) of rows joined by pairs; groups of 2+ rows, sorted,
+    largest first."""
+    parent: dict[int, int] = {}
 
     def find(i):
+        parent.setdefault(i, i)
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
-    rows, cols = np.nonzero(similarities >= threshold)
-    for i, j in zip(rows.tolist(), indices[rows, cols].tolist(), strict=True):
+    for i, j in pairs:
         a, b = find(i), find(j)
         if a != b:
             parent[max(a, b)] = min(a, b)
     groups: dict[int, list[int]] = {}
-    for i in sorted({*rows.tolist(), *indices[rows, cols].tolist()}):
+    for i in sorted(parent):
         groups.setdefault(find(i), []).append(i)
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 

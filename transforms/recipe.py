@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -82,6 +83,13 @@ def first_difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
         return str(meta.get(key) or _LEGACY_DEFAULTS.get(key, ""))
 
     return next((k for k in COMPATIBILITY_KEYS if value(a, k) != value(b, k)), None)
+
+
+def table_fingerprint(metadata: Mapping[str, str]) -> str:
+    """Identifies what made a table's vectors (its recipe, and the head of a prediction table),
+    not which images: tables with one fingerprint hold comparable vectors."""
+    key = json.dumps({k: metadata.get(k, "") for k in COMPATIBILITY_KEYS}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
