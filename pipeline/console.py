@@ -21,6 +21,7 @@ COMMANDS = {
     "stage-weights": ("pipeline.stage_weights", "copy a backbone's weights to a bucket"),
     "sample-weights": ("pipeline.sample_weights", "prepare the offline real MobileNetV2"),
     "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
+    "report": ("pipeline.report", "a self-contained HTML page to look at a feature table"),
     "bench": ("pipeline.bench", "throughput and memory benchmark"),
 }
 

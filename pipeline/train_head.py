@@ -69,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split(train: FeatureSet, val: FeatureSet | None, fraction: float, seed: int):
+    """``x_train, y_train, x_val, y_val, val_uris``."""
     if val is not None:
-        return train.x, train.labels, val.x, val.labels
+        return train.x, train.labels, val.x, val.labels, val.uris
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"--val-split must be in (0, 1), got {fraction}")
     tr, va = stratified_split(train.labels, fraction, seed=seed)
-    return train.x[tr], train.labels[tr], train.x[va], train.labels[va]
+    return train.x[tr], train.labels[tr], train.x[va], train.labels[va], train.uris[va]
 
 
 def _save_plots(model_dir: str, history: dict, report: dict, classes, x, labels) -> list[str]:
@@ -159,8 +160,8 @@ def _fit(args, x_train, t_train, x_val, t_val, n_classes):
         callbacks=[stop],
         verbose=0,
     ).history
-    predicted = head.predict(x_val, batch_size=256, verbose=0).argmax(axis=1)
-    return head, history, predicted
+    probabilities = head.predict(x_val, batch_size=256, verbose=0)
+    return head, history, probabilities
 
 
 #: Up to this many fused recipes, every combination is scored; past it, each alone and all.
@@ -183,9 +184,10 @@ def _compare_parts(args, train: FeatureSet, x_train, t_train, x_val, t_val, n_cl
 
     scores = {}
     for subset in subsets:
-        _, _, predicted = _fit(
+        _, _, probabilities = _fit(
             args, columns(x_train, subset), t_train, columns(x_val, subset), t_val, n_classes
         )
+        predicted = probabilities.argmax(axis=1)
         scores["+".join(names[i] for i in subset)] = float((predicted == t_val).mean())
     return {"parts": names, "widths": list(train.widths), "val_accuracy": scores}
 
@@ -199,7 +201,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         train = read_features(args.features)
         val = read_features(args.val_features, like=train) if args.val_features else None
-        x_train, y_train, x_val, y_val = _split(train, val, args.val_split, args.seed)
+        x_train, y_train, x_val, y_val, val_uris = _split(train, val, args.val_split, args.seed)
     except ValueError as exc:
         parser.error(str(exc))
     classes = sorted(set(y_train.tolist()))
@@ -212,7 +214,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_train = np.array([index[v] for v in y_train])
     t_val = np.array([index[v] for v in y_val])
 
-    head, history, predicted = _fit(args, x_train, t_train, x_val, t_val, len(classes))
+    head, history, probabilities = _fit(args, x_train, t_train, x_val, t_val, len(classes))
+    predicted = probabilities.argmax(axis=1)
     fusion = None
     if train.fused:
         fusion = _compare_parts(args, train, x_train, t_train, x_val, t_val, len(classes))
@@ -244,8 +247,17 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         np.concatenate([x_train, x_val]),
         np.concatenate([y_train, y_val]),
     )
+    report["history"] = {k: [round(float(v), 5) for v in vs] for k, vs in history.items()}
     report["seconds"] = round(time.monotonic() - started, 2)
     model_io.save_head(args.model_dir, head, report)
+    model_io.write_validation_predictions(
+        args.model_dir,
+        uris=val_uris,
+        labels=y_val,
+        predicted=[classes[i] for i in predicted],
+        probabilities=probabilities,
+        classes=classes,
+    )
     return report
 
 

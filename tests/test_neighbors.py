@@ -6,7 +6,7 @@ import pytest
 from transforms import neighbors
 
 
-def _clustered(n=300, dim=24, clusters=6, seed=0):
+def clustered(n=300, dim=24, clusters=6, seed=0):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(clusters, dim))
     labels = rng.integers(0, clusters, n)
@@ -16,7 +16,7 @@ def _clustered(n=300, dim=24, clusters=6, seed=0):
 
 @pytest.mark.parametrize("block", [7, 64, 4096])
 def test_exact_neighbors_match_brute_force(block):
-    x, _ = _clustered()
+    x, _ = clustered()
     k = 10
     index, sims = neighbors.exact_neighbors(x, x, k, exclude_self=True, block=block)
     full = x @ x.T
@@ -29,14 +29,14 @@ def test_exact_neighbors_match_brute_force(block):
 
 
 def test_queries_against_another_table():
-    x, _ = _clustered()
+    x, _ = clustered()
     q = x[:5] + 0.01
     index, _ = neighbors.exact_neighbors(neighbors.normalize(q), x, 3, block=32)
     assert index[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_k_and_threshold_are_checked():
-    x, _ = _clustered(n=10)
+    x, _ = clustered(n=10)
     with pytest.raises(ValueError, match="larger than the 9 rows"):
         neighbors.exact_neighbors(x, x, 10, exclude_self=True)
     with pytest.raises(ValueError, match="k must be >= 1"):
@@ -47,7 +47,7 @@ def test_k_and_threshold_are_checked():
 
 
 def test_duplicate_groups_are_connected_components():
-    x, _ = _clustered(n=50)
+    x, _ = clustered(n=50)
     x = np.concatenate([x, x[[3, 3, 7]] * 1.0, neighbors.normalize(x[[20]] + 1e-3)])  # 50..53
     index, sims = neighbors.exact_neighbors(x, x, 5, exclude_self=True)
     groups = neighbors.duplicate_groups(index, sims, 0.999)
@@ -56,7 +56,7 @@ def test_duplicate_groups_are_connected_components():
 
 
 def test_knn_accuracy_on_clusters_and_unlabelled_rows():
-    x, labels = _clustered(n=400)
+    x, labels = clustered(n=400)
     index, _ = neighbors.exact_neighbors(x, x, 20, exclude_self=True)
     acc = neighbors.knn_accuracy(labels[index], labels)
     assert set(acc) == {1, 5, 20} and all(v > 0.8 for v in acc.values())
@@ -68,14 +68,17 @@ def test_knn_accuracy_on_clusters_and_unlabelled_rows():
         neighbors.knn_accuracy(labels[index], unlabelled)
 
 
-def _write_table(folder, vectors, labels=None, splits=None, *, shards=1, metadata=None):
+def write_vector_table(
+    folder, vectors, labels=None, splits=None, *, shards=1, metadata=None, uris=None
+):
+    """A feature table of given vectors: rows ``id0 ...``, URIs ``/img/0.jpg ...`` by default."""
     from transforms import table
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = [
         {
             "image_id": f"id{i}",
-            "uri": f"/img/{i}.jpg",
+            "uri": uris[i] if uris is not None else f"/img/{i}.jpg",
             "label": None if labels is None else labels[i],
             "split": None if splits is None else splits[i],
             "width": 1,
@@ -99,12 +102,12 @@ def test_neighbors_job_writes_tables_and_reports(tmp_path):
 
     from pipeline.neighbors import run
 
-    x, labels = _clustered(n=60)
+    x, labels = clustered(n=60)
     x = np.concatenate([x, x[[5]]])  # a duplicate of row 5 in the other split
     labels = np.concatenate([labels, labels[[5]]])
     splits = ["train"] * 60 + ["val"]
     features = tmp_path / "features"
-    _write_table(features, x, labels, splits)
+    write_vector_table(features, x, labels, splits)
     summary = run(
         ["--features", str(features), "--output", str(tmp_path / "nn"), "--k", "5"]
         + ["--duplicates", "0.999"]
@@ -129,9 +132,9 @@ def test_neighbors_job_bad_inputs(tmp_path, capsys):
     empty.mkdir()
     with pytest.raises(ValueError, match="no feature table here"):
         run(["--features", str(empty), "--output", str(tmp_path / "o")])
-    x, _ = _clustered(n=8)
+    x, _ = clustered(n=8)
     features = tmp_path / "f"
-    _write_table(features, x)
+    write_vector_table(features, x)
     with pytest.raises(ValueError, match="larger than the 7 rows"):
         run(["--features", str(features), "--output", str(tmp_path / "o"), "--k", "8"])
     with pytest.raises(SystemExit):
@@ -141,8 +144,8 @@ def test_neighbors_job_bad_inputs(tmp_path, capsys):
 
 def test_streamed_search_over_shards_matches_brute_force(tmp_path):
     """Three shards read 13 rows at a time give the in-memory answer; the id columns follow."""
-    x, labels = _clustered(n=100)
-    _write_table(tmp_path / "t", x, labels, shards=3)
+    x, labels = clustered(n=100)
+    write_vector_table(tmp_path / "t", x, labels, shards=3)
     shards = neighbors.FeatureShards.open(str(tmp_path / "t"))
     assert len(shards) == 100 and shards.dim == x.shape[1] and len(shards.files) == 3
     assert [m.shape[0] for _, m in shards.batches(rows=13)][:3] == [13, 13, 7]
@@ -158,7 +161,7 @@ def test_streamed_search_over_shards_matches_brute_force(tmp_path):
 
 
 def test_faiss_index_finds_the_exact_neighbours_and_never_the_row_itself():
-    x, _ = _clustered(n=2000, dim=32, clusters=20)
+    x, _ = clustered(n=2000, dim=32, clusters=20)
     exact, _ = neighbors.exact_neighbors(x, x, 10, exclude_self=True)
     index = neighbors.FaissIndex(32, neighbors.cells_for(len(x)), nprobe=8)
     index.index.train(x)
@@ -186,8 +189,8 @@ def test_neighbors_job_with_the_faiss_index(tmp_path):
     from pipeline.neighbors import run
     from transforms import table
 
-    x, labels = _clustered(n=500)
-    _write_table(tmp_path / "f", x, labels, shards=2)
+    x, labels = clustered(n=500)
+    write_vector_table(tmp_path / "f", x, labels, shards=2)
     summary = run(
         ["--features", str(tmp_path / "f"), "--output", str(tmp_path / "nn"), "--k", "5"]
         + ["--index", "faiss"]
@@ -207,13 +210,13 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
 
     from pipeline.neighbors import main, run
 
-    x, labels = _clustered(n=300)
+    x, labels = clustered(n=300)
     recipe = {"backbone": "mobilenet_v2", "pooling": "avg", "input_size": "160"}
-    _write_table(tmp_path / "train", x[:200], labels[:200], metadata=recipe)
-    _write_table(tmp_path / "val", x[200:], labels[200:], metadata=recipe)
+    write_vector_table(tmp_path / "train", x[:200], labels[:200], metadata=recipe)
+    write_vector_table(tmp_path / "val", x[200:], labels[200:], metadata=recipe)
     other = {**recipe, "pooling": "max"}
-    _write_table(tmp_path / "other", x[200:], labels[200:], metadata=other)
-    _write_table(tmp_path / "unlabelled", x[200:], metadata=recipe)
+    write_vector_table(tmp_path / "other", x[200:], labels[200:], metadata=other)
+    write_vector_table(tmp_path / "unlabelled", x[200:], metadata=recipe)
     head = tmp_path / "head"
     head.mkdir()
     (head / "report.json").write_text(
@@ -241,7 +244,7 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs a label on every row"):
         run([*unlabelled, "--head", str(head)])
     assert "knn_accuracy" not in run(unlabelled)  # not asked: no figure, no error
-    _write_table(tmp_path / "no-recipe", x[:20])
+    write_vector_table(tmp_path / "no-recipe", x[:20])
     with pytest.raises(ValueError, match="cannot rebuild the recipe"):
         run(
             ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o")]
@@ -307,6 +310,7 @@ def test_a_planted_near_duplicate_is_found_across_splits(tmp_path, sample_weight
     assert found["similarities"][0] > 0.9999 and found["similarities"][1] > 0.95
     query_meta = table.read_table(str(tmp_path / "nn" / "query")).schema
     base_meta = table.read_table(str(tmp_path / "features")).schema
-    assert table.table_metadata(query_meta)["weights_fingerprint"] == (
-        table.table_metadata(base_meta)["weights_fingerprint"]
+    assert (
+        table.table_metadata(query_meta)["weights_fingerprint"]
+        == (table.table_metadata(base_meta)["weights_fingerprint"])
     )

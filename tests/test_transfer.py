@@ -9,7 +9,7 @@ import pytest
 from test_transforms import run_extract
 
 from pipeline import classify, export_model, finetune, train_head
-from transforms import table
+from transforms import model_io, table
 from transforms.classify import TopK
 from transforms.head import check_compatible, classification_report, read_features, stratified_split
 
@@ -56,6 +56,15 @@ def test_train_head_on_a_small_table(image_tree, tmp_path):
     assert {"head.keras", "report.json", "confusion_matrix.png", "learning_curves.png"} <= files
     assert "features_pca.png" in files
     assert json.loads((tmp_path / "head" / "report.json").read_text())["feature_table_fingerprint"]
+    assert len(report["history"]["val_loss"]) == report["epochs_run"]
+    rows = model_io.read_validation_predictions(str(tmp_path / "head")).to_pylist()
+    assert sorted(r["label"] for r in rows) == ["cats"] * 3 + ["dogs"] * 3
+    assert all(r["uri"].startswith(str(image_tree / "val")) for r in rows)
+    hits = [r["predicted"] == r["label"] for r in rows]
+    assert sum(hits) / 6 == pytest.approx(report["accuracy"])
+    for r in rows:  # the prediction's probability is the largest; the label's is its own
+        assert r["probability"] >= r["label_probability"] - 1e-6
+        assert (r["probability"] == r["label_probability"]) == (r["predicted"] == r["label"])
 
 
 def test_train_head_fuses_tables_of_different_recipes(image_tree, tmp_path, capsys):

@@ -22,6 +22,8 @@ from transforms.recipe import FeatureRecipe
 
 HEAD_FILE = "head.keras"
 REPORT_FILE = "report.json"
+#: The validation rows with the head's prediction (for the report page's misclassified images).
+VALIDATION_FILE = "validation_predictions.parquet"
 MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.json"
 RECIPE_FILE = "recipe.json"
@@ -102,6 +104,44 @@ def save_head(head_dir: str, head, report: dict[str, Any]) -> None:
     storage.makedirs(head_dir)
     save_keras(head, head_file(head_dir))
     write_json(storage.join(head_dir, REPORT_FILE), report)
+
+
+def write_validation_predictions(
+    head_dir: str, *, uris, labels, predicted, probabilities, classes: list[str]
+) -> None:
+    """``VALIDATION_FILE``: one row per validation image: ``uri``, ``label``, ``predicted``,
+    ``probability`` (of the prediction) and ``label_probability`` (of the true label)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from transforms import table
+
+    probabilities = np.asarray(probabilities, dtype=np.float32)
+    truth = np.array([classes.index(label) for label in labels])
+    rows = np.arange(len(truth))
+    table.write_parquet(
+        storage.join(head_dir, VALIDATION_FILE),
+        pa.table(
+            {
+                "uri": pa.array(list(uris), pa.string()),
+                "label": pa.array(list(labels), pa.string()),
+                "predicted": pa.array(list(predicted), pa.string()),
+                "probability": pa.array(probabilities.max(axis=1), pa.float32()),
+                "label_probability": pa.array(probabilities[rows, truth], pa.float32()),
+            }
+        ),
+    )
+
+
+def read_validation_predictions(head_dir: str):
+    """The head's ``VALIDATION_FILE`` as an Arrow table, or None (heads trained before it)."""
+    import pyarrow.parquet as pq
+
+    uri = storage.join(head_dir, VALIDATION_FILE)
+    if not storage.exists(uri):
+        return None
+    with storage.open_file(uri) as f:
+        return pq.read_table(f)
 
 
 # --- model folders ---
