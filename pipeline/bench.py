@@ -33,6 +33,9 @@ Hugging Face Transformers / PyTorch (random init, model only, same batch and thr
 with torch + transformers is given (``--torch-python`` or ``FEATUREBEAM_TORCH_PYTHON``; they are
 not project dependencies); otherwise that row says it was skipped.
 
+``plan`` and ``neighbors``: the planner and all-rows k-NN on synthetic tables of up to 10M and 1M
+rows (``pipeline.bench_plan``, ``pipeline.bench_neighbors``).
+
 The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
 URIs, so every one is embedded).
 """
@@ -50,7 +53,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import bench_plan
+from pipeline import bench_neighbors, bench_plan
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
@@ -366,6 +369,9 @@ MEASURES = {
     "quality": measure_quality,
     "plan-data": bench_plan.measure_plan_data,
     "plan": bench_plan.measure_plan,
+    "nn-data": bench_neighbors.measure_nn_data,
+    "nn": bench_neighbors.measure_nn,
+    "nn-recall": bench_neighbors.measure_nn_recall,
 }
 
 
@@ -522,10 +528,13 @@ def _row(name: str, per_s: float, limit: float, baseline: float | None, rss: flo
 
 
 def run_bench(args) -> None:
-    if args.only == "plan":
+    if args.only in ("plan", "neighbors"):
         work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
         print(f"machine: {os.cpu_count()} cores")
-        bench_plan.report(args.plan_sizes, _measure, work)
+        if args.only == "plan":
+            bench_plan.report(args.plan_sizes, _measure, work)
+        else:
+            bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
         print(f"\nwork folder (safe to delete): {work}")
         return
     source = Path(args.images)
@@ -698,6 +707,8 @@ def run_bench(args) -> None:
         report_hub(args, inputs, work)
     if "plan" not in args.skip:
         bench_plan.report(args.plan_sizes, _measure, work)
+    if "neighbors" not in args.skip:
+        bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
 
     if "quality" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
         extra = {"large": large} if large else {}
@@ -772,14 +783,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--skip",
         default="",
         type=lambda s: set(s.split(",")),
-        help="comma list of: bf16, memory, multi, hub, plan, decode, quality",
+        help="comma list of: bf16, memory, multi, hub, plan, neighbors, decode, quality",
     )
     parser.add_argument(
         "--only",
-        choices=("plan", "multi", "hub"),
+        choices=("plan", "neighbors", "multi", "hub"),
         default=None,
-        help="run only this section (plan: the planner; multi: several backbones in one pass; "
-        "hub: the KerasHub towers against PyTorch)",
+        help="run only this section (plan: the planner; neighbors: all-rows k-NN, exact and "
+        "faiss; multi: several backbones in one pass; hub: the KerasHub towers against PyTorch)",
     )
     parser.add_argument(
         "--multi-backbones",
@@ -805,6 +816,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=lambda s: [int(x) for x in s.split(",") if x],
         help="table/listing sizes of the planner section (default: %(default)s)",
     )
+    parser.add_argument(
+        "--nn-sizes",
+        default="20000,50000,100000,1000000",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="table sizes of the neighbours section (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nn-exact-max",
+        type=int,
+        default=100_000,
+        help="time exact search up to this many rows; extrapolate past it (default: %(default)s)",
+    )
     # internal: one measurement in this process
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -816,11 +839,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--intra-op-threads", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--table", help=argparse.SUPPRESS)
     parser.add_argument("--large", help=argparse.SUPPRESS)
+    parser.add_argument("--index", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         _measure_main(args)
         return
-    if not args.images and args.only != "plan":
+    if not args.images and args.only not in ("plan", "neighbors"):
         parser.error("--images is required (../shared/data/hymenoptera is not here)")
     unknown = [
         b for b in [*args.backbones, *args.multi_backbones, *args.hub_backbones] if b not in SIZES

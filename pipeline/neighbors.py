@@ -39,7 +39,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import cli, logs
-from pipeline.launch import TableRun, launch
 from transforms import lease as leases
 from transforms import model_io, neighbors, storage
 from transforms import table as tables
@@ -287,6 +286,7 @@ def _query_recipe(args, base: FeatureShards):
 
 def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
     """The query images' feature table, made with the base table's recipe."""
+    from pipeline.launch import TableRun, launch  # Beam: only when there are images to embed
     from transforms.embed import BackboneModelHandler
     from transforms.extract import ExtractFeatures, run_metadata
 

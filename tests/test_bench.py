@@ -59,3 +59,13 @@ def test_bench_input_is_distinct_links(image_tree, tmp_path):
     links = sorted(folder.iterdir())
     assert len(links) == 30 and all(p.is_symlink() for p in links)
     assert len({p.resolve() for p in links}) == 12  # cycles over the 12 images
+
+
+def test_bench_neighbors_section(capsys):
+    """Exact and faiss timings, recall@10 where both ran, extrapolated exact time past it."""
+    bench.main(["--only", "neighbors", "--nn-sizes", "1000,2000", "--nn-exact-max", "1000"])
+    out = capsys.readouterr().out
+    lines = {x.split()[0]: x for x in out.splitlines() if re.match(r"\s+[12],000 ", x)}
+    assert re.search(r"1,000\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\dx\s+[01]\.\d{4}", lines["1,000"])
+    assert re.search(r"2,000\s+~\s*\d+\s+\d+\.\d\s+~\s*\d+x\s+-", lines["2,000"])
+    assert "extrapolated from exact at 1,000 rows" in out

@@ -103,15 +103,31 @@ class FeatureShards:
         return np.asarray(self.ids.column(name).to_pylist(), dtype=object)
 
     def batches(self, rows: int = DEFAULT_BATCH_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-        """``(offset, unit-length float32 vectors)`` for consecutive batches of rows."""
-        offset = 0
+        """``(offset, unit-length float32 vectors)`` for consecutive batches of ``rows`` rows
+        (the last one shorter), whatever the shard sizes: the job writes 1,000-row shards, and a
+        batch per shard would make exact search re-read the table once per 1,000 queries."""
+        pending: list[pa.Array] = []  # feature chunks not yet yielded
+        held = offset = 0
+
+        def take(count):
+            nonlocal pending, held, offset
+            column = pa.concat_arrays(pending)
+            pending = [column.slice(count)] if len(column) > count else []
+            held -= count
+            flat = column.slice(0, count).flatten().to_numpy(zero_copy_only=False)
+            offset += count
+            return offset - count, normalize(flat.reshape(-1, self.dim))
+
         for path in self.files:
             fs, inner = storage.filesystem(path)
             with fs.open(inner, "rb") as f:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["feature"]):
-                    flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-                    yield offset, normalize(flat.reshape(-1, self.dim))
-                    offset += batch.num_rows
+                    pending.append(batch.column(0))
+                    held += batch.num_rows
+                    while held >= rows:
+                        yield take(rows)
+        if held:
+            yield take(held)
 
     def sample(self, rows: int, *, seed: int = 0) -> np.ndarray:
         """About ``rows`` vectors drawn evenly from the whole table (one pass)."""

@@ -1,0 +1,136 @@
+"""The neighbours benchmark (``python -m pipeline.bench --only neighbors``): all-rows k = 10
+neighbours of a synthetic N x 1280 table, exact and through the faiss index, and recall@10.
+
+Each step runs in its own process (peak RSS is its own):
+
+1. ``nn-data`` synthesises the table in the job's 1,000-row shards: float32 vectors with cluster
+   structure (2,000 centres; each row is ReLU(centre + noise), like pooled CNN features, which are
+   non-negative), no labels;
+2. ``nn`` runs ``pipeline.neighbors`` on it with ``--index exact`` or ``--index faiss``, and says how
+   long it took;
+3. ``nn-recall`` compares the two neighbour tables of one size: recall@10 of the index.
+
+Exact search is timed up to ``--nn-exact-max`` rows; past it its time is extrapolated from the
+largest exact run (it grows with N squared) and labelled so.
+"""
+
+import time
+from pathlib import Path
+
+DIM = 1280
+CENTRES = 2_000
+K = 10
+_METADATA = {"backbone": "synthetic", "feature_dim": str(DIM), "weights_fingerprint": "none"}
+
+
+def measure_nn_data(args) -> dict:
+    import numpy as np
+    import pyarrow as pa
+
+    from transforms import table
+    from transforms.extract import DEFAULT_CHUNK_SIZE
+
+    n = args.count
+    out = Path(args.work) / f"nn-{n}"
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    centres = np.maximum(rng.standard_normal((CENTRES, DIM), dtype=np.float32), 0) * 2
+    schema = table.feature_schema(DIM, _METADATA)
+    shards = -(-n // DEFAULT_CHUNK_SIZE)
+    for s in range(shards):
+        lo, hi = s * DEFAULT_CHUNK_SIZE, min(n, (s + 1) * DEFAULT_CHUNK_SIZE)
+        rows = hi - lo
+        members = rng.integers(0, CENTRES, rows)
+        noise = rng.standard_normal((rows, DIM), dtype=np.float32) * 1.5
+        vectors = np.maximum(centres[members] + noise, 0)
+        ids = pa.array([f"{i:09d}" for i in range(lo, hi)], pa.string())
+        piece = pa.table(
+            {
+                "image_id": ids,
+                "uri": pa.array([f"gs://bucket/images/{i:09d}.jpg" for i in range(lo, hi)]),
+                "label": pa.nulls(rows, pa.string()),
+                "split": pa.nulls(rows, pa.string()),
+                "width": pa.array(np.full(rows, 640, np.int32)),
+                "height": pa.array(np.full(rows, 480, np.int32)),
+                "file_size": pa.array(np.full(rows, 50_000, np.int64)),
+                "file_version": pa.array(["1"] * rows, pa.string()),
+                "feature": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM),
+            },
+            schema=schema,
+        )
+        name = table.shard_name(table.FEATURES, s, shards, run_id="20260101T000000beef")
+        table.write_parquet(str(out / name), piece)
+    return {"table": str(out), "shards": shards, "synth_s": time.perf_counter() - started}
+
+
+def measure_nn(args) -> dict:
+    from pipeline.neighbors import run
+
+    out = Path(args.work) / f"nn-out-{args.index}-{Path(args.table).name}"
+    started = time.perf_counter()
+    summary = run(
+        ["--features", args.table, "--output", str(out), "--k", str(K), "--index", args.index]
+    )
+    return {
+        "output": str(out),
+        "rows": summary["rows"],
+        "index": summary["index"],
+        "job_s": time.perf_counter() - started,
+    }
+
+
+def measure_nn_recall(args) -> dict:
+    import pyarrow.parquet as pq
+
+    def found(folder):
+        return pq.read_table(f"{folder}/neighbors.parquet", columns=["neighbor_ids"]).column(0)
+
+    exact, approximate = found(args.table), found(args.input)
+    hits = total = 0
+    for a, b in zip(exact.to_pylist(), approximate.to_pylist(), strict=True):
+        hits += len(set(a) & set(b))
+        total += len(a)
+    return {"recall": hits / total, "rows": len(exact)}
+
+
+def report(sizes, exact_max: int, measure, work: Path) -> None:
+    """Runs the neighbours section for each size and prints its figures."""
+    print(
+        f"\nneighbours: all rows, k={K}, synthetic {DIM}-d vectors in 1,000-row shards "
+        "(exact: blocked matrix products; faiss: IVF, 8-bit codes)"
+    )
+    print(
+        f"  {'N':>10} {'exact s':>9} {'faiss s':>9} {'exact/faiss':>12} {'recall@10':>10} "
+        f"{'exact MiB':>10} {'faiss MiB':>10}"
+    )
+    largest_exact = None
+    for n in sizes:
+        data = measure("nn-data", work, count=n)
+        approx = measure("nn", work, table=data["table"], index="faiss")
+        exact = None
+        if n <= exact_max:
+            exact = measure("nn", work, table=data["table"], index="exact")
+            largest_exact = (n, exact["job_s"])
+        if exact is not None:
+            recall = measure("nn-recall", work, table=exact["output"], input=approx["output"])
+            exact_s, exact_mb = f"{exact['job_s']:9.1f}", f"{exact['rss_mb']:10.0f}"
+            ratio = f"{exact['job_s'] / approx['job_s']:11.2f}x"
+            recall_s = f"{recall['recall']:10.4f}"
+        elif largest_exact:
+            guess = largest_exact[1] * (n / largest_exact[0]) ** 2
+            exact_s, exact_mb = f"~{guess:8.0f}", f"{'-':>10}"
+            ratio = f"~{guess / approx['job_s']:10.0f}x"
+            recall_s = f"{'-':>10}"
+        else:
+            exact_s = ratio = recall_s = exact_mb = "-"
+        print(
+            f"  {n:>10,} {exact_s:>9} {approx['job_s']:9.1f} {ratio:>12} {recall_s:>10} "
+            f"{exact_mb:>10} {approx['rss_mb']:10.0f}"
+        )
+        print(f"  {'':>10} (synthesised in {data['synth_s']:.0f} s, {data['shards']:,} shards)")
+    if largest_exact:
+        print(
+            f"  ~ extrapolated from exact at {largest_exact[0]:,} rows (time grows with N^2); "
+            "times are whole job runs: reading the table, search, writing neighbors.parquet"
+        )
