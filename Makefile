@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup browser demo test test-fast lint format bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) -m pipeline.extract --demo
 
-test: setup
+# The report page's test drives a real headless browser: Debian's chromium + chromium-driver, installed
+# with apt when missing (as root, or with password-less sudo); otherwise that test skips and says why.
+browser:
+	@command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null; } \
+	  || echo "could not install chromium + chromium-driver: the report's browser test will skip"; }
+
+test: setup browser
 	$(PY) -m pytest -q -ra
 
 test-fast: setup

@@ -215,7 +215,9 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
         meta = _output_metadata(base, k=args.k, index=searcher.method)
         with pq.ParquetWriter(f, NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
             for offset, batch in base.batches():
-                index, sims = searcher.search(batch, search_k, self_offset=offset)
+                index, sims = searcher.search(
+                    batch, search_k, self_rows=offset + np.arange(len(batch))
+                )
                 rows = base.ids.slice(offset, len(batch))
                 writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
                 if knn is not None:

@@ -153,7 +153,11 @@ def test_streamed_search_over_shards_matches_brute_force(tmp_path):
     expected_index, expected_sims = neighbors.exact_neighbors(x, x, 7, exclude_self=True)
     for offset, batch in shards.batches(rows=13):
         index, sims = neighbors.exact_search(
-            batch, lambda: shards.batches(rows=13), 7, self_offset=offset, block=5
+            batch,
+            lambda: shards.batches(rows=13),
+            7,
+            self_rows=offset + np.arange(len(batch)),
+            block=5,
         )
         np.testing.assert_allclose(sims, expected_sims[offset : offset + len(batch)], atol=1e-6)
         assert (index == expected_index[offset : offset + len(batch)]).mean() > 0.99  # ties
@@ -167,12 +171,31 @@ def test_faiss_index_finds_the_exact_neighbours_and_never_the_row_itself():
     index = neighbors.FaissIndex(32, neighbors.cells_for(len(x)), nprobe=8)
     index.index.train(x)
     index.index.add(x)
-    found, sims = index.search(x, 10, self_offset=0)
+    found, sims = index.search(x, 10, self_rows=np.arange(len(x)))
     assert found.shape == (2000, 10) and not (found == np.arange(2000)[:, None]).any()
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
     assert recall > 0.9, recall
     assert (np.diff(sims, axis=1) <= 1e-6).all()
     assert neighbors.cells_for(2000) == 51 and neighbors.cells_for(10) == 1
+
+
+def test_queries_the_index_cannot_fill_are_answered_exactly(tmp_path, monkeypatch):
+    x, _ = clustered(n=200)
+    write_vector_table(tmp_path / "t", x)
+    searcher = neighbors.Searcher(neighbors.FeatureShards.open(str(tmp_path / "t")), index="faiss")
+    real = searcher._index.search
+
+    def short_of_rows(queries, k, *, self_rows=None):
+        index, sims = real(queries, k, self_rows=self_rows)
+        index[::3, -1] = -1  # as faiss answers when the probed cells hold fewer than k rows
+        return index, sims
+
+    monkeypatch.setattr(searcher._index, "search", short_of_rows)
+    found, sims = searcher.search(x, 5, self_rows=np.arange(200))
+    exact, exact_sims = neighbors.exact_neighbors(x, x, 5, exclude_self=True)
+    assert (found >= 0).all()
+    np.testing.assert_array_equal(found[::3], exact[::3])
+    np.testing.assert_allclose(sims[::3], exact_sims[::3], atol=1e-6)
 
 
 def test_auto_index_is_exact_for_small_tables_and_faiss_past_the_threshold():

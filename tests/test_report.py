@@ -114,11 +114,18 @@ def test_report_bad_inputs(small_table, tmp_path):
         )
     x, labels = clustered(n=30)
     write_vector_table(tmp_path / "other", x, labels)
+    report.run(["--features", str(tmp_path / "other"), "--output", str(tmp_path / "o.html")])
+    assert "(no split)" in (tmp_path / "o.html").read_text()  # unsplit rows are drawn, named
     neighbors(["--features", str(tmp_path / "other"), "--output", str(tmp_path / "nn")])
     with pytest.raises(ValueError, match="neighbours of another recipe's table"):
         report.run(
             ["--features", str(small_table), "--output", str(tmp_path / "r.html")]
             + ["--neighbors", str(tmp_path / "nn")]
+        )
+    with pytest.raises(ValueError, match="not a pipeline.neighbors --output folder"):
+        report.run(
+            ["--features", str(small_table), "--output", str(tmp_path / "r.html")]
+            + ["--neighbors", str(empty)]
         )
     with pytest.raises(SystemExit, match="error: .*no feature table here"):
         report.main(["--features", str(empty), "--output", str(tmp_path / "r.html")])

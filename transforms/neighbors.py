@@ -8,12 +8,11 @@ is 5 GB. Only the id, URI, label and split columns are held for every row.
 Exact search is blocked matrix products: each block of queries is multiplied with each block of the
 table, and a running top-k is merged per query. Memory is bounded by ``block x block`` similarities
 plus ``queries x k`` candidates, not N x N. Cost grows with N squared, so past
-:data:`AUTO_INDEX_ROWS` rows (measured in ``pipeline.bench``) ``index="auto"`` builds an
-inverted-file index instead (faiss ``IndexIVFScalarQuantizer``: k-means cells, vectors stored as 8
-bits per dimension, 1/4 of float32). Why faiss, and not usearch or hnswlib: see the README ("Look at
-your features"); in short, the graph indexes (HNSW) hold float32 vectors plus a graph in memory and
-took far longer to build on a 2-core machine, while IVF trains on a sample and adds the table batch
-by batch.
+:data:`AUTO_INDEX_ROWS` rows (measured in ``pipeline.bench``) ``index="auto"`` builds a faiss
+inverted-file index instead (:class:`FaissIndex`). Why faiss, and not usearch or hnswlib: see the
+README ("Look at your features"); in short, the graph indexes (HNSW) hold float32 vectors plus a
+graph in memory and took far longer to build on a 2-core machine, while an inverted file trains
+on a sample and adds the table batch by batch.
 """
 
 import math
@@ -35,7 +34,7 @@ DEFAULT_BATCH_ROWS = 65_536
 #: where exact search stops being the faster of the two on a 2-core machine).
 AUTO_INDEX_ROWS = 20_000
 INDEXES = ("auto", "exact", "faiss")
-#: Cells probed per query: recall@10 >= 0.95 on the bench's 50k sample (README).
+#: Cells probed per query (recall@10 0.99 on the bench's 50k rows; README).
 DEFAULT_NPROBE = 16
 ID_COLUMNS = ("image_id", "uri", "label", "split")
 
@@ -129,12 +128,19 @@ class FeatureShards:
         if held:
             yield take(held)
 
+    def rows_at(self, rows: np.ndarray) -> np.ndarray:
+        """The unit vectors of the given rows (sorted, distinct), in one pass over the table."""
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        for offset, batch in self.batches():
+            lo, hi = np.searchsorted(rows, [offset, offset + len(batch)])
+            out[lo:hi] = batch[rows[lo:hi] - offset]
+        return out
+
     def sample(self, rows: int, *, seed: int = 0) -> np.ndarray:
-        """About ``rows`` vectors drawn evenly from the whole table (one pass)."""
-        keep = min(1.0, rows / max(len(self), 1))
-        rng = np.random.default_rng(seed)
-        picked = [m[rng.random(len(m)) < keep] for _, m in self.batches()]
-        return np.concatenate(picked) if picked else np.zeros((0, self.dim), np.float32)
+        """``rows`` vectors (all of them if fewer) drawn at random from the whole table."""
+        n = len(self)
+        picked = np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False)
+        return self.rows_at(np.sort(picked))
 
     def check_same_recipe(self, other: "FeatureShards") -> None:
         """Raises ValueError naming the first recipe setting on which ``other`` differs."""
@@ -182,15 +188,15 @@ def exact_search(
     base_batches: Callable[[], Iterator[tuple[int, np.ndarray]]],
     k: int,
     *,
-    self_offset: int | None = None,
+    self_rows: np.ndarray | None = None,
     block: int = DEFAULT_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine k nearest base rows of each query (all unit length), best first, as
     ``(indices int64 (q, k), similarities float32 (q, k))``; ``base_batches()`` yields
     ``(offset, vectors)`` (a fresh pass each call).
 
-    ``self_offset``: the queries are base rows ``self_offset ...``, and a row is not its own
-    neighbour. The caller checks that k fits (:func:`check_k`).
+    ``self_rows``: the queries are these base rows, and a row is not its own neighbour. The
+    caller checks that k fits (:func:`check_k`).
     """
     top = _TopK(len(queries), k)
     for b_offset, batch in base_batches():
@@ -198,9 +204,9 @@ def exact_search(
             base = batch[b0 : b0 + block]
             for q0 in range(0, len(queries), block):
                 sims = queries[q0 : q0 + block] @ base.T
-                if self_offset is not None:
+                if self_rows is not None:
                     rows = np.arange(sims.shape[0])
-                    cols = rows + self_offset + q0 - (b_offset + b0)
+                    cols = self_rows[q0 : q0 + block] - (b_offset + b0)
                     inside = (cols >= 0) & (cols < sims.shape[1])
                     sims[rows[inside], cols[inside]] = -np.inf
                 top.merge(sims, b_offset + b0, slice(q0, q0 + sims.shape[0]))
@@ -226,44 +232,58 @@ def exact_neighbors(
         queries,
         lambda: iter([(0, base)]),
         k,
-        self_offset=0 if exclude_self else None,
+        self_rows=np.arange(len(queries)) if exclude_self else None,
         block=block,
     )
 
 
 def cells_for(rows: int) -> int:
-    """IVF cells for a table: about 2 sqrt(N) (faiss' guidance is 4-16 sqrt(N) for query-heavy
-    indexes; fewer cells train faster, and an all-rows search pays one pass either way), with at
-    least 39 training rows per cell, as faiss' k-means asks."""
+    """IVF cells for a table: about 2 sqrt(N), with the 39 training rows per cell that faiss'
+    k-means asks for. (faiss suggests 4-16 sqrt(N) for query-heavy indexes; an all-rows search
+    pays its k-means training and its N x cells coarse assignment, and at 50k rows 2 sqrt(N) was
+    the fastest for the same recall.)"""
     return max(1, min(int(2 * math.sqrt(rows)), rows // 39))
 
 
+def pq_parts(dim: int) -> int:
+    """Product-quantiser sub-vectors: the divisor of ``dim`` closest to dim / 10 (128 for
+    1280-d), 4 bits each."""
+    return min(
+        (m for m in range(1, dim + 1) if dim % m == 0), key=lambda m: (abs(m - dim / 10), -m)
+    )
+
+
 class FaissIndex:
-    """An approximate cosine index over a table: faiss IVF with 8-bit scalar quantisation,
-    trained on a sample and filled batch by batch. Similarities it returns are computed on the
-    8-bit codes (off by about 1e-3)."""
+    """An approximate cosine index over a table (faiss ``IVF{cells},PQ{m}x4fs,Refine(SQ8)``):
+
+    - an inverted file of :func:`cells_for` k-means cells, ``nprobe`` of them searched per query;
+    - inside them, vectors compressed to ``m`` 4-bit codes and scanned with SIMD ("fast scan");
+    - the best ``REFINE x k`` candidates re-ranked on 8-bit-per-dimension copies of the vectors.
+
+    1.3 GB for 1M x 1280 rows (5 GB as float32). It trains on a sample and is filled batch by
+    batch. Similarities are the 8-bit copies' (off by about 1e-3).
+    """
+
+    REFINE = 16
 
     def __init__(self, dim: int, cells: int, *, nprobe: int = DEFAULT_NPROBE):
         import faiss
 
-        self._faiss = faiss
         self.cells = cells
-        self.index = faiss.IndexIVFScalarQuantizer(
-            faiss.IndexFlatIP(dim),
-            dim,
-            cells,
-            faiss.ScalarQuantizer.QT_8bit,
-            faiss.METRIC_INNER_PRODUCT,
+        self.index = faiss.index_factory(
+            dim, f"IVF{cells},PQ{pq_parts(dim)}x4fs,Refine(SQ8)", faiss.METRIC_INNER_PRODUCT
         )
-        self.index.cp.niter = 10  # k-means iterations: 10 instead of 25, recall within 0.01
-        self.index.cp.seed = 0
-        self.index.nprobe = min(nprobe, cells)
+        self.index.k_factor = self.REFINE
+        ivf = faiss.extract_index_ivf(self.index)
+        ivf.cp.niter = 10  # k-means iterations (faiss' default is 25)
+        ivf.cp.seed = 0
+        ivf.nprobe = min(nprobe, cells)
 
     @classmethod
     def build(cls, shards: FeatureShards, *, nprobe: int = DEFAULT_NPROBE) -> "FaissIndex":
-        """Trains on up to 64 rows per cell drawn from the whole table, then adds every row."""
+        """Trains on 39 rows per cell drawn from the whole table, then adds every row."""
         built = cls(shards.dim, cells_for(len(shards)), nprobe=nprobe)
-        built.index.train(shards.sample(64 * built.cells))
+        built.index.train(shards.sample(39 * built.cells))
         for _, batch in shards.batches():
             built.index.add(batch)
         return built
@@ -272,18 +292,18 @@ class FaissIndex:
         return self.index.ntotal
 
     def search(
-        self, queries: np.ndarray, k: int, *, self_offset: int | None = None
+        self, queries: np.ndarray, k: int, *, self_rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As :func:`exact_search`, approximately. With ``self_offset`` a row's own entry is
-        dropped from its k + 1 results (or the last one, when it was not found)."""
-        extra = 1 if self_offset is not None else 0
+        """As :func:`exact_search`, approximately; index -1 where the probed cells held fewer
+        than k rows. With ``self_rows`` a row's own entry is dropped from its k + 1 results (or
+        the last one, when it was not found)."""
+        extra = 1 if self_rows is not None else 0
         sims, index = self.index.search(np.ascontiguousarray(queries), k + extra)
         if extra:
-            own = index == (self_offset + np.arange(len(queries)))[:, None]
+            own = index == np.asarray(self_rows)[:, None]
             own[~own.any(axis=1), -1] = True  # not found: drop the worst instead
-            keep = ~own
-            index = index[keep].reshape(len(queries), k)
-            sims = sims[keep].reshape(len(queries), k)
+            index = index[~own].reshape(len(queries), k)
+            sims = sims[~own].reshape(len(queries), k)
         return index.astype(np.int64), sims.astype(np.float32)
 
 
@@ -306,14 +326,21 @@ class Searcher:
         self._index = FaissIndex.build(shards) if self.method == "faiss" else None
 
     def search(
-        self, queries: np.ndarray, k: int, *, self_offset: int | None = None
+        self, queries: np.ndarray, k: int, *, self_rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        check_k(k, len(self.shards) - (1 if self_offset is not None else 0))
-        if self._index is not None:
-            return self._index.search(queries, k, self_offset=self_offset)
-        return exact_search(
-            queries, self.shards.batches, k, self_offset=self_offset, block=self.block
-        )
+        """Raises ValueError when k is more than the rows there are to find."""
+        check_k(k, len(self.shards) - (1 if self_rows is not None else 0))
+        if self._index is None:
+            return self._exact(queries, k, self_rows)
+        index, sims = self._index.search(queries, k, self_rows=self_rows)
+        short = (index < 0).any(axis=1)
+        if short.any():  # the probed cells held fewer than k rows: those queries, exactly
+            rows = None if self_rows is None else np.asarray(self_rows)[short]
+            index[short], sims[short] = self._exact(queries[short], k, rows)
+        return index, sims
+
+    def _exact(self, queries, k, self_rows):
+        return exact_search(queries, self.shards.batches, k, self_rows=self_rows, block=self.block)
 
 
 def check_threshold(threshold: float) -> None:

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,15 +83,6 @@ class ReportData:
     neighbors_from: str = ""
 
 
-def _rows_at(shards: FeatureShards, rows: np.ndarray) -> np.ndarray:
-    """The unit vectors of the given (sorted) rows, in one pass over the table."""
-    out = np.zeros((len(rows), shards.dim), dtype=np.float32)
-    for offset, batch in shards.batches():
-        lo, hi = np.searchsorted(rows, [offset, offset + len(batch)])
-        out[lo:hi] = batch[rows[lo:hi] - offset]
-    return out
-
-
 def sample_rows(n: int, limit: int, *, seed: int = 0) -> np.ndarray:
     """Sorted row indices: all of them up to ``limit``, else an even random sample."""
     if n <= limit:
@@ -102,7 +94,10 @@ def _strips_from_table(neighbors_dir: str, shards: FeatureShards, rows: np.ndarr
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    with storage.open_file(storage.join(neighbors_dir, "neighbors.parquet")) as f:
+    uri = storage.join(neighbors_dir, "neighbors.parquet")
+    if not storage.exists(uri):
+        raise ValueError(f"{neighbors_dir} is not a pipeline.neighbors --output folder (no {uri})")
+    with storage.open_file(uri) as f:
         table = pq.read_table(f)
     meta = tables.table_metadata(table.schema)
     if meta.get("source_fingerprint") != shards.fingerprint:
@@ -174,7 +169,7 @@ def gather(
         "skipped": summary.get("skipped"),
     }
     sample = sample_rows(len(shards), max_points, seed=seed)
-    vectors = _rows_at(shards, sample)
+    vectors = shards.rows_at(sample)
     points = pca_2d(vectors) if len(sample) > 2 else np.zeros((len(sample), 2))
     strip_rows = np.sort(
         np.random.default_rng(seed + 1).choice(
@@ -198,11 +193,12 @@ def gather(
     elif len(shards) > 1:
         k = min(STRIP_NEIGHBORS, len(shards) - 1)
         found, sims = exact_search(
-            _rows_at(shards, strip_rows), shards.batches, k + 1, self_offset=None
+            shards.rows_at(strip_rows), shards.batches, k, self_rows=strip_rows
         )
-        for row, ids, s in zip(strip_rows.tolist(), found.tolist(), sims.tolist(), strict=True):
-            keep = [(i, v) for i, v in zip(ids, s, strict=True) if i != row][:k]
-            data.strips.append((row, [i for i, _ in keep], [v for _, v in keep]))
+        data.strips = [
+            (row, ids, s)
+            for row, ids, s in zip(strip_rows.tolist(), found.tolist(), sims.tolist(), strict=True)
+        ]
     if head_dir:
         data.head = model_io.read_head_report(head_dir)
         data.validation = model_io.read_validation_predictions(head_dir)
@@ -231,6 +227,10 @@ figure.query img { outline: 3px solid #1f77b4; }
 .tag { font-size: 12px; padding: 1px 6px; border-radius: 3px; background: #d62728; color: #fff; }
 .grid { display: flex; flex-wrap: wrap; gap: 8px; }
 """
+
+
+def _or(value: str | None, missing: str) -> str:
+    return missing if value is None else str(value)
 
 
 def _e(value: Any) -> str:
@@ -273,17 +273,20 @@ def _map_figure(data: ReportData):
     uris = data.rows.column("uri").take(pa.array(data.sample)).to_pylist()
     splits = data.rows.column("split").take(pa.array(data.sample)).to_pylist()
     fig = go.Figure()
-    names = sorted({str(label) for label in labels})
-    for name in names:
-        at = [i for i, label in enumerate(labels) if str(label) == name]
+    by_label: dict[str | None, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    for name, at in sorted(by_label.items(), key=lambda item: str(item[0])):
         fig.add_trace(
             go.Scatter(
                 x=data.points[at, 0],
                 y=data.points[at, 1],
                 mode="markers",
-                name=name if name != "None" else "(no label)",
+                name=_or(name, "(no label)"),
                 marker={"size": 6, "opacity": 0.75},
-                hovertext=[f"{uris[i]}<br>label: {labels[i]}<br>split: {splits[i]}" for i in at],
+                hovertext=[
+                    f"{_e(uris[i])}<br>label: {_e(labels[i])}<br>split: {_e(splits[i])}" for i in at
+                ],
                 hoverinfo="text",
             )
         )
@@ -300,23 +303,17 @@ def _map_figure(data: ReportData):
 def _distribution_figure(data: ReportData):
     import plotly.graph_objects as go
 
-    labels = [str(v) for v in data.rows.column("label").to_pylist()]
-    splits = [str(v) for v in data.rows.column("split").to_pylist()]
+    labels = data.rows.column("label").to_pylist()
+    splits = data.rows.column("split").to_pylist()
+    counts = Counter(zip(labels, splits, strict=True))
+    names = sorted({label for label, _ in counts}, key=str)
     fig = go.Figure()
-    for split in sorted(set(splits)):
-        names = sorted(set(labels))
+    for split in sorted({split for _, split in counts}, key=str):
         fig.add_trace(
             go.Bar(
-                x=names,
-                y=[
-                    sum(
-                        1
-                        for lab, sp in zip(labels, splits, strict=True)
-                        if lab == n and sp == split
-                    )
-                    for n in names
-                ],
-                name=split if split != "None" else "(no split)",
+                x=[_or(name, "(no label)") for name in names],
+                y=[counts.get((name, split), 0) for name in names],
+                name=_or(split, "(no split)"),
             )
         )
     fig.update_layout(
