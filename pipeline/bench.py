@@ -372,6 +372,7 @@ MEASURES = {
     "nn-data": bench_neighbors.measure_nn_data,
     "nn": bench_neighbors.measure_nn,
     "nn-recall": bench_neighbors.measure_nn_recall,
+    "nn-recall-sampled": bench_neighbors.measure_nn_recall_sampled,
 }
 
 

@@ -14,7 +14,9 @@ Writes to ``NN_OUT``:
   components;
 - with ``--query``, ``query/`` (the new images' feature table, made with the table's own recipe
   rebuilt from its metadata) and ``query_neighbors.parquet`` (their neighbours in the table). A
-  feature table given as ``--query`` is used as it is, and refused if another recipe made it;
+  feature table given as ``--query`` is used as it is, and refused if another recipe made it. A
+  query alone skips the table's own neighbours (``--duplicates``, ``--val-features`` or ``--head``
+  bring them back);
 - ``_SUMMARY.json``: the figures printed at the end.
 
 Every table's metadata records the source table, its fingerprint and recipe. The table is read in
@@ -366,11 +368,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     searcher = Searcher(base, index=args.index, block=args.block)
     _LOG.info("%d rows, %d-d: %s search", len(base), base.dim, searcher.method)
+    # A query alone looks up only the queries; the table's own neighbours, duplicates and k-NN
+    # figures come from a run without --query (or one that asks for them too).
+    all_rows = not args.query or args.duplicates is not None or args.val_features or head
     loo_ks = tuple(k for k in KNN_KS if k <= len(base) - 1)
-    leave_one_out = base_labels is not None and not args.val_features
+    leave_one_out = all_rows and base_labels is not None and not args.val_features
     search_k = max(args.k, max(loo_ks)) if leave_one_out else args.k
     knn = _Knn(base_labels, loo_ks) if leave_one_out else None
-    pairs = _write_all_rows(args, base, searcher, search_k, knn)
+    pairs = _write_all_rows(args, base, searcher, search_k, knn) if all_rows else []
     summary: dict[str, Any] = {
         "features": args.features,
         "rows": len(base),
@@ -415,10 +420,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:
         sys.exit(f"error: {exc}")
     out = s["output"]
-    print(
-        f"{s['rows']} rows, {s['k']} neighbours each ({s['index']} search, {s['seconds']} s) "
-        f"-> {os.path.join(out, NEIGHBORS_FILE)}"
-    )
+    if "query_rows" not in s or "knn_on" in s or "duplicate_groups" in s:
+        print(
+            f"{s['rows']} rows, {s['k']} neighbours each ({s['index']} search, {s['seconds']} s) "
+            f"-> {os.path.join(out, NEIGHBORS_FILE)}"
+        )
     for k, accuracy in s.get("knn_accuracy", {}).items():
         print(f"  {k}-NN accuracy ({s['knn_on']}): {accuracy:.3f}")
     if "head" in s:
@@ -441,7 +447,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"  query: inputs {s['query_inputs']} = rows {s['query_rows']} + errors "
                 f"{s['query_errors']} -> {s['query_table']}"
             )
-        print(f"  query neighbours -> {os.path.join(out, QUERY_NEIGHBORS_FILE)}")
+        print(
+            f"  {s['query_rows']} queries, {s['k']} neighbours each in the {s['rows']} rows "
+            f"({s['index']} search, {s['seconds']} s) -> {os.path.join(out, QUERY_NEIGHBORS_FILE)}"
+        )
 
 
 if __name__ == "__main__":

@@ -67,5 +67,5 @@ def test_bench_neighbors_section(capsys):
     out = capsys.readouterr().out
     lines = {x.split()[0]: x for x in out.splitlines() if re.match(r"\s+[12],000 ", x)}
     assert re.search(r"1,000\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\dx\s+[01]\.\d{4}", lines["1,000"])
-    assert re.search(r"2,000\s+~\s*\d+\s+\d+\.\d\s+~\s*\d+x\s+-", lines["2,000"])
+    assert re.search(r"2,000\s+~\s*\d+\s+\d+\.\d\s+~\s*\d+x\s+[01]\.\d{4}\*", lines["2,000"])
     assert "extrapolated from exact at 1,000 rows" in out

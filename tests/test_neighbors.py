@@ -254,6 +254,7 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
 
     summary = run([*base, "--k", "3", "--query", str(tmp_path / "val")])
     assert summary["query_rows"] == 100
+    assert "knn_accuracy" not in summary  # a query alone: the table's own neighbours are skipped
     found = pq.read_table(tmp_path / "nn" / "query_neighbors.parquet").to_pylist()
     assert len(found) == 100 and all(len(r["neighbor_ids"]) == 3 for r in found)
     assert all(int(r["neighbor_ids"][0][2:]) < 200 for r in found)  # neighbours in the table
