@@ -260,10 +260,17 @@ def _write_duplicates(args, base: FeatureShards, pairs) -> dict[str, Any]:
     }
 
 
-def _val_knn(args, base: FeatureShards, searcher: Searcher, base_labels) -> dict[int, float]:
+def _open_val(args, base: FeatureShards) -> tuple[FeatureShards, np.ndarray] | None:
+    """The ``--val-features`` table and its labels, checked before any search."""
+    if not args.val_features:
+        return None
     val = FeatureShards.open(args.val_features)
     base.check_same_recipe(val)
-    val_labels = _require_labels(val, "k-NN accuracy on --val-features")
+    return val, _require_labels(val, "k-NN accuracy on --val-features")
+
+
+def _val_knn(base: FeatureShards, searcher: Searcher, base_labels, val) -> dict[int, float]:
+    val, val_labels = val
     ks = tuple(k for k in KNN_KS if k <= len(base))
     knn = _Knn(base_labels, ks)
     for offset, batch in val.batches():
@@ -359,6 +366,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     neighbors.check_k(args.k, len(base) - 1)
     head = model_io.read_head_report(args.head) if args.head else None
     query_recipe = _query_recipe(args, base)
+    val = _open_val(args, base)
     base_labels = None
     if args.val_features or head is not None:
         base_labels = _require_labels(base, "k-NN accuracy")
@@ -389,7 +397,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["knn_accuracy"] = knn.result()
         summary["knn_on"] = "leave-one-out"
     if args.val_features:
-        summary["knn_accuracy"] = _val_knn(args, base, searcher, base_labels)
+        summary["knn_accuracy"] = _val_knn(base, searcher, base_labels, val)
         summary["knn_on"] = f"val table {args.val_features}"
     if head is not None:
         summary["head"] = {
