@@ -97,17 +97,20 @@ def _strips_from_table(neighbors_dir: str, shards: FeatureShards, rows: np.ndarr
     uri = storage.join(neighbors_dir, "neighbors.parquet")
     if not storage.exists(uri):
         raise ValueError(f"{neighbors_dir} is not a pipeline.neighbors --output folder (no {uri})")
-    with storage.open_file(uri) as f:
-        table = pq.read_table(f)
-    meta = tables.table_metadata(table.schema)
-    if meta.get("source_fingerprint") != shards.fingerprint:
-        raise ValueError(
-            f"{neighbors_dir} holds neighbours of another recipe's table "
-            f"(fingerprint {meta.get('source_fingerprint')}, this table's {shards.fingerprint})"
-        )
-    position = {v: i for i, v in enumerate(shards.ids.column("image_id").to_pylist())}
     wanted = shards.ids.column("image_id").take(pa.array(rows))
-    found = table.filter(pc.is_in(table.column("image_id"), wanted)).to_pylist()
+    found = []
+    with storage.open_file(uri) as f:  # streamed: at 1M rows the file holds 10M ids and URIs
+        neighbor_file = pq.ParquetFile(f)
+        meta = tables.table_metadata(neighbor_file.schema_arrow)
+        if meta.get("source_fingerprint") != shards.fingerprint:
+            raise ValueError(
+                f"{neighbors_dir} holds neighbours of another recipe's table (fingerprint "
+                f"{meta.get('source_fingerprint')}, this table's {shards.fingerprint})"
+            )
+        for batch in neighbor_file.iter_batches(batch_size=65_536):
+            keep = pc.is_in(batch.column("image_id"), wanted)
+            found += batch.filter(keep).to_pylist()
+    position = {v: i for i, v in enumerate(shards.ids.column("image_id").to_pylist())}
     by_id = {r["image_id"]: r for r in found}
     strips = []
     for row, image_id in zip(rows.tolist(), wanted.to_pylist(), strict=True):
