@@ -179,25 +179,28 @@ def _neighbor_batch(
 
 
 class _Knn:
-    """Correct votes counted batch by batch (``neighbors.knn_accuracy`` per batch)."""
+    """Correct votes counted batch by batch (``neighbors.knn_correct`` per batch)."""
 
     def __init__(self, base_labels: np.ndarray, ks: Sequence[int]):
         self.base_labels = base_labels
         self.ks = ks
-        self.correct = dict.fromkeys(ks, 0.0)
+        self.correct = dict.fromkeys(ks, 0)
         self.rows = 0
 
     def add(self, index: np.ndarray, labels: np.ndarray) -> None:
-        for k, accuracy in neighbors.knn_accuracy(self.base_labels[index], labels, self.ks).items():
-            self.correct[k] += accuracy * len(labels)
+        for k, correct in neighbors.knn_correct(self.base_labels[index], labels, self.ks).items():
+            self.correct[k] += correct
         self.rows += len(labels)
 
     def result(self) -> dict[int, float]:
         return {k: round(c / self.rows, 4) for k, c in self.correct.items()}
 
 
-def _require_labels(shards: FeatureShards, why: str) -> np.ndarray:
-    labels = shards.column("label")
+def _require_labels(
+    shards: FeatureShards, why: str, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """``labels`` (default: the table's), or ValueError saying how many rows have none."""
+    labels = shards.column("label") if labels is None else labels
     missing = int(sum(label is None for label in labels))
     if missing:
         raise ValueError(
@@ -211,7 +214,6 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
     """Neighbours of every row to ``neighbors.parquet``; returns the pairs at or above the
     duplicate threshold (``(i, j)``, i < j)."""
     pairs: list[tuple[int, int]] = []
-    labels = base.column("label") if knn is not None else None
 
     def write(f):
         meta = _output_metadata(base, k=args.k, index=searcher.method)
@@ -223,7 +225,7 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
                 rows = base.ids.slice(offset, len(batch))
                 writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
                 if knn is not None:
-                    knn.add(index, labels[offset : offset + len(batch)])
+                    knn.add(index, knn.base_labels[offset : offset + len(batch)])
                 if args.duplicates is not None:
                     r, c = np.nonzero(sims[:, : args.k] >= args.duplicates)
                     i, j = r + offset, index[r, c]
@@ -367,11 +369,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     head = model_io.read_head_report(args.head) if args.head else None
     query_recipe = _query_recipe(args, base)
     val = _open_val(args, base)
-    base_labels = None
+    base_labels = base.column("label")
     if args.val_features or head is not None:
-        base_labels = _require_labels(base, "k-NN accuracy")
-    elif all(label is not None for label in base.column("label")):
-        base_labels = base.column("label")
+        _require_labels(base, "k-NN accuracy", base_labels)
+    elif any(label is None for label in base_labels):
+        base_labels = None  # not asked for: no k-NN figure
     storage.makedirs(args.output)
 
     searcher = Searcher(base, index=args.index, block=args.block)

@@ -75,8 +75,8 @@ class FeatureShards:
         files = tables.shard_files(table_dir)
         if not files:
             raise ValueError(f"{table_dir}: no feature table here (no features-*.parquet)")
-        fs, _ = storage.filesystem(files[0])
-        schema = pq.read_schema(storage.filesystem(files[0])[1], filesystem=fs)
+        fs, path = storage.filesystem(files[0])
+        schema = pq.read_schema(path, filesystem=fs)
         have = [c for c in ID_COLUMNS if c in schema.names]
         ids = tables.read_table(table_dir, columns=have)
         for name in ID_COLUMNS:
@@ -383,11 +383,11 @@ def groups_of_pairs(pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
 
 
-def knn_accuracy(
+def knn_correct(
     neighbor_labels: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 20)
-) -> dict[int, float]:
-    """Accuracy of a majority vote of each row's first k neighbours' labels (ties go to the
-    label of the nearest neighbour among the tied ones), for each k that fits."""
+) -> dict[int, int]:
+    """How many rows a majority vote of their first k neighbours' labels gets right (ties go to
+    the label of the nearest neighbour among the tied ones), for each k that fits."""
     labels = np.asarray(labels, dtype=object)
     if any(label is None for label in labels):
         raise ValueError("k-NN accuracy needs a label on every row; this table has unlabelled rows")
@@ -403,5 +403,12 @@ def knn_accuracy(
             top = max(counts.values())
             vote = next(label for label in row if counts[label] == top)
             correct += vote == truth
-        result[k] = correct / len(labels)
+        result[k] = correct
     return result
+
+
+def knn_accuracy(
+    neighbor_labels: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 20)
+) -> dict[int, float]:
+    """:func:`knn_correct` as a fraction of the rows."""
+    return {k: c / len(labels) for k, c in knn_correct(neighbor_labels, labels, ks).items()}

@@ -79,7 +79,7 @@ class ReportData:
     groups: list[list[int]] = field(default_factory=list)
     duplicate_threshold: float | None = None
     head: dict[str, Any] | None = None
-    validation: pa.Table | None = None
+    misclassified: list[dict[str, Any]] | None = None  # validation rows, most confident first
     neighbors_from: str = ""
 
 
@@ -110,15 +110,24 @@ def _strips_from_table(neighbors_dir: str, shards: FeatureShards, rows: np.ndarr
         for batch in neighbor_file.iter_batches(batch_size=65_536):
             keep = pc.is_in(batch.column("image_id"), wanted)
             found += batch.filter(keep).to_pylist()
-    position = {v: i for i, v in enumerate(shards.ids.column("image_id").to_pylist())}
     by_id = {r["image_id"]: r for r in found}
+    named = [i for r in found for i in r["neighbor_ids"][:STRIP_NEIGHBORS]]
+    position = dict(zip(named, _positions(shards, named), strict=True))  # one lookup for all
     strips = []
     for row, image_id in zip(rows.tolist(), wanted.to_pylist(), strict=True):
         r = by_id.get(image_id)
         if r is not None:
-            ids = [position[i] for i in r["neighbor_ids"][:STRIP_NEIGHBORS] if i in position]
+            ids = [position[i] for i in r["neighbor_ids"][:STRIP_NEIGHBORS] if position[i] >= 0]
             strips.append((row, ids, list(r["similarities"][: len(ids)])))
     return strips
+
+
+def _positions(shards: FeatureShards, image_ids) -> list[int]:
+    """The table rows of ``image_ids``, -1 for ids it does not hold."""
+    import pyarrow.compute as pc
+
+    found = pc.index_in(pa.array(image_ids, pa.string()), value_set=shards.ids.column("image_id"))
+    return found.fill_null(-1).to_pylist()
 
 
 def _read_duplicates(neighbors_dir: str, shards: FeatureShards):
@@ -129,13 +138,11 @@ def _read_duplicates(neighbors_dir: str, shards: FeatureShards):
         return [], None
     with storage.open_file(uri) as f:
         table = pq.read_table(f)
-    position = {v: i for i, v in enumerate(shards.ids.column("image_id").to_pylist())}
     groups: dict[int, list[int]] = {}
-    for g, image_id in zip(
-        table.column("group").to_pylist(), table.column("image_id").to_pylist(), strict=True
-    ):
-        if image_id in position:
-            groups.setdefault(g, []).append(position[image_id])
+    rows = _positions(shards, table.column("image_id").to_pylist())
+    for g, row in zip(table.column("group").to_pylist(), rows, strict=True):
+        if row >= 0:
+            groups.setdefault(g, []).append(row)
     threshold = tables.table_metadata(table.schema).get("threshold")
     return [groups[g] for g in sorted(groups)], float(threshold) if threshold else None
 
@@ -204,7 +211,10 @@ def gather(
         ]
     if head_dir:
         data.head = model_io.read_head_report(head_dir)
-        data.validation = model_io.read_validation_predictions(head_dir)
+        validation = model_io.read_validation_predictions(head_dir)
+        if validation is not None:
+            wrong = [r for r in validation.to_pylist() if r["predicted"] != r["label"]]
+            data.misclassified = sorted(wrong, key=lambda r: -r["probability"])
     return data
 
 
@@ -382,14 +392,9 @@ def _uris_shown(data: ReportData) -> set[str]:
     shown |= {uri[i] for group in data.groups[:MAX_GROUPS] for i in group}
     if data.errors is not None:
         shown |= set(data.errors.column("uri").to_pylist()[:MAX_ERRORS])
-    if data.validation is not None:
-        shown |= {r["uri"] for r in _misclassified(data.validation)}
+    if data.misclassified is not None:
+        shown |= {r["uri"] for r in data.misclassified[:MAX_MISCLASSIFIED]}
     return shown
-
-
-def _misclassified(validation: pa.Table) -> list[dict[str, Any]]:
-    wrong = [r for r in validation.to_pylist() if r["predicted"] != r["label"]]
-    return sorted(wrong, key=lambda r: -r["probability"])[:MAX_MISCLASSIFIED]
 
 
 def _section(title: str, anchor: str, body: str) -> str:
@@ -526,8 +531,8 @@ def render(data: ReportData, thumbs: dict[str, str | None] | None = None) -> str
             if curves is not None
             else '<p class="note">This head recorded no learning curves.</p>'
         )
-        if data.validation is not None:
-            wrong = _misclassified(data.validation)
+        if data.misclassified is not None:
+            wrong = data.misclassified[:MAX_MISCLASSIFIED]
             cells = "".join(
                 _figure(
                     r["uri"],
@@ -537,7 +542,7 @@ def render(data: ReportData, thumbs: dict[str, str | None] | None = None) -> str
                 )
                 for r in wrong
             )
-            total = sum(1 for r in data.validation.to_pylist() if r["predicted"] != r["label"])
+            total = len(data.misclassified)
             body += (
                 f"<h3>Misclassified validation images ({total})</h3>"
                 f'<p class="note">Most confident mistakes first'
