@@ -111,14 +111,18 @@ def _strips_from_table(neighbors_dir: str, shards: FeatureShards, rows: np.ndarr
             keep = pc.is_in(batch.column("image_id"), wanted)
             found += batch.filter(keep).to_pylist()
     by_id = {r["image_id"]: r for r in found}
-    named = [i for r in found for i in r["neighbor_ids"][:STRIP_NEIGHBORS]]
+    named = [i for r in found for i in r["neighbor_ids"]]
     position = dict(zip(named, _positions(shards, named), strict=True))  # one lookup for all
     strips = []
     for row, image_id in zip(rows.tolist(), wanted.to_pylist(), strict=True):
         r = by_id.get(image_id)
         if r is not None:
-            ids = [position[i] for i in r["neighbor_ids"][:STRIP_NEIGHBORS] if position[i] >= 0]
-            strips.append((row, ids, list(r["similarities"][: len(ids)])))
+            kept = [
+                (position[i], sim)
+                for i, sim in zip(r["neighbor_ids"], r["similarities"], strict=True)
+                if position.get(i, -1) >= 0
+            ][:STRIP_NEIGHBORS]
+            strips.append((row, [i for i, _ in kept], [sim for _, sim in kept]))
     return strips
 
 
