@@ -56,7 +56,7 @@ from pathlib import Path
 from pipeline import bench_neighbors, bench_plan
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
-from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
+from transforms.models.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
 
 SIZES = {
     "mobilenet_v2": 160,
@@ -135,7 +135,7 @@ GPU_THROUGHPUT = {
 
 
 def _recipe(backbone: str, weights: str, precision: str | None = None):
-    from transforms.recipe import FeatureRecipe
+    from transforms.models.recipe import FeatureRecipe
 
     return FeatureRecipe.from_flags(
         backbone=backbone, weights=weights, image_size=SIZES[backbone], precision=precision
@@ -145,7 +145,7 @@ def _recipe(backbone: str, weights: str, precision: str | None = None):
 def measure_limit(args) -> dict:
     import numpy as np
 
-    from transforms.embed import Embedder
+    from transforms.embed.embedder import Embedder
     from transforms.images import load_image
 
     spec = _recipe(args.backbone, args.weights, args.precision)
@@ -217,7 +217,8 @@ def measure_runinference(args) -> dict:
     from PIL import Image
 
     from pipeline.runners import LocalRunner
-    from transforms.backbones import build_model, preprocess_fn
+    from transforms.models.build import build_model
+    from transforms.models.preprocessing import preprocess_fn
 
     spec = _recipe(args.backbone, args.weights)
     model_path = str(Path(args.work) / f"{args.backbone}.keras")
@@ -256,7 +257,8 @@ def measure_runinference(args) -> dict:
 def measure_keras(args) -> dict:
     import keras
 
-    from transforms.backbones import build_model, preprocess_fn
+    from transforms.models.build import build_model
+    from transforms.models.preprocessing import preprocess_fn
 
     spec = _recipe(args.backbone, args.weights)
     started = time.perf_counter()
@@ -310,7 +312,7 @@ def measure_quality(args) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from transforms.embed import Embedder, frozen_graph_name
+    from transforms.embed.embedder import Embedder, frozen_graph_name
     from transforms.images import DRAFT_MARGIN, load_image
 
     spec = _recipe(args.backbone, args.weights)

@@ -27,13 +27,14 @@ from typing import Any
 
 from pipeline import cli, logs
 from pipeline.launch import TableRun, launch
-from transforms import hub, model_io, storage
 from transforms import lease as leases
-from transforms.backbones import PREDICTIONS
+from transforms import model_io, storage
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
-from transforms.embed import BackboneModelHandler
+from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatures, run_metadata
-from transforms.recipe import FeatureRecipe
+from transforms.models import zero_shot
+from transforms.models.recipe import FeatureRecipe
+from transforms.models.specs import PREDICTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     zero_shot.add_argument("--labels-file", default=None, help="a text file, one label per line")
     zero_shot.add_argument(
         "--prompt",
-        default=hub.DEFAULT_PROMPT,
+        default=zero_shot.DEFAULT_PROMPT,
         help="the text for each label, {} standing for it (default: %(default)r)",
     )
     cli.add_recipe_flags(parser)
@@ -90,12 +91,12 @@ def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str],
                     "zero-shot scores the cls embedding: leave out --pooling/--l2-normalize"
                 )
             recipe = FeatureRecipe.from_flags(**cli.recipe_flags(args))  # cls by default
-            hub.check_zero_shot(recipe)
+            zero_shot.check_zero_shot(recipe)
             handler = BackboneModelHandler(
                 recipe,
                 batch_size=args.batch_size,
                 cache_dir=args.cache_dir,
-                prompts=hub.prompts_for(labels, args.prompt),
+                prompts=zero_shot.prompts_for(labels, args.prompt),
             )
             return handler, labels, {"prompt": args.prompt}
         if args.head:

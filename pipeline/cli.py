@@ -4,7 +4,7 @@ Every job that makes or serves vectors takes the same recipe flags (``--backbone
 ``--pooling``, ``--layer``, ``--image-size``, ``--resize``, ``--precision``). They default to
 "not given", so that a job serving a trained head can tell a flag the user typed (which must agree
 with the recorded recipe) from a default (which the recorded recipe replaces); the defaults
-themselves are stated once, in ``transforms.recipe``.
+themselves are stated once, in ``transforms.models.recipe``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import logs
-from transforms import recipe as recipes
-from transforms.backbones import BACKBONES, POOLINGS, PRECISIONS
-from transforms.hub import HUB_POOLINGS
 from transforms.images import RESIZE_MODES
-from transforms.recipe import FeatureRecipe
+from transforms.models import recipe as recipes
+from transforms.models.recipe import FeatureRecipe
+from transforms.models.registry import BACKBONES
+from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS
 
 RECIPE_FLAGS = (
     "backbone",

@@ -23,7 +23,7 @@ from transforms.extract import (
 )
 from transforms.images import DEFAULT_MAX_PIXELS
 from transforms.lease import DEFAULT_EXPIRY_S
-from transforms.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
+from transforms.models.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
 
 
 def demo_images_dir() -> str:

@@ -3,7 +3,7 @@
     python -m pipeline.export_model --head HEAD_DIR --model-dir MODEL_DIR
 
 Rebuilds the exact recipe the head was trained on (from its report), saves
-``MODEL_DIR/model.keras`` (load it after ``import transforms.keras_layers``, which registers the
+``MODEL_DIR/model.keras`` (load it after ``import transforms.models.preprocessing``, which registers the
 preprocessing layer), ``classes.json`` and ``recipe.json`` (how its input pixels must be made:
 size and resize), then checks on a few images of the feature table that the exported model's
 probabilities equal backbone -> features -> head.
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from transforms.backbones import build_classifier
-    from transforms.embed import Embedder
+    from transforms.embed.embedder import Embedder
+    from transforms.models.build import build_classifier
 
     args = build_parser().parse_args(argv)
     report = model_io.read_head_report(args.head)

@@ -24,9 +24,10 @@ from pipeline.launch import launch_tables
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import startup, table
-from transforms.embed import BackboneModelHandler, check_models_fit
+from transforms.devices import check_models_fit
+from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
-from transforms.recipe import FeatureRecipe
+from transforms.models.recipe import FeatureRecipe
 
 
 def model_handler(

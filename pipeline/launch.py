@@ -28,7 +28,7 @@ from pipeline import logs, runners
 from transforms import lease as leases
 from transforms import listing, startup, storage, table
 from transforms import plan as plans
-from transforms.embed import Progress
+from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 
 

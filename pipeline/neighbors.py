@@ -286,7 +286,7 @@ def _query_recipe(args, base: FeatureShards):
     None when the query is a feature table already."""
     if not args.query or (len(args.query) == 1 and tables.shard_files(args.query[0])):
         return None
-    from transforms.recipe import FeatureRecipe
+    from transforms.models.recipe import FeatureRecipe
 
     try:
         return FeatureRecipe.from_metadata(base.metadata)
@@ -300,7 +300,7 @@ def _query_recipe(args, base: FeatureShards):
 def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
     """The query images' feature table, made with the base table's recipe."""
     from pipeline.launch import TableRun, launch  # Beam: only when there are images to embed
-    from transforms.embed import BackboneModelHandler
+    from transforms.embed.handler import BackboneModelHandler
     from transforms.extract import ExtractFeatures, run_metadata
 
     handler = BackboneModelHandler(recipe, batch_size=args.batch_size, cache_dir=args.cache_dir)

@@ -2,7 +2,7 @@
 
     python -m pipeline.sample_weights [--cache-dir DIR]
 
-See ``transforms.sample_weights`` for where they come from.
+See ``transforms.models.weights.sample`` for where they come from.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from transforms import sample_weights
+from transforms.models.weights import sample as sample_weights
 
 
 def main(argv=None) -> None:

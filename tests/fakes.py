@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from transforms.embed import FeatureModelHandler
+from transforms.embed.handler import FeatureModelHandler
 from transforms.images import DEFAULT_MAX_PIXELS
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transforms.backbones import BACKBONES, build_model, get_backbone, preprocess
-from transforms.recipe import FeatureRecipe
+from transforms.models.build import build_model
+from transforms.models.preprocessing import preprocess
+from transforms.models.recipe import FeatureRecipe
+from transforms.models.registry import BACKBONES, get_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +19,7 @@ def _free_models():
     keras.backend.clear_session()
 
 
-CNNS = sorted(name for name, spec in BACKBONES.items() if spec.kind == "keras_applications")
+CNNS = sorted(name for name, spec in BACKBONES.items() if not spec.is_hub)
 
 
 @pytest.mark.parametrize("name", CNNS)

@@ -11,9 +11,9 @@ from test_transforms import add_bad_files
 
 from pipeline.extract import format_summary, run
 from transforms import table
-from transforms.embed import Embedder
+from transforms.embed.embedder import Embedder
 from transforms.images import load_image
-from transforms.recipe import FeatureRecipe
+from transforms.models.recipe import FeatureRecipe
 
 SMALL = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32"]
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from transforms.embed import Embedder, frozen_graph_name
-from transforms.recipe import FeatureRecipe
+from transforms.embed.embedder import Embedder, frozen_graph_name
+from transforms.models.recipe import FeatureRecipe
 
 
 def _recipe():

@@ -67,8 +67,8 @@ def gcs_emulator():
 def test_bucket_to_bucket_round_trip(gcs_emulator, tmp_path):
     import keras
 
-    from transforms.backbones import build_model
-    from transforms.recipe import FeatureRecipe
+    from transforms.models.build import build_model
+    from transforms.models.recipe import FeatureRecipe
 
     local = tmp_path / "images"
     write_image_tree(local, per_class=2)

@@ -20,11 +20,12 @@ from hub_checkpoints import (
     write_transformers_dinov2,
 )
 
-from transforms import hub, table
-from transforms.backbones import BACKBONES, get_backbone
-from transforms.recipe import FeatureRecipe, RecipeMismatch, first_difference
+from transforms import table
+from transforms.models.recipe import FeatureRecipe, RecipeMismatch, first_difference
+from transforms.models.registry import BACKBONES, get_backbone
+from transforms.models.specs import FAMILIES
 
-HUB_NAMES = [name for name, spec in BACKBONES.items() if spec.kind == "keras_hub"]
+HUB_NAMES = [name for name, spec in BACKBONES.items() if spec.is_hub]
 
 
 def _pixels(n, size, seed=0):
@@ -32,7 +33,7 @@ def _pixels(n, size, seed=0):
 
 
 def _embed(recipe, weights_path=None, pixels=None):
-    from transforms.embed import Embedder
+    from transforms.embed.embedder import Embedder
 
     return Embedder(recipe, weights_path)(pixels)
 
@@ -46,7 +47,7 @@ def test_registry_names_follow_keras_hub_presets():
         handle = get_backbone(name).handle
         assert handle.startswith("kaggle://keras/") and handle.split("/")[-2] == name, handle
     families = {get_backbone(n).family for n in HUB_NAMES}
-    assert families == set(hub.FAMILIES)
+    assert families == set(FAMILIES)
     for expected in ("dinov2_small", "dinov2_with_registers_base", "siglip2_base_patch16_224"):
         assert expected in BACKBONES
 
@@ -91,7 +92,7 @@ def test_every_family_builds_with_random_init(name, size):
     assert np.isfinite(vectors).all() and np.abs(vectors).sum() > 0
 
 
-@pytest.mark.parametrize("family", list(hub.FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_family_loads_a_keras_hub_preset_directory(family, tmp_path):
     """A ``save_to_preset`` directory of each family loads offline; widths come from its
     config, preprocessing from its image converter."""
@@ -482,7 +483,7 @@ def test_a_keras_hub_backbone_serves_the_four_uses(image_tree, tmp_path):
         [
             sys.executable,
             "-c",
-            "import keras, transforms.keras_layers; "
+            "import keras, transforms.models.preprocessing; "
             f"m = keras.models.load_model({str(tmp_path / 'model' / 'model.keras')!r}, "
             "compile=False); print(tuple(m.output.shape))",
         ],

@@ -10,7 +10,7 @@ from conftest import write_image_tree
 
 from pipeline import logs
 from transforms import devices
-from transforms.embed import Progress
+from transforms.embed.progress import Progress
 
 #: Lines a default run on a CPU machine used to print (TensorFlow 2.21, Beam 2.77).
 NOISE_LINES = [

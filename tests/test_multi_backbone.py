@@ -11,8 +11,8 @@ from hub_checkpoints import write_transformers_dinov2
 from pipeline.extract import run
 from transforms import extract as extract_module
 from transforms import table
-from transforms.embed import check_models_fit
-from transforms.recipe import FeatureRecipe
+from transforms.devices import check_models_fit
+from transforms.models.recipe import FeatureRecipe
 
 TWO_CNNS = ["--backbone", "mobilenet_v2,mobilenet_v3_small", "--weights", "none"]
 TWO_CNNS += ["--image-size", "32", "--chunk-size", "4"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from transforms.extract import tool_version
-from transforms.recipe import (
+from transforms.models.recipe import (
     COMPATIBILITY_KEYS,
     DEFAULT_RESIZE,
     RECIPE_KEYS,
@@ -53,7 +53,7 @@ def test_flags_that_contradict_the_recorded_recipe_are_refused_by_key():
 
 
 def test_weights_whose_values_changed_are_refused(tmp_path):
-    from transforms.backbones import build_model
+    from transforms.models.build import build_model
 
     path = tmp_path / "w.weights.h5"
     recipe = FeatureRecipe("mobilenet_v3_small", weights=str(path), image_size=32)

@@ -13,7 +13,7 @@ submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
 - ``EmbedChunk`` reads, decodes and embeds one chunk and commits its shard files atomically.
   Decoding runs in a small thread pool, ``prefetch`` batches ahead of the model, so Pillow
   (which releases the GIL) works while TensorFlow runs the previous batch. The model is loaded once
-  per worker process (``embed.load_model_async``), in the background when the first chunk
+  per worker process (``embed.model_cache.load_model_async``), in the background when the first chunk
   arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
   It renews the table's lease as it goes and checks it before committing;
 - ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json``, removes the plan and
@@ -23,7 +23,7 @@ We do not use ``RunInference`` here because a chunk must be embedded *and commit
 for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the
 model and the files, so a killed run loses everything; and in a fused Beam stage decoding and
 inference run one after the other in one thread, while the chunk's decode pool overlaps them (see
-``pipeline.bench``). ``embed.BackboneModelHandler`` is still a Beam ``ModelHandler``, for pipelines
+``pipeline.bench``). ``embed.handler.BackboneModelHandler`` is still a Beam ``ModelHandler``, for pipelines
 that compose their own graph with ``RunInference``.
 """
 
@@ -41,15 +41,10 @@ import pyarrow as pa
 
 from transforms import devices, storage, table
 from transforms import plan as plans
-from transforms.embed import (
-    NAMESPACE,
-    FeatureModelHandler,
-    Progress,
-    error_row,
-    feature_row,
-    load_model_async,
-    read_and_decode,
-)
+from transforms.embed.decode import read_and_decode
+from transforms.embed.handler import NAMESPACE, FeatureModelHandler
+from transforms.embed.model_cache import load_model_async
+from transforms.embed.progress import Progress
 from transforms.images import DEFAULT_MAX_PIXELS, Target
 from transforms.lease import Lease
 
@@ -213,10 +208,10 @@ class _EmbedChunk(beam.DoFn):
             vectors = job.handler.run_inference([pixels for _, pixels in batch], model)
         except Exception as exc:  # a batch the model rejects: one error row per image
             reason = f"{type(exc).__name__}: {exc}"
-            errors.extend(error_row(key.ref, "embed", reason) for key, _ in batch)
+            errors.extend(table.error_row(key.ref, "embed", reason) for key, _ in batch)
             return
         for (key, _), vector in zip(batch, vectors, strict=True):
-            row = feature_row(key.ref, key.width, key.height, vector)
+            row = table.feature_row(key.ref, key.width, key.height, vector)
             rows.append(job.to_row(row) if job.to_row else row)
 
     def _embed_all(self, refs, needs, rows, errors) -> None:

