@@ -21,7 +21,7 @@ from transforms.images import RESIZE_MODES
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.registry import BACKBONES
-from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS
+from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS, BackboneSpec
 
 RECIPE_FLAGS = (
     "backbone",
@@ -64,7 +64,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CNNs: imagenet (Keras download + cache), none (seeded random init), sample "
         "(offline real MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path "
-        f"to a .weights.h5, .h5 or .keras file (default: {recipes.DEFAULT_WEIGHTS}). KerasHub "
+        f"to a .weights.h5, .h5 or .keras file (default: {BackboneSpec.default_weights}). KerasHub "
         "backbones: preset (the registry's KerasHub preset, downloaded; the default), none, a "
         "kaggle:// or hf:// handle, or a local / gs:// directory in KerasHub preset or "
         "Transformers format (config.json + model.safetensors)",
