@@ -48,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--head", default=None, help="a train_head --model-dir; else the ImageNet top"
     )
-    zero_shot = parser.add_argument_group("zero-shot (CLIP / SigLIP backbones)")
-    zero_shot.add_argument("--labels", default=None, help="comma-separated class labels")
-    zero_shot.add_argument("--labels-file", default=None, help="a text file, one label per line")
-    zero_shot.add_argument(
+    prompts = parser.add_argument_group("zero-shot (CLIP / SigLIP backbones)")
+    prompts.add_argument("--labels", default=None, help="comma-separated class labels")
+    prompts.add_argument("--labels-file", default=None, help="a text file, one label per line")
+    prompts.add_argument(
         "--prompt",
         default=zero_shot.DEFAULT_PROMPT,
         help="the text for each label, {} standing for it (default: %(default)r)",
