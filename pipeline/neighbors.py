@@ -46,7 +46,6 @@ from transforms import model_io, neighbors, storage
 from transforms import neighbors_layout as layout
 from transforms import table as tables
 from transforms.neighbors import FeatureShards, Searcher
-# The names main() prints where the tables are.
 from transforms.neighbors_layout import DUPLICATES_FILE, NEIGHBORS_FILE, QUERY_NEIGHBORS_FILE
 
 KNN_KS = (1, 5, 20)
