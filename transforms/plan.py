@@ -42,7 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import storage, table
-from transforms.listing import ImageRef, Listing, hex_ids, image_keys, key_view, refs_from_table
+from transforms.image_rows import ImageRef, hex_ids, image_keys, key_view, refs_from_table
+from transforms.listing import Listing
 from transforms.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
