@@ -33,7 +33,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,35 +43,14 @@ import pyarrow.parquet as pq
 from pipeline import cli, logs
 from transforms import lease as leases
 from transforms import model_io, neighbors, storage
+from transforms import neighbors_layout as layout
 from transforms import table as tables
 from transforms.neighbors import FeatureShards, Searcher
+from transforms.neighbors_layout import DUPLICATES_FILE, NEIGHBORS_FILE, QUERY_NEIGHBORS_FILE
 
-NEIGHBORS_FILE = "neighbors.parquet"
-DUPLICATES_FILE = "duplicates.parquet"
-QUERY_DIR = "query"
-QUERY_NEIGHBORS_FILE = "query_neighbors.parquet"
 KNN_KS = (1, 5, 20)
 
 _LOG = logging.getLogger(__name__)
-
-NEIGHBOR_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("neighbor_ids", pa.list_(pa.string())),
-        pa.field("neighbor_uris", pa.list_(pa.string())),
-        pa.field("similarities", pa.list_(pa.float32())),
-    ]
-)
-DUPLICATE_SCHEMA = pa.schema(
-    [
-        pa.field("group", pa.int64()),
-        pa.field("image_id", pa.string()),
-        pa.field("uri", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("label", pa.string()),
-    ]
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,13 +120,14 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, beam_args
 
 
-def _output_metadata(base: FeatureShards, **extra: Any) -> dict[bytes, bytes]:
-    """The source table's recipe plus where the neighbours came from, as ``featurebeam.*``."""
+def _output_metadata(base: FeatureShards, extra: Mapping[str, Any]) -> dict[bytes, bytes]:
+    """The source table's recipe plus where the neighbours came from, as ``featurebeam.*``
+    (keys: ``transforms.neighbors_layout``)."""
     meta = {
         **base.metadata,
-        "source_table": base.table_dir,
-        "source_fingerprint": base.fingerprint,
-        "source_rows": str(len(base)),
+        layout.SOURCE_TABLE: base.table_dir,
+        layout.SOURCE_FINGERPRINT: base.fingerprint,
+        layout.SOURCE_ROWS: str(len(base)),
         **{k: str(v) for k, v in extra.items()},
     }
     return {f"{tables.METADATA_PREFIX}{k}".encode(): v.encode() for k, v in meta.items()}
@@ -168,13 +148,13 @@ def _neighbor_batch(
 
     return pa.RecordBatch.from_arrays(
         [
-            queries.column("image_id").combine_chunks(),
-            queries.column("uri").combine_chunks(),
-            lists("image_id"),
-            lists("uri"),
+            queries.column(layout.IMAGE_ID).combine_chunks(),
+            queries.column(layout.URI).combine_chunks(),
+            lists(layout.IMAGE_ID),
+            lists(layout.URI),
             pa.ListArray.from_arrays(offsets, pa.array(sims.reshape(-1), pa.float32())),
         ],
-        schema=NEIGHBOR_SCHEMA,
+        schema=layout.NEIGHBOR_SCHEMA,
     )
 
 
@@ -216,8 +196,8 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
     pairs: list[tuple[int, int]] = []
 
     def write(f):
-        meta = _output_metadata(base, k=args.k, index=searcher.method)
-        with pq.ParquetWriter(f, NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
+        meta = _output_metadata(base, {layout.K: args.k, layout.INDEX: searcher.method})
+        with pq.ParquetWriter(f, layout.NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
             for offset, batch in base.batches():
                 index, sims = searcher.search(
                     batch, search_k, self_rows=offset + np.arange(len(batch))
@@ -233,7 +213,7 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
                         zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist(), strict=True)
                     )
 
-    storage.write_atomically(storage.join(args.output, NEIGHBORS_FILE), write)
+    storage.write_atomically(storage.join(args.output, layout.NEIGHBORS_FILE), write)
     return sorted(set(pairs))
 
 
@@ -243,22 +223,22 @@ def _write_duplicates(args, base: FeatureShards, pairs) -> dict[str, Any]:
     members = [(g, i) for g, group in enumerate(groups) for i in group]
     table = pa.table(
         {
-            "group": pa.array([g for g, _ in members], pa.int64()),
+            layout.GROUP: pa.array([g for g, _ in members], pa.int64()),
             **{
                 name: pa.array([ids[name][i] for _, i in members], pa.string())
-                for name in ("image_id", "uri", "split", "label")
+                for name in layout.DUPLICATE_ID_COLUMNS
             },
         },
-        schema=DUPLICATE_SCHEMA,
-    ).replace_schema_metadata(_output_metadata(base, threshold=args.duplicates))
-    tables.write_parquet(storage.join(args.output, DUPLICATES_FILE), table)
-    crossing = [g for g in groups if len({ids["split"][i] for i in g}) > 1]
+        schema=layout.DUPLICATE_SCHEMA,
+    ).replace_schema_metadata(_output_metadata(base, {layout.THRESHOLD: args.duplicates}))
+    tables.write_parquet(storage.join(args.output, layout.DUPLICATES_FILE), table)
+    crossing = [g for g in groups if len({ids[layout.SPLIT][i] for i in g}) > 1]
     return {
         "duplicate_threshold": args.duplicates,
         "duplicate_groups": len(groups),
         "duplicate_rows": len(members),
         "cross_split_groups": len(crossing),
-        "cross_split_examples": [[ids["uri"][i] for i in g] for g in crossing[:5]],
+        "cross_split_examples": [[ids[layout.URI][i] for i in g] for g in crossing[:5]],
     }
 
 
@@ -314,7 +294,7 @@ def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
     return launch(
         TableRun(
             inputs=tuple(args.query),
-            output=storage.join(args.output, QUERY_DIR),
+            output=storage.join(args.output, layout.QUERY_DIR),
             overwrite=True,
         ),
         metadata=metadata,
@@ -329,7 +309,7 @@ def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> 
         query_dir = args.query[0]
     else:
         embedded = _embed_queries(args, recipe, beam_args)
-        query_dir = storage.join(args.output, QUERY_DIR)
+        query_dir = storage.join(args.output, layout.QUERY_DIR)
         summary.update(
             query_inputs=embedded["inputs"], query_errors=embedded["errors"], query_table=query_dir
         )
@@ -343,14 +323,17 @@ def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> 
     neighbors.check_k(args.k, len(base))
 
     def write(f):
-        meta = _output_metadata(base, k=args.k, index=searcher.method, query_table=query_dir)
-        with pq.ParquetWriter(f, NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
+        meta = _output_metadata(
+            base,
+            {layout.K: args.k, layout.INDEX: searcher.method, layout.QUERY_TABLE: query_dir},
+        )
+        with pq.ParquetWriter(f, layout.NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
             for offset, batch in queries.batches():
                 index, sims = searcher.search(batch, args.k)
                 rows = queries.ids.slice(offset, len(batch))
                 writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
 
-    storage.write_atomically(storage.join(args.output, QUERY_NEIGHBORS_FILE), write)
+    storage.write_atomically(storage.join(args.output, layout.QUERY_NEIGHBORS_FILE), write)
     summary["query_rows"] = len(queries)
     return summary
 

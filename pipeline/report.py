@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import cli, logs
-from transforms import report, storage
+from transforms import report, report_data, storage
 
 _LOG = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-points",
         type=int,
-        default=report.MAX_MAP_POINTS,
+        default=report_data.MAX_MAP_POINTS,
         help="rows on the map; past it, a seeded random sample (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="for the samples (default: 0)")
@@ -61,7 +61,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_points < 1:
         parser.error("--max-points must be >= 1")
     started = time.monotonic()
-    data = report.gather(
+    data = report_data.gather(
         args.features,
         neighbors_dir=args.neighbors,
         head_dir=args.head,

@@ -9,17 +9,15 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from conftest import local_pipeline
 
+from transforms.image_rows import ImageRef, image_id, refs_from_table
 from transforms.listing import (
-    ImageRef,
     ListImages,
     check_sources,
-    image_id,
     label_and_split,
     list_inputs,
     list_source,
     list_sources,
     looks_like_image,
-    refs_from_table,
 )
 
 

@@ -17,7 +17,8 @@ from fakes import MeanColorHandler, run_table
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import table
-from transforms.listing import LISTING_SCHEMA, Listing, image_id
+from transforms.image_rows import LISTING_SCHEMA, image_id
+from transforms.listing import Listing
 
 
 def incremental(sources, out, **kwargs):

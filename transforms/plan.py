@@ -8,10 +8,10 @@ version: generation/etag on object stores, mtime on local disks, or what a manif
 - a new image, or one whose file changed, is **embedded**; its stale copies are removed first;
 - a row whose image is no longer listed is kept, unless ``prune`` removes it.
 
-The comparison is columnar: the listing and the existing table's ``image_id``/``file_size``/
-``file_version`` columns are Arrow arrays; image ids become 16-byte keys, both sides are sorted and
-matched by binary search (numpy), and the keep / embed / remove rules are array expressions, so a
-10-million-row table is diffed without a Python object per row.
+The comparison is columnar (``transforms.table_diff``): the listing and the existing table's
+``image_id``/``file_size``/``file_version`` columns are Arrow arrays compared by 16-byte key, so a
+10-million-row table is diffed without a Python object per row. This module cuts what it decides
+into chunks and plan files.
 
 :func:`plan_run` only reads. What it decides is a :class:`Plan`: the small :class:`RunPlan` that the
 pipeline carries, and the work table (the chunks to embed, and the stale copies to remove) that
@@ -33,7 +33,6 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -41,8 +40,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from transforms import storage, table
-from transforms.listing import ImageRef, Listing, hex_ids, image_keys, key_view, refs_from_table
+from transforms import storage, table, table_diff
+from transforms.image_rows import ImageRef, hex_ids, key_view, refs_from_table
+from transforms.listing import Listing
 from transforms.models.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
@@ -61,9 +61,6 @@ PLAN_SCHEMA = pa.schema(
         pa.field("stale_file", pa.string()),
     ]
 )
-_KINDS = (table.FEATURES, table.ERRORS)
-#: Existing rows compared per block (bounds the memory of the comparison's temporaries).
-_BLOCK = 1 << 20
 
 
 class IncompatibleTableError(ValueError):
@@ -136,56 +133,7 @@ class Plan:
     work: pa.Table
 
 
-# --- reading what the table holds ---
-
-
-def read_copies(output_dir: str) -> tuple[pa.Table, list[str]]:
-    """Every existing row of the table in ``output_dir`` as columns ``key`` (the image id as 16
-    bytes), ``file_size``, ``file_version``, ``kind`` (0 features, 1 errors), ``file`` (index into
-    the returned list of shard URIs)."""
-    files = [
-        (f, k) for k, prefix in enumerate(_KINDS) for f in table.shard_files(output_dir, prefix)
-    ]
-
-    def read(item):
-        uri, kind = item
-        fs, path = storage.filesystem(uri)
-        names = pq.read_schema(path, filesystem=fs).names
-        columns = [c for c in ("image_id", "file_size", "file_version") if c in names]
-        t = pq.read_table(path, filesystem=fs, columns=columns)
-        n = t.num_rows
-        size = t.column("file_size") if "file_size" in names else pa.nulls(n, pa.int64())
-        version = t.column("file_version") if "file_version" in names else pa.nulls(n, pa.string())
-        return pa.table(
-            {
-                "key": image_keys(t.column("image_id")),
-                "file_size": pc.fill_null(size, 0),
-                "file_version": pc.fill_null(version, ""),
-                "kind": pa.array(np.full(n, kind, np.int8)),
-            }
-        )
-
-    with ThreadPoolExecutor(8) as pool:
-        parts = list(pool.map(read, files))
-    tables = [
-        t.append_column("file", pa.array(np.full(t.num_rows, i, np.int32)))
-        for i, t in enumerate(parts)
-    ]
-    if not tables:
-        return _no_copies(), []
-    return pa.concat_tables(tables), [f for f, _ in files]
-
-
-def _no_copies() -> pa.Table:
-    return pa.table(
-        {
-            "key": pa.array([], pa.binary(16)),
-            "file_size": pa.array([], pa.int64()),
-            "file_version": pa.array([], pa.string()),
-            "kind": pa.array([], pa.int8()),
-            "file": pa.array([], pa.int32()),
-        }
-    )
+# --- checking the existing table ---
 
 
 def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
@@ -209,41 +157,6 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
 
 
 # --- deciding ---
-
-
-def _listing_index(listed: np.ndarray, copies: np.ndarray) -> np.ndarray:
-    """For every existing copy, the row of the listing with the same image (-1: not listed).
-
-    Both sides are sorted and matched with a binary search of sorted needles. With this, a 10M x 10M
-    plan took 65 s and 2.9 GiB here; with Arrow's hash join on the id strings, 95 s and 6.7 GiB.
-    """
-    index = np.full(len(copies), -1, np.int64)
-    if not len(listed) or not len(copies):
-        return index
-    by_listed = np.argsort(listed)
-    sorted_listed = listed[by_listed]
-    by_copy = np.argsort(copies)
-    sorted_copies = copies[by_copy]
-    pos = np.searchsorted(sorted_listed, sorted_copies)
-    np.minimum(pos, len(listed) - 1, out=pos)
-    found = sorted_listed[pos] == sorted_copies
-    del sorted_listed, sorted_copies
-    index[by_copy[found]] = by_listed[pos[found]]
-    return index
-
-
-def _signal_matches(ref_size, ref_version, size, version) -> np.ndarray:
-    """Per existing copy: does the listed file's signal match the one its row was made from?
-
-    An unknown signal on either side (old tables; manifests without signal columns) cannot prove
-    a change: then only a known size on both sides is compared.
-    """
-    same_size = ref_size == size
-    both_versions = pc.and_(pc.not_equal(ref_version, ""), pc.not_equal(version, ""))
-    both_versions = np.asarray(pc.fill_null(both_versions, False))
-    same_version = np.asarray(pc.fill_null(pc.equal(ref_version, version), False))
-    size_unknown = (ref_size == 0) | (size == 0)
-    return np.where(both_versions, same_size & same_version, size_unknown | same_size)
 
 
 def _return_free_memory() -> None:
@@ -291,7 +204,9 @@ def plan_run(
     if prune and not incremental:
         raise ValueError("--prune removes rows of an existing table: it needs --mode incremental")
     run_id = run_id or new_run_id()
-    copies, files = read_copies(output_dir) if not overwrite else (_no_copies(), [])
+    copies, files = (
+        table_diff.read_copies(output_dir) if not overwrite else (table_diff.no_copies(), [])
+    )
     if copies.num_rows and not incremental:
         raise FileExistsError(
             f"{output_dir} already holds a feature table; pass --overwrite to replace it, "
@@ -306,51 +221,12 @@ def plan_run(
     removal_files = np.empty(0, np.int32)
     todo = images
     if copies.num_rows:
-        m = copies.num_rows
-        listed_keys = image_keys(images["image_id"])
         keys = key_view(copies["key"])  # one contiguous copy of the table's keys
         copies = copies.drop_columns(["key"])
-        row = _listing_index(key_view(listed_keys), keys)
-        del listed_keys
-        listed = row >= 0
-        safe_row = np.where(listed, row, 0)
-        kind = np.asarray(copies["kind"].combine_chunks())
-        matches = np.empty(m, bool)
-        sizes = np.asarray(images["file_size"].combine_chunks())
-        versions = images["file_version"]
-        for start in range(0, m, _BLOCK):  # in blocks: the listed versions are taken per block
-            block = slice(start, start + _BLOCK)
-            rows = pa.array(safe_row[block], mask=~listed[block])
-            matches[block] = _signal_matches(
-                sizes[safe_row[block]],
-                pc.take(versions, rows),
-                np.asarray(copies["file_size"].slice(start, _BLOCK).combine_chunks()),
-                copies["file_version"].slice(start, _BLOCK),
-            )
-        eligible = (kind == 0) if retry_errors else (kind <= 1)
-        candidate = listed & matches & eligible
-        # Of the matching copies of an image, keep one: a feature row before an error row.
-        rank = kind.astype(np.int64) * m + np.arange(m, dtype=np.int64)
-        best = np.full(images.num_rows, np.iinfo(np.int64).max, np.int64)
-        np.minimum.at(best, row[candidate], rank[candidate])
-        keep = candidate & (rank == best[safe_row])
-        stale = listed & ~keep
-        unlisted = ~listed
-        remove = (stale | unlisted) if prune else stale
-        removal_keys = keys[remove]
-        removal_files = np.asarray(copies["file"].combine_chunks())[remove]
-        has_copy = np.zeros(images.num_rows, bool)
-        has_copy[row[listed]] = True
-        todo_mask = best == np.iinfo(np.int64).max
-        todo = images.filter(pa.array(todo_mask))
-        counts = {
-            "kept_rows": int((keep & (kind == 0)).sum()),
-            "kept_errors": int((keep & (kind == 1)).sum()),
-            "stale_rows": int(stale.sum()),
-            "unlisted_rows": len(np.unique(keys[unlisted & (kind == 0)])),
-            "unlisted_errors": len(np.unique(keys[unlisted & (kind == 1)])),
-            "changed": int((todo_mask & has_copy).sum()),
-        }
+        decided = table_diff.diff(images, keys, copies, retry_errors=retry_errors, prune=prune)
+        del keys, copies
+        todo, counts = decided.todo, decided.counts
+        removal_keys, removal_files = decided.removal_keys, decided.removal_files
     todo = todo.sort_by("image_id")
     n = todo.num_rows
     chunk = pa.array(np.arange(n, dtype=np.int64) // chunk_size, pa.int32())

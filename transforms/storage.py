@@ -52,6 +52,11 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def extension(uri: str) -> str:
+    """The lower-case extension of the last part of ``uri`` (``".jpg"``; ``""`` when it has none)."""
+    return posixpath.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[1].lower()
+
+
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)

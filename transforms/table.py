@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from transforms import storage
 
 if TYPE_CHECKING:
-    from transforms.listing import ImageRef
+    from transforms.image_rows import ImageRef
 
 FEATURES = "features"
 ERRORS = "errors"

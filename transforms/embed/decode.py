@@ -9,8 +9,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from transforms import storage
+from transforms.image_rows import ImageRef
 from transforms.images import ImageError, Target, load_images
-from transforms.listing import ImageRef
 from transforms.table import error_row
 
 
