@@ -1,8 +1,8 @@
 """Throughput and memory benchmark: our pipeline against the model's limit, Beam RunInference and
 plain Keras, on the same images and backbone, in one run.
 
-    python -m pipeline.bench                      # ants/bees x4 (1,584 images), MobileNetV2 + ResNet50
-    python -m pipeline.bench --images DIR --count 400 --backbones resnet50 --skip memory,bf16
+    python -m benchmarks                          # ants/bees x4 (1,584 images), MobileNetV2 + ResNet50
+    python -m benchmarks --images DIR --count 400 --backbones resnet50 --skip memory,bf16
 
 Every figure is measured in its own fresh Python process (so each pays its own imports and model
 load exactly as a user's job would, and its peak RSS is its own); this process only prints.
@@ -34,7 +34,7 @@ with torch + transformers is given (``--torch-python`` or ``FEATUREBEAM_TORCH_PY
 not project dependencies); otherwise that row says it was skipped.
 
 ``plan`` and ``neighbors``: the planner and all-rows k-NN on synthetic tables of up to 10M and 1M
-rows (``pipeline.bench_plan``, ``pipeline.bench_neighbors``).
+rows (``benchmarks.plan``, ``benchmarks.neighbors``).
 
 The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
 URIs, so every one is embedded).
@@ -53,7 +53,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import bench_neighbors, bench_plan
+from benchmarks import neighbors, plan
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
@@ -67,7 +67,7 @@ SIZES = {
 }
 #: The transformers the hub section times (random init; model cost does not depend on weights).
 HUB_BACKBONES = ("dinov2_small", "siglip_base_patch16_224")
-_TORCH_SCRIPT = Path(__file__).resolve().parent / "bench_torch.py"
+_TORCH_SCRIPT = Path(__file__).resolve().parent / "torch_reference.py"
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 
 
@@ -131,7 +131,7 @@ GPU_THROUGHPUT = {
 }
 
 
-# --- measurements, each run in its own process (python -m pipeline.bench --measure KIND ...) ---
+# --- measurements, each run in its own process (python -m benchmarks --measure KIND ...) ---
 
 
 def _recipe(backbone: str, weights: str, precision: str | None = None):
@@ -367,12 +367,12 @@ MEASURES = {
     "keras": measure_keras,
     "decode": measure_decode,
     "quality": measure_quality,
-    "plan-data": bench_plan.measure_plan_data,
-    "plan": bench_plan.measure_plan,
-    "nn-data": bench_neighbors.measure_nn_data,
-    "nn": bench_neighbors.measure_nn,
-    "nn-recall": bench_neighbors.measure_nn_recall,
-    "nn-recall-sampled": bench_neighbors.measure_nn_recall_sampled,
+    "plan-data": plan.measure_plan_data,
+    "plan": plan.measure_plan,
+    "nn-data": neighbors.measure_nn_data,
+    "nn": neighbors.measure_nn,
+    "nn-recall": neighbors.measure_nn_recall,
+    "nn-recall-sampled": neighbors.measure_nn_recall_sampled,
 }
 
 
@@ -394,7 +394,7 @@ def _measure_main(args) -> None:
 
 def _measure(kind: str, work: Path, **options) -> dict:
     result = work / f"result-{kind}-{time.monotonic_ns()}.json"
-    argv = [sys.executable, "-m", "pipeline.bench", "--measure", kind, "--result", str(result)]
+    argv = [sys.executable, "-m", "benchmarks", "--measure", kind, "--result", str(result)]
     argv += ["--work", str(work)]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -533,9 +533,9 @@ def run_bench(args) -> None:
         work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
         print(f"machine: {os.cpu_count()} cores")
         if args.only == "plan":
-            bench_plan.report(args.plan_sizes, _measure, work)
+            plan.report(args.plan_sizes, _measure, work)
         else:
-            bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
+            neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
         print(f"\nwork folder (safe to delete): {work}")
         return
     source = Path(args.images)
@@ -707,9 +707,9 @@ def run_bench(args) -> None:
     if "hub" not in args.skip:
         report_hub(args, inputs, work)
     if "plan" not in args.skip:
-        bench_plan.report(args.plan_sizes, _measure, work)
+        plan.report(args.plan_sizes, _measure, work)
     if "neighbors" not in args.skip:
-        bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
+        neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
 
     if "quality" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
         extra = {"large": large} if large else {}
@@ -742,7 +742,7 @@ def run_bench(args) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench",
+        prog="python -m benchmarks",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
