@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import neighbors, plan
+from pipeline import cli
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
@@ -89,7 +90,7 @@ def make_input(source: Path, count: int, target: Path) -> Path:
     """``count`` symlinks cycling over the images under ``source`` in one flat folder."""
     files = _image_files(source)
     if not files:
-        raise SystemExit(f"no images under {source}")
+        raise FileNotFoundError(f"no images under {source}")
     target.mkdir(parents=True)
     for i in range(count):
         src = files[i % len(files)]
@@ -380,8 +381,6 @@ def _measure_main(args) -> None:
     import logging
 
     if args.measure == "ours":  # as the job's own main sets itself up (quiet, quick exit)
-        from pipeline import cli
-
         cli.configure_logging(["-q"])
     logging.basicConfig(level=logging.WARNING)
     result = MEASURES[args.measure](args)
@@ -740,11 +739,9 @@ def run_bench(args) -> None:
     print(f"\nwork folder (safe to delete): {work}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(
+        "benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--images",
@@ -841,10 +838,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--table", help=argparse.SUPPRESS)
     parser.add_argument("--large", help=argparse.SUPPRESS)
     parser.add_argument("--index", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.measure:
+        # One measurement, set up as the job it measures would be (not through the jobs' main
+        # wrapper); if it fails, the driver shows its traceback.
         _measure_main(args)
         return
+    cli.run_main(lambda _: _check_and_run(parser, args), argv)
+
+
+def _check_and_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.images and args.only not in ("plan", "neighbors"):
         parser.error("--images is required (../shared/data/hymenoptera is not here)")
     unknown = [
