@@ -37,7 +37,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) -m pipeline.bench
+	$(PY) -m benchmarks
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

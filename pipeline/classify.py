@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import cli, logs
+from pipeline import cli
 from pipeline.launch import TableRun, launch
-from transforms import lease as leases
 from transforms import model_io, storage
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
 from transforms.embed.handler import BackboneModelHandler
@@ -38,11 +36,10 @@ from transforms.models.specs import PREDICTIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.classify",
+    parser = cli.parser(
+        "pipeline.classify",
         description=__doc__.split("\n\n")[0] + " Unknown flags are Beam pipeline options.",
     )
-    logs.verbosity_flags(parser)
     parser.add_argument("--input", action="append", required=True, help="as for pipeline.extract")
     parser.add_argument("--output", required=True)
     parser.add_argument(
@@ -154,11 +151,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    try:
-        summary = run(argv)
-    except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:
-        sys.exit(f"error: {exc}")
+    summary = cli.run_main(run, argv)
     meta = summary["metadata"]
     out = summary["output"]
     print(f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}")

@@ -1,4 +1,9 @@
-"""What the jobs' command lines share: logging, underscore aliases, and the recipe flags.
+"""What the jobs' command lines share: one ``main`` wrapper (:func:`run_main`), the parser with
+its verbosity flags (:func:`parser`), logging, underscore aliases, and the recipe flags.
+
+A user or environment error (:data:`USER_ERRORS`) ends a job with one line on stderr,
+``error: <message>``, and exit status 2; ``-v`` adds the traceback. Any other exception is a bug of
+ours and shows its traceback.
 
 Every job that makes or serves vectors takes the same recipe flags (``--backbone``, ``--weights``,
 ``--pooling``, ``--layer``, ``--image-size``, ``--resize``, ``--precision``). They default to
@@ -13,11 +18,13 @@ import argparse
 import atexit
 import gc
 import sys
-from collections.abc import Sequence
-from typing import Any
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from pipeline import logs
 from transforms.images import RESIZE_MODES
+from transforms.lease import LeaseHeld
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.registry import BACKBONES
@@ -33,6 +40,75 @@ RECIPE_FLAGS = (
     "precision",
     "l2_normalize",
 )
+
+
+#: What a user or the user's environment got wrong, as the jobs raise it: a bad flag or
+#: combination of flags (ValueError); a file, folder or bucket that is missing, already there, not
+#: allowed or full (OSError: FileNotFoundError, FileExistsError, PermissionError, ...); models
+#: that do not fit this machine (MemoryError, from ``check_models_fit``); a table another run is
+#: writing (LeaseHeld). :func:`run_main` prints them as one line and exits 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError, LeaseHeld)
+
+#: Exit statuses: a user error is 2 (as argparse's for a bad flag); Ctrl-C is 130 (128 + SIGINT,
+#: as a shell reports it).
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130
+
+Result = TypeVar("Result")
+
+
+def run_main(run: Callable[[list[str]], Result], argv: Sequence[str] | None = None) -> Result:
+    """What every job's ``main`` does around its ``run``: sets up logging
+    (:func:`configure_logging`), runs it, and ends a failed run as a user should see it.
+
+    - a user or environment error (:data:`USER_ERRORS`): one line on stderr,
+      ``error: <message>``, exit status 2; with ``-v``/``--verbose`` its traceback first;
+    - Ctrl-C (KeyboardInterrupt): one line, ``interrupted``, exit status 130 (traceback with
+      ``-v``);
+    - any other exception is a bug of ours: it propagates, and Python prints its traceback.
+
+    ``SystemExit`` passes through untouched (argparse's ``usage: ... error: ...``, exit 2).
+
+    Args:
+        run: the job's ``run(argv)``.
+        argv: the job's flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        What ``run`` returned (the summary that ``main`` prints).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configure_logging(argv)
+    verbose = logs.verbosity_from(argv) > 0
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        _exit("interrupted", INTERRUPTED_EXIT, verbose=verbose)
+    except USER_ERRORS as exc:
+        _exit(f"error: {str(exc) or type(exc).__name__}", USER_ERROR_EXIT, verbose=verbose)
+
+
+def _exit(line: str, status: int, *, verbose: bool) -> NoReturn:
+    """Ends the job from inside an ``except`` block: the traceback if ``verbose``, then the one
+    line (last, so that it is the line left on the screen)."""
+    sys.stdout.flush()
+    if verbose:
+        traceback.print_exc()
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def parser(module: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """A job's parser: named as the job is run (``python -m pipeline.extract``), with the
+    ``-q``/``--quiet`` and ``-v``/``--verbose`` flags of ``pipeline.logs``.
+
+    Args:
+        module: the job's module, e.g. ``"pipeline.extract"``.
+        description: the help's first paragraph.
+        **kwargs: other ``argparse.ArgumentParser`` arguments (``formatter_class``, ``epilog``).
+    """
+    made = argparse.ArgumentParser(prog=f"python -m {module}", description=description, **kwargs)
+    logs.verbosity_flags(made)
+    return made
 
 
 def configure_logging(argv: Sequence[str] | None = None) -> None:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline import cli, logs
+from pipeline import cli
 from pipeline.launch import TableRun
 from transforms import storage
 from transforms.extract import (
@@ -106,15 +106,14 @@ def _decode_threads(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.extract",
+    parser = cli.parser(
+        "pipeline.extract",
         description="Embed an image collection with a pretrained headless backbone (a Keras CNN "
         "or a KerasHub vision transformer; several at once with --backbone a,b) into Parquet "
         "feature tables. Unknown flags are Beam pipeline options (e.g. --runner, "
         "--direct_num_workers 2 --direct_running_mode multi_processing; --runner dask with "
         "--dask_client_address HOST:PORT, or --dask_local_workers N for a local cluster).",
     )
-    logs.verbosity_flags(parser)
     parser.add_argument(
         "--input",
         action="append",

@@ -1,7 +1,7 @@
 """``featurebeam COMMAND [flags]``: every job as one console command, declared in
 ``pyproject.toml`` beside the ``python -m pipeline.X`` forms. ``featurebeam extract ...`` runs
-exactly ``python -m pipeline.extract ...``; the job module is imported only once it is chosen, so
-``featurebeam --help`` answers at once.
+exactly ``python -m pipeline.extract ...`` (and ``featurebeam bench`` is ``python -m benchmarks``);
+the job module is imported only once it is chosen, so ``featurebeam --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ COMMANDS = {
     "sample-weights": ("pipeline.sample_weights", "prepare the offline real MobileNetV2"),
     "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
     "report": ("pipeline.report", "a self-contained HTML page to look at a feature table"),
-    "bench": ("pipeline.bench", "throughput and memory benchmark"),
+    "bench": ("benchmarks.bench", "throughput and memory benchmark"),
 }
 
 

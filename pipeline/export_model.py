@@ -18,16 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli, logs
+from pipeline import cli
 from transforms import model_io, storage, table
 from transforms.images import load_image
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.export_model", description=__doc__.split("\n\n")[0]
-    )
-    logs.verbosity_flags(parser)
+    parser = cli.parser("pipeline.export_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--head", required=True, help="a train_head --model-dir")
     parser.add_argument(
         "--model-dir", required=True, help="where model.keras goes (local or gs://)"
@@ -83,8 +80,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    result = run(argv)
+    result = cli.run_main(run, argv)
     print(
         f"exported {result['model']}; on {result['checked_images']} images its probabilities equal "
         f"backbone -> head (max |diff| {result['max_abs_difference']:.2e}, "

@@ -11,7 +11,6 @@ See ``python -m pipeline.extract --help``.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -139,17 +138,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    try:
-        summary = run(argv)
-    except (
-        FileExistsError,
-        FileNotFoundError,
-        MemoryError,
-        ValueError,
-        leases.LeaseHeld,
-    ) as exc:
-        sys.exit(f"error: {exc}")
+    summary = cli.run_main(run, argv)
     for one in summary.get("tables", [summary]):
         if len(summary.get("tables", ())) > 1:
             print(f"== {one['output']}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli, logs
+from pipeline import cli
 from transforms import model_io, storage
 from transforms.head import stratified_split
 from transforms.images import ImageError, load_image
@@ -28,10 +28,7 @@ from transforms.listing import list_sources
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.finetune", description=__doc__.split("\n\n")[0]
-    )
-    logs.verbosity_flags(parser)
+    parser = cli.parser("pipeline.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--images", action="append", required=True, help="labelled images; repeatable"
     )
@@ -153,8 +150,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    r = run(argv)
+    r = cli.run_main(run, argv)
     print(
         f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "
         f"({r['unfrozen_layers_with_weights']} layers trained, {r['train_images']} images, {r['seconds']} s)"

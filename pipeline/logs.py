@@ -10,10 +10,11 @@
 
 The C++ lines cannot be turned off from Python: absl writes everything logged before its
 initialisation straight to file descriptor 2, whatever ``TF_CPP_MIN_LOG_LEVEL`` says. So
-:func:`setup` points descriptor 2 at a pipe read by a thread that drops exactly those lines and
-passes every other line through, while Python's own ``sys.stderr`` (log lines, tracebacks, the
-progress bar) keeps writing to the real stderr directly, so nothing of ours is delayed, reordered
-or lost if the process dies.
+:func:`setup` points descriptor 2 at a pipe read by a small child process that drops exactly those
+lines and passes every other line through (a process, so that it still drains the last lines when
+the job aborts), while Python's own ``sys.stderr`` (log lines, tracebacks, the progress bar) keeps
+writing to the real stderr directly, so nothing of ours is delayed, reordered or lost if the
+process dies.
 """
 
 import contextlib

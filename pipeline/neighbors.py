@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,8 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import cli, logs
-from transforms import lease as leases
+from pipeline import cli
 from transforms import model_io, neighbors, storage
 from transforms import neighbors_layout as layout
 from transforms import table as tables
@@ -54,13 +52,12 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.neighbors",
+    parser = cli.parser(
+        "pipeline.neighbors",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    logs.verbosity_flags(parser)
     parser.add_argument("--features", required=True, help="a feature table folder")
     parser.add_argument("--output", required=True, help="folder for the neighbour tables")
     parser.add_argument("--k", type=int, default=10, help="neighbours per row (default 10)")
@@ -407,11 +404,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    try:
-        s = run(argv)
-    except (FileExistsError, FileNotFoundError, ValueError, leases.LeaseHeld) as exc:
-        sys.exit(f"error: {exc}")
+    s = cli.run_main(run, argv)
     out = s["output"]
     if "query_rows" not in s or "knn_on" in s or "duplicate_groups" in s:
         print(

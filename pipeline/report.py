@@ -16,25 +16,23 @@ thumbnails are JPEG data URIs. Past 5,000 rows the map shows a seeded random sam
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import cli, logs
+from pipeline import cli
 from transforms import report, report_data, storage
 
 _LOG = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.report",
+    parser = cli.parser(
+        "pipeline.report",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    logs.verbosity_flags(parser)
     parser.add_argument("--features", required=True, help="a feature table folder")
     parser.add_argument("--output", required=True, help="the HTML file to write")
     parser.add_argument("--neighbors", default=None, help="a pipeline.neighbors --output folder")
@@ -80,11 +78,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    try:
-        s = run(argv)
-    except (FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
+    s = cli.run_main(run, argv)
     sampled = "" if s["map_points"] == s["rows"] else f" (a sample of {s['map_points']:,})"
     print(
         f"{s['rows']:,} rows on the map{sampled}, {s['strips']} neighbour strips, "

@@ -31,15 +31,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline import cli, logs
+from pipeline import cli
 from transforms.models.registry import get_backbone
 from transforms.models.weights.stage import stage
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stage_weights", description=__doc__)
-    logs.verbosity_flags(parser)
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser("pipeline.stage_weights", description=__doc__)
     parser.add_argument("--backbone", required=True, help="a registered backbone, e.g. resnet50")
     parser.add_argument(
         "--weights",
@@ -48,14 +46,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         "default), a kaggle:// or hf:// handle, or a Transformers-format folder",
     )
     parser.add_argument("--to", required=True, help="destination folder (local or gs://)")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """Parses flags and stages the weights; returns ``{"backbone", "uri"}`` (the staged copy)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         weights = args.weights or get_backbone(args.backbone).default_weights
         uri = stage(args.backbone, weights, args.to)
     except ValueError as exc:
         parser.error(str(exc))
-    print(uri)
-    print(f"use it with: --backbone {args.backbone} --weights {uri}")
+    return {"backbone": args.backbone, "uri": uri}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    staged = cli.run_main(run, argv)
+    print(staged["uri"])
+    print(f"use it with: --backbone {staged['backbone']} --weights {staged['uri']}")
 
 
 if __name__ == "__main__":

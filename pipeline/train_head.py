@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import cli, logs
+from pipeline import cli
 from transforms import model_io, storage
 from transforms.head import (
     HEADS,
@@ -43,10 +43,7 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train_head", description=__doc__.split("\n\n")[0]
-    )
-    logs.verbosity_flags(parser)
+    parser = cli.parser("pipeline.train_head", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--features", action="append", required=True, help="table folder; repeatable"
     )
@@ -262,8 +259,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.configure_logging(argv)
-    report = run(argv)
+    report = cli.run_main(run, argv)
     print(
         f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "
         f"examples, {len(report['classes'])} classes, {report['epochs_run']} epochs, {report['seconds']} s"

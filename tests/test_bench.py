@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import pathlib
 import re
 
 import pytest
 
-from pipeline import bench
+from benchmarks import bench
 
 
 @pytest.mark.slow
@@ -69,3 +71,20 @@ def test_bench_neighbors_section(capsys):
     assert re.search(r"1,000\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\dx\s+[01]\.\d{4}", lines["1,000"])
     assert re.search(r"2,000\s+~\s*\d+\s+\d+\.\d\s+~\s*\d+x\s+[01]\.\d{4}\*", lines["2,000"])
     assert "extrapolated from exact at 1,000 rows" in out
+
+
+def test_no_job_or_building_block_imports_the_benchmarks():
+    """The floors point down: ``benchmarks`` imports the jobs, never the other way round."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in sorted([*root.glob("pipeline/**/*.py"), *root.glob("transforms/**/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [
+                f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] == "benchmarks"
+            ]
+    assert offenders == []

@@ -100,7 +100,7 @@ def test_report_with_neighbours_and_duplicates(small_table, tmp_path):
     assert "run it with --duplicates" in out.read_text()
 
 
-def test_report_bad_inputs(small_table, tmp_path):
+def test_report_bad_inputs(small_table, tmp_path, capsys):
     from pipeline.neighbors import run as neighbors
 
     empty = tmp_path / "empty"
@@ -127,8 +127,11 @@ def test_report_bad_inputs(small_table, tmp_path):
             ["--features", str(small_table), "--output", str(tmp_path / "r.html")]
             + ["--neighbors", str(empty)]
         )
-    with pytest.raises(SystemExit, match="error: .*no feature table here"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         report.main(["--features", str(empty), "--output", str(tmp_path / "r.html")])
+    assert exit_.value.code == 2
+    assert re.fullmatch(r"error: .*no feature table here.*\n", capsys.readouterr().err)
 
 
 # --- in a real browser --------------------------------------------------------------------------

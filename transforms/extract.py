@@ -23,7 +23,7 @@ We do not use ``RunInference`` here because a chunk must be embedded *and commit
 for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the
 model and the files, so a killed run loses everything; and in a fused Beam stage decoding and
 inference run one after the other in one thread, while the chunk's decode pool overlaps them (see
-``pipeline.bench``). ``embed.handler.BackboneModelHandler`` is still a Beam ``ModelHandler``, for pipelines
+``benchmarks``). ``embed.handler.BackboneModelHandler`` is still a Beam ``ModelHandler``, for pipelines
 that compose their own graph with ``RunInference``.
 """
 

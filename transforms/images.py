@@ -44,7 +44,7 @@ DEFAULT_INTERPOLATION = "bilinear"
 #: model this way ran at 47.7 images/s per core against 7.6 for a full decode. Drafting down to
 #: the target size itself (1) decoded the ants/bees photos 1.4x faster, but failed the quality
 #: guard (vector cosine to a full decode 0.994 mean, 0.978 1st percentile, against >= 0.999;
-#: ``pipeline.bench``), so 2 stays.
+#: ``benchmarks``), so 2 stays.
 DRAFT_MARGIN = 2
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")

@@ -8,7 +8,7 @@ is 5 GB. Only the id, URI, label and split columns are held for every row.
 Exact search is blocked matrix products: each block of queries is multiplied with each block of the
 table, and a running top-k is merged per query. Memory is bounded by ``block x block`` similarities
 plus ``queries x k`` candidates, not N x N. Cost grows with N squared, so past
-:data:`AUTO_INDEX_ROWS` rows (measured in ``pipeline.bench``) ``index="auto"`` builds a faiss
+:data:`AUTO_INDEX_ROWS` rows (measured in ``benchmarks``) ``index="auto"`` builds a faiss
 inverted-file index instead (:class:`FaissIndex`). Why faiss, and not usearch or hnswlib: see the
 README ("Look at your features"); in short, the graph indexes (HNSW) hold float32 vectors plus a
 graph in memory and took far longer to build on a 2-core machine, while an inverted file trains
@@ -30,7 +30,7 @@ from transforms.models.recipe import first_difference, table_fingerprint
 DEFAULT_BLOCK = 4096
 #: Rows read from a table at a time (a 1280-d batch is 320 MiB of float32).
 DEFAULT_BATCH_ROWS = 65_536
-#: Past this many rows ``index="auto"`` uses the approximate index. ``pipeline.bench`` measured
+#: Past this many rows ``index="auto"`` uses the approximate index. ``benchmarks`` measured
 #: the crossover between 10k rows (exact took 0.80x the index's time) and 20k (1.33x) on 2 cores.
 AUTO_INDEX_ROWS = 15_000
 INDEXES = ("auto", "exact", "faiss")

@@ -2,7 +2,7 @@
 
 A job reports the time from its process's start to its first embedded batch, and what came in
 between (imports, planning, TensorFlow import, model build, weight load, trace), in its log and
-its summary; ``pipeline.bench`` prints the breakdown. Marks are per process and the first of
+its summary; ``benchmarks`` prints the breakdown. Marks are per process and the first of
 each name wins (a process that loads two models reports the first).
 """
 

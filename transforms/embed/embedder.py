@@ -71,7 +71,7 @@ class Embedder:
         preprocess_fn(spec)  # import the preprocessing module now, not while tracing
 
         # XLA fuses the transformers' attention and MLP blocks: measured 1.56x (DINOv2-small) and
-        # 1.22x (SigLIP-base) model-only on a 2-core AVX2 CPU (pipeline.bench, "modern
+        # 1.22x (SigLIP-base) model-only on a 2-core AVX2 CPU (benchmarks, "modern
         # backbones"). The CNNs stay on TensorFlow's kernels (depthwise convolutions lost).
         @tf.function(
             input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)],

@@ -33,7 +33,7 @@ def load_model_async(handler: FeatureModelHandler, *, keep: int = 1) -> Future:
     Keras model is mostly single-threaded Python, so another core is free. Models load one after
     another, in the order asked for, in one loader thread: loads hold the GIL, so two at once
     would both finish late, while in turn the first model embeds while the next one loads
-    (``pipeline.bench``, several backbones in one pass).
+    (``benchmarks``, several backbones in one pass).
     """
     key = model_cache_key(handler)
     with _MODELS_LOCK:

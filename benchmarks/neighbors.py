@@ -1,4 +1,4 @@
-"""The neighbours benchmark (``python -m pipeline.bench --only neighbors``): all-rows k = 10
+"""The neighbours benchmark (``python -m benchmarks --only neighbors``): all-rows k = 10
 neighbours of a synthetic N x 1280 table, exact and through the faiss index, and recall@10.
 
 Each step runs in its own process (peak RSS is its own):

@@ -1,8 +1,8 @@
 """Throughput and memory benchmark: our pipeline against the model's limit, Beam RunInference and
 plain Keras, on the same images and backbone, in one run.
 
-    python -m pipeline.bench                      # ants/bees x4 (1,584 images), MobileNetV2 + ResNet50
-    python -m pipeline.bench --images DIR --count 400 --backbones resnet50 --skip memory,bf16
+    python -m benchmarks                          # ants/bees x4 (1,584 images), MobileNetV2 + ResNet50
+    python -m benchmarks --images DIR --count 400 --backbones resnet50 --skip memory,bf16
 
 Every figure is measured in its own fresh Python process (so each pays its own imports and model
 load exactly as a user's job would, and its peak RSS is its own); this process only prints.
@@ -34,7 +34,7 @@ with torch + transformers is given (``--torch-python`` or ``FEATUREBEAM_TORCH_PY
 not project dependencies); otherwise that row says it was skipped.
 
 ``plan`` and ``neighbors``: the planner and all-rows k-NN on synthetic tables of up to 10M and 1M
-rows (``pipeline.bench_plan``, ``pipeline.bench_neighbors``).
+rows (``benchmarks.plan``, ``benchmarks.neighbors``).
 
 The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
 URIs, so every one is embedded).
@@ -53,7 +53,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline import bench_neighbors, bench_plan
+from benchmarks import neighbors, plan
+from pipeline import cli
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
 from transforms.models.recipe import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION
@@ -67,7 +68,7 @@ SIZES = {
 }
 #: The transformers the hub section times (random init; model cost does not depend on weights).
 HUB_BACKBONES = ("dinov2_small", "siglip_base_patch16_224")
-_TORCH_SCRIPT = Path(__file__).resolve().parent / "bench_torch.py"
+_TORCH_SCRIPT = Path(__file__).resolve().parent / "torch_reference.py"
 _SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 
 
@@ -89,7 +90,7 @@ def make_input(source: Path, count: int, target: Path) -> Path:
     """``count`` symlinks cycling over the images under ``source`` in one flat folder."""
     files = _image_files(source)
     if not files:
-        raise SystemExit(f"no images under {source}")
+        raise FileNotFoundError(f"no images under {source}")
     target.mkdir(parents=True)
     for i in range(count):
         src = files[i % len(files)]
@@ -131,7 +132,7 @@ GPU_THROUGHPUT = {
 }
 
 
-# --- measurements, each run in its own process (python -m pipeline.bench --measure KIND ...) ---
+# --- measurements, each run in its own process (python -m benchmarks --measure KIND ...) ---
 
 
 def _recipe(backbone: str, weights: str, precision: str | None = None):
@@ -369,12 +370,12 @@ MEASURES = {
     "keras": measure_keras,
     "decode": measure_decode,
     "quality": measure_quality,
-    "plan-data": bench_plan.measure_plan_data,
-    "plan": bench_plan.measure_plan,
-    "nn-data": bench_neighbors.measure_nn_data,
-    "nn": bench_neighbors.measure_nn,
-    "nn-recall": bench_neighbors.measure_nn_recall,
-    "nn-recall-sampled": bench_neighbors.measure_nn_recall_sampled,
+    "plan-data": plan.measure_plan_data,
+    "plan": plan.measure_plan,
+    "nn-data": neighbors.measure_nn_data,
+    "nn": neighbors.measure_nn,
+    "nn-recall": neighbors.measure_nn_recall,
+    "nn-recall-sampled": neighbors.measure_nn_recall_sampled,
 }
 
 
@@ -382,8 +383,6 @@ def _measure_main(args) -> None:
     import logging
 
     if args.measure == "ours":  # as the job's own main sets itself up (quiet, quick exit)
-        from pipeline import cli
-
         cli.configure_logging(["-q"])
     logging.basicConfig(level=logging.WARNING)
     result = MEASURES[args.measure](args)
@@ -396,7 +395,7 @@ def _measure_main(args) -> None:
 
 def _measure(kind: str, work: Path, **options) -> dict:
     result = work / f"result-{kind}-{time.monotonic_ns()}.json"
-    argv = [sys.executable, "-m", "pipeline.bench", "--measure", kind, "--result", str(result)]
+    argv = [sys.executable, "-m", "benchmarks", "--measure", kind, "--result", str(result)]
     argv += ["--work", str(work)]
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
@@ -535,9 +534,9 @@ def run_bench(args) -> None:
         work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
         print(f"machine: {os.cpu_count()} cores")
         if args.only == "plan":
-            bench_plan.report(args.plan_sizes, _measure, work)
+            plan.report(args.plan_sizes, _measure, work)
         else:
-            bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
+            neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
         print(f"\nwork folder (safe to delete): {work}")
         return
     source = Path(args.images)
@@ -709,9 +708,9 @@ def run_bench(args) -> None:
     if "hub" not in args.skip:
         report_hub(args, inputs, work)
     if "plan" not in args.skip:
-        bench_plan.report(args.plan_sizes, _measure, work)
+        plan.report(args.plan_sizes, _measure, work)
     if "neighbors" not in args.skip:
-        bench_neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
+        neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
 
     if "quality" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
         extra = {"large": large} if large else {}
@@ -742,11 +741,9 @@ def run_bench(args) -> None:
     print(f"\nwork folder (safe to delete): {work}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(
+        "benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--images",
@@ -843,10 +840,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--table", help=argparse.SUPPRESS)
     parser.add_argument("--large", help=argparse.SUPPRESS)
     parser.add_argument("--index", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.measure:
+        # One measurement, set up as the job it measures would be (not through the jobs' main
+        # wrapper); if it fails, the driver shows its traceback.
         _measure_main(args)
         return
+    cli.run_main(lambda _: _check_and_run(parser, args), argv)
+
+
+def _check_and_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.images and args.only not in ("plan", "neighbors"):
         parser.error("--images is required (../shared/data/hymenoptera is not here)")
     unknown = [

@@ -1,7 +1,7 @@
-"""The PyTorch row of ``pipeline.bench``'s hub section, run by a Python that has torch and
-transformers (not project dependencies), never imported by the project:
+"""The PyTorch row of the bench's hub section (``benchmarks.bench``), run by a Python that has
+torch and transformers (not project dependencies), by file path; never imported by the project:
 
-    python pipeline/bench_torch.py BACKBONE BATCH_SIZE BATCHES
+    python benchmarks/torch_reference.py BACKBONE BATCH_SIZE BATCHES
 
 Builds the same architecture as our registry entry in Hugging Face Transformers (random init:
 speed does not depend on the weights), and prints one JSON line with the model-only images/s

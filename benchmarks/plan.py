@@ -1,4 +1,4 @@
-"""The planner benchmark (``python -m pipeline.bench --only plan``): an incremental plan of N
+"""The planner benchmark (``python -m benchmarks --only plan``): an incremental plan of N
 listed images against an N-row table, 1% of the listing new and 0.1% changed.
 
 Each step runs in its own process, so the planner's peak RSS is its own:

@@ -1,0 +1,41 @@
+"""How many decode threads a worker takes: ``transforms.devices`` and ``--decode-threads``."""
+
+import os
+
+import pytest
+
+from transforms import devices
+
+
+def test_auto_decode_threads_follow_cores_and_the_device(monkeypatch):
+    monkeypatch.setattr(devices, "cores_available", lambda: 16)
+    assert devices.auto_decode_threads(gpu=False) == 16
+    assert devices.auto_decode_threads(gpu=True) == 15  # one core drives the GPU
+    assert devices.auto_decode_threads(processes_per_machine=4, gpu=False) == 4
+    assert devices.auto_decode_threads(processes_per_machine=4, gpu=True) == 3
+    monkeypatch.setattr(devices, "cores_available", lambda: 1)
+    assert devices.auto_decode_threads(gpu=True) == 1
+
+
+def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
+    monkeypatch.setattr(os, "listdir", lambda path: ["0000:00:04.0", "0000:00:05.0"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert devices.visible_gpus() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert devices.visible_gpus() == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert devices.visible_gpus() == 0
+
+
+def test_decode_threads_flag_takes_auto_or_a_count():
+    from pipeline.config import parse_args
+
+    def threads(*flags):
+        config, _ = parse_args(["--input", "x", "--output", "y", *flags])
+        return config.decode_threads
+
+    assert threads() == 0  # auto
+    assert threads("--decode-threads", "auto") == 0
+    assert threads("--decode-threads", "3") == 3
+    with pytest.raises(SystemExit):
+        threads("--decode-threads", "0")
