@@ -89,8 +89,10 @@ def measure_nn(args) -> dict:
 def measure_nn_recall(args) -> dict:
     import pyarrow.parquet as pq
 
+    from transforms.neighbors_layout import NEIGHBOR_IDS, NEIGHBORS_FILE
+
     def found(folder):
-        return pq.read_table(f"{folder}/neighbors.parquet", columns=["neighbor_ids"]).column(0)
+        return pq.read_table(f"{folder}/{NEIGHBORS_FILE}", columns=[NEIGHBOR_IDS]).column(0)
 
     exact, approximate = found(args.table), found(args.input)
     hits = total = 0
@@ -108,15 +110,16 @@ def measure_nn_recall_sampled(args) -> dict:
     import pyarrow.parquet as pq
 
     from transforms.neighbors import FeatureShards, exact_search
+    from transforms.neighbors_layout import IMAGE_ID, NEIGHBOR_IDS, NEIGHBORS_FILE
 
     shards = FeatureShards.open(args.table)
     rows = np.sort(np.random.default_rng(0).choice(len(shards), args.count, replace=False))
     exact, _ = exact_search(shards.rows_at(rows), shards.batches, K, self_rows=rows)
     ids = shards.ids.column("image_id")
     wanted = ids.take(rows)
-    found = pq.read_table(f"{args.input}/neighbors.parquet", columns=["image_id", "neighbor_ids"])
-    found = found.filter(pc.is_in(found.column("image_id"), wanted)).to_pydict()
-    by_id = dict(zip(found["image_id"], found["neighbor_ids"], strict=True))
+    found = pq.read_table(f"{args.input}/{NEIGHBORS_FILE}", columns=[IMAGE_ID, NEIGHBOR_IDS])
+    found = found.filter(pc.is_in(found.column(IMAGE_ID), wanted)).to_pydict()
+    by_id = dict(zip(found[IMAGE_ID], found[NEIGHBOR_IDS], strict=True))
     hits = sum(
         len(set(ids.take(row).to_pylist()) & set(by_id[image_id]))
         for row, image_id in zip(exact, wanted.to_pylist(), strict=True)

@@ -28,7 +28,7 @@ def measure_plan_data(args) -> dict:
 
     from transforms import table
     from transforms.extract import DEFAULT_CHUNK_SIZE
-    from transforms.listing import image_ids
+    from transforms.image_rows import image_ids
 
     n = args.count
     root = Path(args.work) / f"plan-{n}"
