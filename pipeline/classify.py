@@ -33,6 +33,7 @@ from transforms.extract import ExtractFeatures, run_metadata
 from transforms.models import zero_shot
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.specs import PREDICTIONS
+from transforms.models.weights.check import check_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +127,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
     if args.top_k < 1:
         parser.error("--top-k must be >= 1")
     handler, classes, extra = _handler_and_classes(args, parser)
+    check_weights(handler.recipe, cache=args.cache_dir)  # one line, before the lease and Beam
     metadata = run_metadata(handler, {**extra, "classes": json.dumps(classes)})
     started = time.monotonic()
 

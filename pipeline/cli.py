@@ -106,9 +106,17 @@ def parser(module: str, description: str | None = None, **kwargs: Any) -> argpar
         description: the help's first paragraph.
         **kwargs: other ``argparse.ArgumentParser`` arguments (``formatter_class``, ``epilog``).
     """
-    made = argparse.ArgumentParser(prog=f"python -m {module}", description=description, **kwargs)
+    made = OneLineErrors(prog=f"python -m {module}", description=description, **kwargs)
     logs.verbosity_flags(made)
     return made
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line, ``error: ...`` and exit 2, pointing at
+    ``--help`` instead of printing the whole usage (a job's usage runs to 20 lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def configure_logging(argv: Sequence[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from transforms.devices import check_models_fit
 from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
 from transforms.models.recipe import FeatureRecipe
+from transforms.models.weights.check import check_weights
 
 
 def model_handler(
@@ -75,6 +76,9 @@ def run(
     returns ``{"tables": [summary per backbone], "seconds", "mode", "output"}``."""
     startup.mark("imports")
     config, beam_args = parse_args(argv)
+    if not config.run.plan_only:
+        for recipe in config.recipes:  # before the lease, the plan and Beam: one line if bad
+            check_weights(recipe, cache=config.cache_dir)
     started = time.monotonic()
     processes = runners.local_processes(beam_args)
     handlers = [

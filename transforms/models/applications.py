@@ -55,9 +55,12 @@ def _load_file_weights(model, path: str | None) -> None:
         return
     try:
         model.load_weights(path)
-    except ValueError:
+    except ValueError as mismatch:
         # A full saved model in legacy .h5 format, or weights saved with a top: match by shape.
-        saved = keras.models.load_model(path, compile=False)
+        try:
+            saved = keras.models.load_model(path, compile=False)
+        except Exception:  # not a saved model either: the weights' own mismatch says why
+            raise mismatch from None
         model.set_weights(_matching_weights(model, saved))
 
 
@@ -73,7 +76,14 @@ def _matching_weights(model, saved) -> list:
         values = candidate.get_weights()[: len(shapes)]
         if [tuple(v.shape) for v in values] == shapes:
             return values
+    found = [tuple(v.shape) for v in saved.get_weights()]
+    first = next(
+        (i for i, (a, b) in enumerate(zip(shapes, found, strict=False)) if a != b),
+        min(len(shapes), len(found)),
+    )
+    expected = f"{model.weights[first].path} {shapes[first]}" if first < len(shapes) else "nothing"
+    holds = found[first] if first < len(found) else "nothing"
     raise ValueError(
         f"no part of the saved model {saved.name!r} has weights matching {model.name!r} "
-        f"({len(shapes)} tensors)"
+        f"({len(shapes)} tensors): tensor {first} should be {expected}, the file holds {holds}"
     )

@@ -161,6 +161,14 @@ def _cached_dir_fingerprint(uri: str, version: str) -> str:
 
 def _hash_weight_values(uri: str) -> str:
     data = storage.read_bytes(uri)
+    try:
+        return _hash_values(uri, data)
+    except Exception as exc:  # h5py, zipfile and safetensors each raise their own types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ValueError(f"--weights: {uri} is not a readable weights file ({first})") from exc
+
+
+def _hash_values(uri: str, data: bytes) -> str:
     if data[:4] == b"PK\x03\x04":
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             members = [n for n in archive.namelist() if n.endswith(".h5")]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Any
 
 from transforms import storage
@@ -59,10 +60,10 @@ def _read_preprocessing(spec: HubSpec, weights: str, local_dir: str | None) -> P
         return Preprocessing.from_mean_std(mean, std, interpolation)
     source = preset_source(spec, weights, local_dir)
     if is_handle(weights) or weights == PRESET:
-        return _converter_from_preset(source)
+        return _converter_from_preset(spec, source)
     files = dir_files(source)
     if "image_converter.json" in files:
-        return _converter_from_preset(source)
+        return _converter_from_preset(spec, source)
     if "preprocessor_config.json" in files:
         config = json.loads(files["preprocessor_config.json"]())
         mean = config.get("image_mean")
@@ -93,11 +94,29 @@ def _triple(values) -> tuple[float, float, float]:
     return tuple(float(v) for v in values)
 
 
-def _converter_from_preset(preset: str) -> Preprocessing:
+def _converter_from_preset(spec: HubSpec, preset: str) -> Preprocessing:
     import keras_hub
 
-    converter = keras_hub.layers.ImageConverter.from_preset(preset)
+    try:
+        converter = keras_hub.layers.ImageConverter.from_preset(preset)
+    except Exception as exc:  # a download (requests, kagglehub) or a broken converter file
+        raise ValueError(_unreadable_preset(spec, preset, exc)) from exc
     return Preprocessing.from_converter_config(converter.get_config(), source=preset)
+
+
+def _unreadable_preset(spec: HubSpec, preset: str, exc: Exception) -> str:
+    text = str(exc)
+    host = re.search(r"host='([^']+)'", text)
+    if host and re.search(r"resolve|Name or service|Connection|Max retries", text):
+        return (
+            f"--weights: KerasHub fetches {spec.name}'s preset {preset} from {host.group(1)}, which "
+            "cannot be reached from here, and it is not in KerasHub's cache; use --weights none "
+            "(random init), a local or gs:// preset or Transformers folder, or stage the preset "
+            f"once where there is internet: featurebeam stage-weights --backbone {spec.name} "
+            "--to DIR"
+        )
+    first = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
+    return f"--weights: cannot read the image converter of {preset} ({first})"
 
 
 def dir_files(uri: str) -> dict[str, Any]:
@@ -135,14 +154,24 @@ def read_dir_tower(spec: HubSpec, uri: str) -> Tower:
                 f"--weights {uri}: Transformers model_type {model_type!r} is not a {spec.family} "
                 f"checkpoint KerasHub can convert; {spec.family} accepts: {supported}"
             )
-        return _tower_from_transformers(spec.family, config)
+        return _tower_of(_tower_from_transformers, spec, config, uri)
     class_name = config.get("class_name") or config.get("registered_name", "")
     if family.backbone_class not in class_name:
         raise ValueError(
             f"--weights {uri}: a KerasHub {class_name or 'unknown'} preset, not a "
             f"{family.backbone_class} ({spec.family})"
         )
-    return _tower_from_keras_hub(spec.family, config["config"])
+    return _tower_of(_tower_from_keras_hub, spec, config.get("config", {}), uri)
+
+
+def _tower_of(read, spec: HubSpec, config: dict[str, Any], uri: str) -> Tower:
+    try:
+        return read(spec.family, config)
+    except KeyError as exc:
+        raise ValueError(
+            f"--weights {uri}: its config.json states no {exc.args[0]!r}, which a {spec.family} "
+            "checkpoint's config.json holds (is it a complete checkpoint?)"
+        ) from None
 
 
 def _side(value) -> int:
