@@ -138,6 +138,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     if summary.get("skipped_examples"):
         lines.append(f"  skipped files, e.g. {', '.join(summary['skipped_examples'][:3])}")
+    if summary.get("label_conflicts"):
+        lines.append(
+            f"  {summary['label_conflicts']} URIs listed with conflicting labels (each keeps its "
+            f"first label), e.g. {', '.join(summary['label_conflict_examples'][:3])}"
+        )
     return "\n".join(lines)
 
 

@@ -335,6 +335,8 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
         "errors": run.kept_errors + new_errors,
         "skipped": run.skipped,
         "skipped_examples": list(run.skipped_examples),
+        "label_conflicts": run.label_conflicts,
+        "label_conflict_examples": list(run.label_conflict_examples),
         "table_rows": rows + unlisted_kept,
         "feature_files": feature_files,
         "error_files": error_files,

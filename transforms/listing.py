@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from transforms import manifest, storage
 from transforms.image_rows import (
@@ -67,6 +68,9 @@ class Listing:
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
     duplicates: int = 0
+    #: URIs listed more than once with different labels (each keeps its first label).
+    label_conflicts: int = 0
+    label_conflict_examples: tuple[str, ...] = ()
 
     def refs(self) -> list[ImageRef]:
         return refs_from_table(self.images)
@@ -198,28 +202,52 @@ def list_inputs(
             )
     images = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
     total = images.num_rows
-    images = _first_of_each(images)
+    images, conflicts = _first_of_each(images)
     if total > images.num_rows:
         _LOG.info(
             "%d URIs were listed by more than one input; each is kept once", total - images.num_rows
         )
+    if conflicts:
+        _LOG.warning(
+            "%d URIs are listed with different labels; each keeps the label it was first listed "
+            "with, e.g. %s",
+            len(conflicts),
+            ", ".join(conflicts[:SKIPPED_EXAMPLES]),
+        )
     examples = tuple(list(skipped)[:SKIPPED_EXAMPLES])
-    return Listing(images, len(skipped), examples, total - images.num_rows)
+    return Listing(
+        images,
+        len(skipped),
+        examples,
+        total - images.num_rows,
+        label_conflicts=len(conflicts),
+        label_conflict_examples=tuple(conflicts[:SKIPPED_EXAMPLES]),
+    )
 
 
-def _first_of_each(images: pa.Table) -> pa.Table:
+def _first_of_each(images: pa.Table) -> tuple[pa.Table, list[str]]:
     """The first row of every image id, in listing order (a stable sort of the 16-byte keys,
-    which needs a fraction of the memory of a hash aggregation at 10M rows)."""
+    which needs a fraction of the memory of a hash aggregation at 10M rows), and the URIs
+    listed again with another label than their first."""
     if images.num_rows < 2:
-        return images
+        return images, []
     keys = key_view(image_keys(images["image_id"]))
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     repeated = np.zeros(len(keys), bool)
     repeated[1:] = ordered[1:] == ordered[:-1]
     if not repeated.any():
-        return images
-    return images.take(pa.array(np.sort(order[~repeated])))
+        return images, []
+    # The first listing of each repeated row: the last position before it that is not repeated.
+    starts = np.maximum.accumulate(np.where(~repeated, np.arange(len(keys)), 0))
+    again = np.nonzero(repeated)[0]
+    labels = pc.fill_null(images["label"], "")
+    differs = pc.not_equal(
+        labels.take(pa.array(order[again])), labels.take(pa.array(order[starts[again]]))
+    )
+    firsts = np.unique(order[starts[again[differs.to_numpy()]]])
+    conflicts = images["uri"].take(pa.array(np.sort(firsts))).to_pylist()
+    return images.take(pa.array(np.sort(order[~repeated]))), conflicts
 
 
 def list_sources(sources: Sequence[str], **options) -> list[ImageRef]:

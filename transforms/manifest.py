@@ -4,15 +4,18 @@ rows (``transforms.image_rows.LISTING_SCHEMA``) by pyarrow's CSV reader.
 One URI per row, optionally with ``label``, ``split``, and the change signal ``file_size`` /
 ``file_version`` (etag, generation, md5...); relative URIs are resolved against the manifest's
 folder. A header row is recognised by a URI column name (``uri``, ``path``, ``image``, ...);
-without one the columns are ``uri, label, split, file_size, file_version``. A ``.txt`` manifest
+without one the columns are ``uri, label, split, file_size, file_version``. A first line of
+names that are none of these (``img_path,class``) is refused rather than read as an image. A ``.txt`` manifest
 holds one URI per line (``#`` starts a comment). :func:`stat_uris` stats the URIs (in parallel)
 when the manifest carries no signal.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -22,9 +25,27 @@ import pyarrow.csv as pacsv
 from transforms import storage
 from transforms.image_rows import LISTING_SCHEMA, image_ids
 
+_LOG = logging.getLogger(__name__)
+
 MANIFEST_EXTENSIONS = frozenset({".csv", ".tsv", ".txt"})
 _URI_COLUMNS = ("uri", "path", "image", "file", "filename", "url")
 _HEADERLESS_COLUMNS = ("uri", "label", "split", "file_size", "file_version")
+_READ_COLUMNS = frozenset((*_URI_COLUMNS, *_HEADERLESS_COLUMNS))
+_WE_READ = f"a URI column ({' or '.join(_URI_COLUMNS)}) and label, split, file_size, file_version"
+#: A header cell: a name, not a path (no ``/``, no ``.``, no ``://``).
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_ -]*$")
+
+
+def _looks_like_header(cells: list[str]) -> bool:
+    return bool(cells) and all(_NAME.match(c.strip()) for c in cells)
+
+
+def _resolve(manifest: str, path: str) -> str:
+    """A URI of the manifest, relative ones resolved against the manifest's folder."""
+    if "://" in path or path.startswith("/"):
+        return path
+    base = os.path.dirname(manifest) if storage.is_local(manifest) else posixpath.dirname(manifest)
+    return storage.join(base, path)
 
 
 def is_manifest(uri: str) -> bool:
@@ -43,7 +64,17 @@ def _manifest_columns(uri: str, ext: str) -> tuple[list[str], bool, str]:
     delimiter = "\t" if ext == ".tsv" else ","
     cells = next(csv.reader([first], delimiter=delimiter), [])
     if any(c.strip().lower() in _URI_COLUMNS for c in cells):
+        unread = [c for c in cells if c.strip().lower() not in _READ_COLUMNS]
+        if unread:
+            _LOG.warning("%s: columns not read: %s (we read %s)", uri, ", ".join(unread), _WE_READ)
         return cells, True, delimiter
+    if _looks_like_header(cells) and not storage.exists(_resolve(uri, cells[0].strip())):
+        raise ValueError(
+            f"{uri}: its first line {first!r} looks like a header, but names no column we read: "
+            f"we read {_WE_READ}. Rename the columns (e.g. uri,label,split), or, for a file "
+            "without a header, make the first field of each line an image's path (the first line's "
+            f"{cells[0].strip()!r} is no file)"
+        )
     names = [*_HEADERLESS_COLUMNS, *(f"column{i}" for i in range(5, len(cells)))]
     return names[: max(len(cells), 1)], False, delimiter
 
@@ -140,7 +171,8 @@ def read_manifest(uri: str, *, stat: bool = False) -> pa.Table:
     streaming it in blocks so that a manifest of millions of rows is never held as text.
 
     Raises:
-        ValueError: a row without a URI (naming the line), or a ``file_size`` that is not a number.
+        ValueError: a header naming no column we read, a row without a URI (naming the line), or
+            a ``file_size`` that is not a number.
     """
     ext = storage.extension(uri)
     names, header, delimiter = _manifest_columns(uri, ext)

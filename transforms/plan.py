@@ -103,6 +103,8 @@ class RunPlan:
     pruned: bool = False
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    label_conflicts: int = 0
+    label_conflict_examples: tuple[str, ...] = ()
 
     def shard_uri(self, prefix: str, chunk: int) -> str:
         name = table.shard_name(prefix, chunk, self.num_chunks, run_id=self.run_id)
@@ -121,6 +123,11 @@ class RunPlan:
             f"stale copies to remove first: {self.stale_rows}",
             f"unlisted: {self.unlisted_rows} rows, {self.unlisted_errors} error rows, {unlisted}",
         ]
+        if self.label_conflicts:
+            lines.append(
+                f"listed with conflicting labels: {self.label_conflicts} URIs (each keeps its "
+                f"first label), e.g. {self.label_conflict_examples[0]}"
+            )
         return "\n".join(lines)
 
 
@@ -280,6 +287,8 @@ def plan_run(
         pruned=prune,
         skipped=listing.skipped,
         skipped_examples=listing.skipped_examples,
+        label_conflicts=listing.label_conflicts,
+        label_conflict_examples=listing.label_conflict_examples,
         **counts,
     )
     _LOG.info(
