@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 from pipeline import logs
 from transforms.images import RESIZE_MODES
-from transforms.lease import LeaseHeld
+from transforms.lease import LeaseHeld, LeaseLost
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.registry import BACKBONES
@@ -46,8 +46,15 @@ RECIPE_FLAGS = (
 #: combination of flags (ValueError); a file, folder or bucket that is missing, already there, not
 #: allowed or full (OSError: FileNotFoundError, FileExistsError, PermissionError, ...); models
 #: that do not fit this machine (MemoryError, from ``check_models_fit``); a table another run is
-#: writing (LeaseHeld). :func:`run_main` prints them as one line and exits 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError, LeaseHeld)
+#: writing (LeaseHeld), or that another run took over while this one wrote (LeaseLost).
+#: :func:`run_main` prints them as one line and exits 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    MemoryError,
+    LeaseHeld,
+    LeaseLost,
+)
 
 #: Exit statuses: a user error is 2 (as argparse's for a bad flag); Ctrl-C is 130 (128 + SIGINT,
 #: as a shell reports it).
@@ -84,7 +91,38 @@ def run_main(run: Callable[[list[str]], Result], argv: Sequence[str] | None = No
     except KeyboardInterrupt:
         _exit("interrupted", INTERRUPTED_EXIT, verbose=verbose)
     except USER_ERRORS as exc:
-        _exit(f"error: {str(exc) or type(exc).__name__}", USER_ERROR_EXIT, verbose=verbose)
+        _exit(f"error: {_one_line(exc, verbose=verbose)}", USER_ERROR_EXIT, verbose=verbose)
+    except RuntimeError as exc:
+        cause = _user_error_in_step(exc)
+        if cause is None:
+            raise
+        _exit(f"error: {_one_line(cause, verbose=verbose)}", USER_ERROR_EXIT, verbose=verbose)
+
+
+def _user_error_in_step(exc: BaseException) -> BaseException | None:
+    """The user error a Beam step failed with, or None. Beam re-raises a step's exception with
+    its step name added, as the same type where it can and as a RuntimeError where it cannot (an
+    OSError with an errno, such as a PermissionError writing a shard); the original is its
+    context."""
+    if not getattr(exc, "_tagged_with_step", False):
+        return None
+    seen = exc.__context__ or exc.__cause__
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, USER_ERRORS):
+            return seen
+        seen = seen.__context__ or seen.__cause__
+    return None
+
+
+def _one_line(exc: BaseException, *, verbose: bool) -> str:
+    """The error's first line (a message of several lines, as some library errors are, keeps
+    the rest for ``-v``, which prints the whole traceback and message)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[0] if len(lines) == 1 or verbose else f"{lines[0]} (more with -v)"
 
 
 def _exit(line: str, status: int, *, verbose: bool) -> NoReturn:

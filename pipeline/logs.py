@@ -84,11 +84,43 @@ def setup(verbosity: int = 0) -> None:
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.setFormatter(_Formatter(_FORMAT, tracebacks=verbosity >= 1))
+        if verbosity < 1:
+            handler.addFilter(_drop_reraised)
         root.addHandler(handler)
     root.setLevel(logging.WARNING if verbosity < 1 else logging.INFO)
     for name in OURS:
         logging.getLogger(name).setLevel(ours)
+
+
+class _Formatter(logging.Formatter):
+    """Our format; the frameworks' records without their tracebacks unless ``-v`` (a job's own
+    error line says what failed; ``-v`` shows where)."""
+
+    def __init__(self, fmt: str, *, tracebacks: bool):
+        super().__init__(fmt)
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not self.tracebacks and not record.name.startswith(OURS):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
+#: Framework error records of exceptions that are raised on to the job, which ends with them as
+#: its one ``error:`` line (``pipeline.cli.run_main``): Beam logs a failing step's exception
+#: before re-raising it, gcsfs logs a request that ran out of retries before raising.
+_RERAISED = (
+    ("apache_beam", "[while running '"),
+    ("gcsfs", "out of retries"),
+)
+
+
+def _drop_reraised(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR or record.name.startswith(OURS):
+        return True
+    message = record.getMessage()
+    return not any(record.name.startswith(n) and text in message for n, text in _RERAISED)
 
 
 def progress_enabled() -> bool:

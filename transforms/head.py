@@ -119,7 +119,8 @@ def read_features(table_dirs: Sequence[str], *, like: FeatureSet | None = None) 
         for path in files:
             fs, inner = table.storage.filesystem(path)
             columns = ["image_id", "uri", "label", "feature"]
-            shard = pq.read_table(inner, filesystem=fs, columns=columns)
+            with table.reading(path):
+                shard = pq.read_table(inner, filesystem=fs, columns=columns)
             meta = table.table_metadata(shard.schema)
             part = next((p for p in parts if first_difference(p.metadata, meta) is None), None)
             if part is None:

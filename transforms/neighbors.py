@@ -76,7 +76,8 @@ class FeatureShards:
         if not files:
             raise ValueError(f"{table_dir}: no feature table here (no features-*.parquet)")
         fs, path = storage.filesystem(files[0])
-        schema = pq.read_schema(path, filesystem=fs)
+        with tables.reading(files[0]):
+            schema = pq.read_schema(path, filesystem=fs)
         have = [c for c in ID_COLUMNS if c in schema.names]
         ids = tables.read_table(table_dir, columns=have)
         for name in ID_COLUMNS:
@@ -119,7 +120,7 @@ class FeatureShards:
 
         for path in self.files:
             fs, inner = storage.filesystem(path)
-            with fs.open(inner, "rb") as f:
+            with fs.open(inner, "rb") as f, tables.reading(path):
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=["feature"]):
                     pending.append(batch.column(0))
                     held += batch.num_rows

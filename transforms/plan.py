@@ -153,7 +153,8 @@ def check_compatible(output_dir: str, metadata: Mapping[str, str]) -> None:
     if not files:
         return
     fs, path = storage.filesystem(files[0])
-    existing = table.table_metadata(pq.read_schema(path, filesystem=fs))
+    with table.reading(files[0]):
+        existing = table.table_metadata(pq.read_schema(path, filesystem=fs))
     key = first_difference(metadata, existing)
     if key is not None:
         ours, theirs = str(metadata.get(key, "")), existing.get(key, "")

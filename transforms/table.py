@@ -21,6 +21,7 @@ DaskRunner it leaves the rows in ``beam-temp-*``) and its shard names are not st
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
@@ -198,7 +199,38 @@ def read_table(
         raise FileNotFoundError(f"no {prefix}-*.parquet shards in {output_dir}")
     fs, _ = storage.filesystem(files[0])
     paths = [storage.filesystem(f)[1] for f in files]
-    return pq.read_table(paths, filesystem=fs, columns=columns)
+    try:
+        return pq.read_table(paths, filesystem=fs, columns=columns)
+    except (pa.ArrowException, OSError):
+        for uri in files:  # name the shard that cannot be read
+            with reading(uri):
+                pq.read_table(storage.filesystem(uri)[1], filesystem=fs, columns=columns)
+        raise
+
+
+@contextlib.contextmanager
+def reading(uri: str):
+    """Names ``uri`` in any error reading it: a truncated or damaged shard is one line saying
+    which file and what to do, not pyarrow's message alone."""
+    try:
+        yield
+    except pa.ArrowInvalid as exc:  # no Parquet footer, a file of 0 bytes, ...
+        raise CorruptFile(
+            f"{uri} is not a readable Parquet file ({_first_line(exc)}); move it out of the table "
+            "(its rows are then missing: a --mode incremental run embeds those images again)"
+        ) from exc
+    except OSError as exc:  # damaged pages ("Corrupt snappy compressed data"), storage errors
+        if uri in str(exc):
+            raise
+        raise OSError(f"{uri}: {_first_line(exc)}") from exc
+
+
+class CorruptFile(ValueError):
+    """A table's shard or summary that cannot be read; the message names the file."""
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def write_summary(table_dir: str, summary: Mapping[str, Any]) -> None:
@@ -207,7 +239,19 @@ def write_summary(table_dir: str, summary: Mapping[str, Any]) -> None:
 
 
 def read_summary(table_dir: str) -> dict[str, Any]:
-    return json.loads(storage.read_bytes(storage.join(table_dir, SUMMARY_FILE)))
+    """A table's ``_SUMMARY.json``.
+
+    Raises:
+        CorruptFile: it is not JSON (naming the file).
+    """
+    uri = storage.join(table_dir, SUMMARY_FILE)
+    try:
+        return json.loads(storage.read_bytes(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFile(
+            f"{uri} is not valid JSON ({_first_line(exc)}); it is rewritten by the next run that "
+            "finishes: move it away and run again"
+        ) from exc
 
 
 def features_matrix(table: pa.Table, column: str = "feature") -> np.ndarray:

@@ -36,9 +36,10 @@ def read_copies(output_dir: str) -> tuple[pa.Table, list[str]]:
     def read(item):
         uri, kind = item
         fs, path = storage.filesystem(uri)
-        names = pq.read_schema(path, filesystem=fs).names
-        columns = [c for c in ("image_id", "file_size", "file_version") if c in names]
-        t = pq.read_table(path, filesystem=fs, columns=columns)
+        with table.reading(uri):
+            names = pq.read_schema(path, filesystem=fs).names
+            columns = [c for c in ("image_id", "file_size", "file_version") if c in names]
+            t = pq.read_table(path, filesystem=fs, columns=columns)
         n = t.num_rows
         size = t.column("file_size") if "file_size" in names else pa.nulls(n, pa.int64())
         version = t.column("file_version") if "file_version" in names else pa.nulls(n, pa.string())
