@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_transforms import run_extract
+from fakes import run_extract
 
 from pipeline import classify, export_model, finetune, train_head
 from transforms import model_io, table

@@ -8,34 +8,12 @@ import pathlib
 import numpy as np
 import pytest
 from conftest import encode
-from fakes import MeanColorHandler, mean_color, run_table
+from fakes import MeanColorHandler, add_bad_files, mean_color, run_extract
 from PIL import Image
 
 from transforms import table
 from transforms.images import load_image
 from transforms.listing import list_sources
-
-
-def add_bad_files(root):
-    """One of each failure: not an image, empty, truncated, too large, and a dangling manifest."""
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "notes.jpg").write_bytes(b"plain text, wrongly named")
-    (bad / "empty.png").write_bytes(b"")
-    rng = np.random.default_rng(1)
-    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    (bad / "truncated.jpg").write_bytes(encode(noisy, "JPEG")[:1500])
-    (bad / "huge.png").write_bytes(encode(Image.new("L", (3000, 3000)), "PNG"))
-    return {
-        "notes.jpg": "decode",
-        "empty.png": "decode",
-        "truncated.jpg": "decode",
-        "huge.png": "limits",
-    }
-
-
-def run_extract(sources, output, **kwargs):
-    return run_table(sources, output, **kwargs)
 
 
 def stages(out) -> list[tuple[str, str]]:
