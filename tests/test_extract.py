@@ -1,9 +1,11 @@
-"""ExtractFeatures with the fake backbone: decode, embed, commit, errors as rows, counts."""
+"""ExtractFeatures with the fake backbone: decode, embed, commit, errors as rows, counts; the
+run metadata's tool version."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from fakes import MeanColorHandler, add_bad_files, mean_color, run_extract
 from PIL import Image
 
 from transforms import table
+from transforms.extract import tool_version
 from transforms.images import load_image
 from transforms.listing import list_sources
 
@@ -115,3 +118,8 @@ def test_pandas_reads_only_the_feature_rows(image_tree, tmp_path):
     run_extract(str(image_tree), tmp_path / "t", max_pixels=4_000_000)
     frame = pandas.read_parquet(tmp_path / "t")
     assert len(frame) == 12 and frame["feature"].iloc[0].shape == (3,)
+
+
+def test_tool_version_comes_from_the_installed_package():
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert tool_version() == re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
