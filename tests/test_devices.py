@@ -1,5 +1,5 @@
-"""How many decode threads a worker takes: ``transforms.devices`` and ``--decode-threads``; whether
-several models fit in memory together."""
+"""transforms/devices.py: how many decode threads a worker takes, visible GPUs, whether several
+models fit in memory together (the ``--decode-threads`` flag is in test_config.py)."""
 
 import os
 
@@ -28,20 +28,6 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
     assert devices.visible_gpus() == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert devices.visible_gpus() == 0
-
-
-def test_decode_threads_flag_takes_auto_or_a_count():
-    from pipeline.config import parse_args
-
-    def threads(*flags):
-        config, _ = parse_args(["--input", "x", "--output", "y", *flags])
-        return config.decode_threads
-
-    assert threads() == 0  # auto
-    assert threads("--decode-threads", "auto") == 0
-    assert threads("--decode-threads", "3") == 3
-    with pytest.raises(SystemExit):
-        threads("--decode-threads", "0")
 
 
 def test_models_that_do_not_fit_together_are_refused():
