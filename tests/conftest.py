@@ -63,6 +63,14 @@ def local_pipeline(**options):
     return TestPipeline(runner=LocalRunner(), options=PipelineOptions(**options))
 
 
+def refs_of(source, **options):
+    """The listing of one source (folder, glob or manifest) as ``ImageRef`` tuples."""
+    from transforms.image_rows import refs_from_table
+    from transforms.listing import list_source
+
+    return refs_from_table(list_source(source, **options)[0])
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> pathlib.Path:
     root = tmp_path / "images"

@@ -1,11 +1,14 @@
-"""A fake backbone for fast graph tests (the vector is the image's per-channel mean / 255), and
-a helper that runs a table job on it exactly as the jobs do (lease, plan, pipeline)."""
+"""A fake backbone for fast graph tests (the vector is the image's per-channel mean / 255), a
+helper that runs a table job on it exactly as the jobs do (lease, plan, pipeline), and a folder
+of one bad file per failure."""
 
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from conftest import encode
+from PIL import Image
 
 from transforms.embed.handler import FeatureModelHandler
 from transforms.images import DEFAULT_MAX_PIXELS
@@ -95,3 +98,25 @@ def run_table(
         test_pipeline=None if beam_args else local_pipeline(),
         run_id=run_id,
     )
+
+
+def add_bad_files(root):
+    """One of each failure: not an image, empty, truncated, too large, and a dangling manifest."""
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "notes.jpg").write_bytes(b"plain text, wrongly named")
+    (bad / "empty.png").write_bytes(b"")
+    rng = np.random.default_rng(1)
+    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    (bad / "truncated.jpg").write_bytes(encode(noisy, "JPEG")[:1500])
+    (bad / "huge.png").write_bytes(encode(Image.new("L", (3000, 3000)), "PNG"))
+    return {
+        "notes.jpg": "decode",
+        "empty.png": "decode",
+        "truncated.jpg": "decode",
+        "huge.png": "limits",
+    }
+
+
+def run_extract(sources, output, **kwargs):
+    return run_table(sources, output, **kwargs)

@@ -21,7 +21,7 @@ def dask_cluster():
 
 
 def test_dask_runner_matches_the_direct_runner(image_tree, dask_cluster, tmp_path):
-    from test_transforms import add_bad_files
+    from fakes import add_bad_files
 
     add_bad_files(image_tree)
     common = ["--input", str(image_tree), *SMALL, "--chunk-size", "3", "--max-pixels", "4000000"]

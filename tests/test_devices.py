@@ -1,10 +1,13 @@
-"""How many decode threads a worker takes: ``transforms.devices`` and ``--decode-threads``."""
+"""transforms/devices.py: how many decode threads a worker takes, visible GPUs, whether several
+models fit in memory together (the ``--decode-threads`` flag is in test_config.py)."""
 
 import os
 
 import pytest
 
 from transforms import devices
+from transforms.devices import check_models_fit
+from transforms.models.recipe import FeatureRecipe
 
 
 def test_auto_decode_threads_follow_cores_and_the_device(monkeypatch):
@@ -27,15 +30,11 @@ def test_visible_gpus_respects_cuda_visible_devices(monkeypatch):
     assert devices.visible_gpus() == 0
 
 
-def test_decode_threads_flag_takes_auto_or_a_count():
-    from pipeline.config import parse_args
-
-    def threads(*flags):
-        config, _ = parse_args(["--input", "x", "--output", "y", *flags])
-        return config.decode_threads
-
-    assert threads() == 0  # auto
-    assert threads("--decode-threads", "auto") == 0
-    assert threads("--decode-threads", "3") == 3
-    with pytest.raises(SystemExit):
-        threads("--decode-threads", "0")
+def test_models_that_do_not_fit_together_are_refused():
+    recipes = [
+        FeatureRecipe.from_flags(backbone=name, weights="none")
+        for name in ("dinov2_giant", "vgg19")
+    ]
+    with pytest.raises(MemoryError, match=r"dinov2_giant 4\.\d+ GiB, vgg19 0\.5\d GiB"):
+        check_models_fit(recipes, memory_bytes=8 << 30)
+    check_models_fit(recipes, memory_bytes=64 << 30)

@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_transforms import add_bad_files
+from fakes import add_bad_files
 
 from pipeline.extract import format_summary, run
 from transforms import table

@@ -130,7 +130,7 @@ def test_lease_on_a_bucket(gcs_emulator, tmp_path):
     accepts any create and any conditional delete), so what is checked here is the protocol's
     reading side: a live lease is refused by name, an expired or broken one is taken over, the
     holder gives it back, and a run whose lease was taken over sees it. The atomic create and the
-    generation-matched takeover are what GCS itself enforces (tested on local disk in test_runs)."""
+    generation-matched takeover are what GCS itself enforces (tested on local disk in test_lease)."""
     from fakes import run_table
 
     from transforms import lease as leases

@@ -12,8 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 from conftest import encode, gradient, write_image_tree
-from fakes import MeanColorHandler, run_table
-from test_transforms import add_bad_files, run_extract
+from fakes import MeanColorHandler, add_bad_files, run_extract, run_table
 
 from pipeline.extract import run
 from transforms import listing, table

@@ -1,4 +1,5 @@
-"""ListImages and its pure helpers: folders, globs, manifests, labels, splits, duplicates."""
+"""ListImages and its pure helpers: folders, globs, labels, splits, duplicates, sniffing (the
+manifests' own rules are in test_manifest.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import os
 import apache_beam as beam
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
-from conftest import local_pipeline
+from conftest import local_pipeline, refs_of
 
-from transforms.image_rows import ImageRef, image_id, refs_from_table
+from transforms.image_rows import image_id, refs_from_table
 from transforms.listing import (
     ListImages,
     check_sources,
@@ -34,16 +35,6 @@ from transforms.listing import (
 )
 def test_label_and_split(root, uri, expected):
     assert label_and_split(root, uri) == expected
-
-
-def test_image_id_is_stable_and_distinct():
-    assert image_id("/a/x.jpg") == image_id("/a/x.jpg")
-    assert image_id("/a/x.jpg") != image_id("/a/y.jpg")
-    assert len(image_id("gs://b/x")) == 32
-
-
-def refs_of(source, **options):
-    return refs_from_table(list_source(source, **options)[0])
 
 
 def test_folder_listing_labels_and_skips_non_images(image_tree):
@@ -72,31 +63,6 @@ def test_glob_takes_every_match(image_tree):
     assert {(r.label, r.split) for r in refs} == {("dogs", "train"), ("dogs", "val")}
 
 
-def test_csv_manifest_with_header_and_relative_paths(image_tree):
-    manifest = image_tree / "list.csv"
-    manifest.write_text("path,label\ntrain/cats/0.png,kitty\n\n/abs/missing.jpg,\n")
-    refs = refs_of(str(manifest))
-    assert [r.uri for r in refs] == [str(image_tree / "train/cats/0.png"), "/abs/missing.jpg"]
-    assert [r.label for r in refs] == ["kitty", None]
-
-
-def test_headerless_csv_and_text_manifests(image_tree):
-    (image_tree / "a.csv").write_text("train/cats/0.png,cat,train\n")
-    (image_tree / "b.txt").write_text("# comment\ntrain/cats/0.png\n\ngs://b/x.jpg\n")
-    (ref,) = refs_of(str(image_tree / "a.csv"))
-    assert (ref.label, ref.split) == ("cat", "train")
-    assert [r.uri for r in refs_of(str(image_tree / "b.txt"))] == [
-        str(image_tree / "train/cats/0.png"),
-        "gs://b/x.jpg",
-    ]
-
-
-def test_manifest_row_without_uri_names_the_line(image_tree):
-    (image_tree / "bad.csv").write_text("uri,label\nx.jpg,a\n,b\n")
-    with pytest.raises(ValueError, match="bad.csv:3: manifest row has no URI"):
-        list_source(str(image_tree / "bad.csv"))
-
-
 def test_a_uri_reached_twice_is_listed_once(image_tree):
     refs = list(list_sources([str(image_tree / "train"), str(image_tree)]))
     assert len(refs) == 12
@@ -114,11 +80,6 @@ def test_list_images_composite(image_tree):
     with local_pipeline() as p:
         uris = p | ListImages(str(image_tree)) | beam.Map(lambda r: r.uri)
         assert_that(uris, equal_to(expected), label="AllImagesOnce")
-
-
-def test_imageref_is_a_plain_tuple():
-    ref = ImageRef("u", "i", None, None, 0, "")
-    assert ref._replace(label="x").label == "x"
 
 
 def test_extensionless_images_are_sniffed_and_other_files_counted(tmp_path):
@@ -153,30 +114,3 @@ def test_looks_like_image_uses_pillows_own_checks():
     assert looks_like_image(encode(gradient(), "PNG")[:64])
     assert not looks_like_image(b"plain text")
     assert not looks_like_image(b"\x89HDF\r\n\x1a\n")  # Pillow identifies HDF5 but cannot decode it
-
-
-def test_manifest_change_signal_columns_and_stat(image_tree):
-    target = image_tree / "train" / "cats" / "0.png"
-    (image_tree / "signal.csv").write_text(
-        "uri,label,file_size,file_version\ntrain/cats/0.png,cat,123,etag-1\n"
-    )
-    (ref,) = refs_of(str(image_tree / "signal.csv"))
-    assert (ref.size, ref.version) == (123, "etag-1")
-    (image_tree / "plain.csv").write_text("uri\ntrain/cats/0.png\nmissing.png\n")
-    plain, missing = refs_of(str(image_tree / "plain.csv"))
-    assert (plain.size, plain.version) == (0, "")
-    stated, gone = refs_of(str(image_tree / "plain.csv"), stat_manifest=True)
-    assert stated.size == target.stat().st_size and stated.version
-    assert (gone.size, gone.version) == (0, "")  # its read fails later, as an error row
-
-
-def test_a_bad_file_size_column_is_a_clear_error(image_tree):
-    (image_tree / "bad.csv").write_text("uri,file_size\nx.jpg,big\n")
-    with pytest.raises(ValueError, match="file_size must be a whole number"):
-        list_source(str(image_tree / "bad.csv"))
-
-
-def test_a_quoted_header_is_recognised(image_tree):
-    (image_tree / "quoted.csv").write_text('"uri","label"\n"train/cats/0.png","cat"\n')
-    (ref,) = refs_of(str(image_tree / "quoted.csv"))
-    assert (ref.uri, ref.label) == (str(image_tree / "train/cats/0.png"), "cat")

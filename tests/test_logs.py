@@ -1,6 +1,5 @@
 """A run's stderr as a user sees it: our lines and the progress, none of the frameworks' noise."""
 
-import logging
 import os
 import re
 import subprocess
@@ -10,7 +9,6 @@ import pytest
 from conftest import write_image_tree
 
 from pipeline import logs
-from transforms.embed.progress import Progress
 
 #: Lines a default run on a CPU machine used to print (TensorFlow 2.21, Beam 2.77).
 NOISE_LINES = [
@@ -85,22 +83,3 @@ def test_quiet_prints_nothing_but_the_result_and_verbose_everything(tmp_path):
     assert verbose.returncode == 0, verbose.stderr
     assert _framework_info(verbose.stderr), verbose.stderr  # Beam's INFO lines
     assert any(logs.is_noise(line) for line in verbose.stderr.splitlines())  # unfiltered
-
-
-def test_progress_bar_counts_images_and_errors(capsys):
-    Progress.start(5, bar=True)
-    Progress.add(done=3)
-    Progress.add(errors=2)
-    Progress.finish()
-    err = capsys.readouterr().err
-    assert "embedding" in err and "5/5" in err and "errors=2" in err
-
-
-def test_progress_without_a_terminal_logs_counts_total_and_eta(caplog):
-    caplog.set_level(logging.INFO, logger="transforms.embed")
-    Progress.start(10, bar=False, every_s=0.0)
-    Progress.add(done=4)
-    Progress.add(errors=1)
-    Progress.finish()
-    lines = [r.getMessage() for r in caplog.records if "progress" in r.getMessage()]
-    assert lines and "5 images of 10 (50%, ETA" in lines[-1] and "1 errors" in lines[-1]

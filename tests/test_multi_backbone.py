@@ -11,8 +11,6 @@ from hub_checkpoints import write_transformers_dinov2
 from pipeline.extract import run
 from transforms import extract as extract_module
 from transforms import table
-from transforms.devices import check_models_fit
-from transforms.models.recipe import FeatureRecipe
 
 TWO_CNNS = ["--backbone", "mobilenet_v2,mobilenet_v3_small", "--weights", "none"]
 TWO_CNNS += ["--image-size", "32", "--chunk-size", "4"]
@@ -111,13 +109,3 @@ def test_bad_multi_backbone_flags(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
     assert message in capsys.readouterr().err
-
-
-def test_models_that_do_not_fit_together_are_refused():
-    recipes = [
-        FeatureRecipe.from_flags(backbone=name, weights="none")
-        for name in ("dinov2_giant", "vgg19")
-    ]
-    with pytest.raises(MemoryError, match=r"dinov2_giant 4\.\d+ GiB, vgg19 0\.5\d GiB"):
-        check_models_fit(recipes, memory_bytes=8 << 30)
-    check_models_fit(recipes, memory_bytes=64 << 30)

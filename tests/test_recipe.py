@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 
-from transforms.extract import tool_version
 from transforms.models.recipe import (
     COMPATIBILITY_KEYS,
     DEFAULT_RESIZE,
@@ -87,8 +83,3 @@ def test_first_difference_names_the_key():
     b = FeatureRecipe("resnet50", weights="none", resize="crop").to_metadata()
     assert first_difference(a, a) is None
     assert first_difference(a, b) == "resize"
-
-
-def test_tool_version_comes_from_the_installed_package():
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    assert tool_version() == re.search(r'^version = "(.+)"', pyproject, re.M).group(1)

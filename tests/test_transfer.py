@@ -6,40 +6,11 @@ import json
 
 import numpy as np
 import pytest
-from test_transforms import run_extract
+from fakes import run_extract
 
 from pipeline import classify, export_model, finetune, train_head
 from transforms import model_io, table
-from transforms.classify import TopK
-from transforms.head import check_compatible, classification_report, read_features, stratified_split
-
-
-def test_stratified_split_keeps_class_proportions():
-    labels = np.array(["a"] * 10 + ["b"] * 5)
-    train, val = stratified_split(labels, 0.2, seed=0)
-    assert sorted(np.concatenate([train, val])) == list(range(15))
-    assert sorted(labels[val]) == ["a", "a", "b"]
-    assert np.array_equal(stratified_split(labels, 0.2, seed=0)[1], val)
-
-
-def test_classification_report_values():
-    report = classification_report(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1]), ["x", "y"])
-    assert report["accuracy"] == 0.75
-    assert report["confusion_matrix"] == [[1, 1], [0, 2]]
-    assert report["per_class"]["y"] == {"precision": 2 / 3, "recall": 1.0, "support": 2}
-
-
-def test_top_k_rows():
-    row = {"image_id": "i", "uri": "u", "label": None, "split": None, "width": 1, "height": 1}
-    out = TopK(2, ["a", "b", "c"])({**row, "feature": np.array([0.2, 0.7, 0.1], np.float32)})
-    assert (out["prediction"], out["top_classes"]) == ("b", ["b", "a"])
-    assert out["top_probabilities"] == pytest.approx([0.7, 0.2])
-    assert "feature" not in out
-
-
-def test_incompatible_tables_are_refused():
-    with pytest.raises(ValueError, match="weights_fingerprint is 'b'"):
-        check_compatible({"weights_fingerprint": "a"}, {"weights_fingerprint": "b"}, "t")
+from transforms.head import read_features
 
 
 def test_train_head_on_a_small_table(image_tree, tmp_path):

@@ -1,4 +1,5 @@
-"""The frozen (weights folded in) and cached model function gives the model's own vectors."""
+"""transforms/embed/embedder.py: the frozen (weights folded in) and cached model function gives the
+model's own vectors."""
 
 import numpy as np
 

@@ -1,41 +1,22 @@
-"""ExtractFeatures with the fake backbone: decode, embed, commit, errors as rows, counts."""
+"""ExtractFeatures with the fake backbone: decode, embed, commit, errors as rows, counts; the
+run metadata's tool version."""
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
 from conftest import encode
-from fakes import MeanColorHandler, mean_color, run_table
+from fakes import MeanColorHandler, add_bad_files, mean_color, run_extract
 from PIL import Image
 
 from transforms import table
+from transforms.extract import tool_version
 from transforms.images import load_image
 from transforms.listing import list_sources
-
-
-def add_bad_files(root):
-    """One of each failure: not an image, empty, truncated, too large, and a dangling manifest."""
-    bad = root / "bad"
-    bad.mkdir()
-    (bad / "notes.jpg").write_bytes(b"plain text, wrongly named")
-    (bad / "empty.png").write_bytes(b"")
-    rng = np.random.default_rng(1)
-    noisy = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    (bad / "truncated.jpg").write_bytes(encode(noisy, "JPEG")[:1500])
-    (bad / "huge.png").write_bytes(encode(Image.new("L", (3000, 3000)), "PNG"))
-    return {
-        "notes.jpg": "decode",
-        "empty.png": "decode",
-        "truncated.jpg": "decode",
-        "huge.png": "limits",
-    }
-
-
-def run_extract(sources, output, **kwargs):
-    return run_table(sources, output, **kwargs)
 
 
 def stages(out) -> list[tuple[str, str]]:
@@ -137,3 +118,8 @@ def test_pandas_reads_only_the_feature_rows(image_tree, tmp_path):
     run_extract(str(image_tree), tmp_path / "t", max_pixels=4_000_000)
     frame = pandas.read_parquet(tmp_path / "t")
     assert len(frame) == 12 and frame["feature"].iloc[0].shape == (3,)
+
+
+def test_tool_version_comes_from_the_installed_package():
+    pyproject = (pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert tool_version() == re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
