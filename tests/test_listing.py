@@ -10,6 +10,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from conftest import local_pipeline, refs_of
 
+from pipeline import extract
 from transforms.image_rows import image_id, refs_from_table
 from transforms.listing import (
     ListImages,
@@ -114,3 +115,33 @@ def test_looks_like_image_uses_pillows_own_checks():
     assert looks_like_image(encode(gradient(), "PNG")[:64])
     assert not looks_like_image(b"plain text")
     assert not looks_like_image(b"\x89HDF\r\n\x1a\n")  # Pillow identifies HDF5 but cannot decode it
+
+
+def test_conflicting_labels_for_one_uri_are_counted_and_reported(image_tree, tmp_path):
+    one = image_tree / "one.csv"
+    two = image_tree / "two.csv"
+    one.write_text("uri,label\ntrain/cats/0.png,cat\ntrain/cats/1.png,cat\ntrain/dogs/0.png,dog\n")
+    two.write_text("uri,label\ntrain/cats/0.png,dog\ntrain/cats/1.png,cat\n")
+    listing = list_inputs([str(one), str(two)])
+    assert listing.images.num_rows == 3
+    assert listing.duplicates == 2
+    assert listing.label_conflicts == 1
+    assert listing.label_conflict_examples == (str(image_tree / "train/cats/0.png"),)
+    first = listing.images.to_pylist()[0]
+    assert (first["uri"], first["label"]) == (str(image_tree / "train/cats/0.png"), "cat")
+
+    out = tmp_path / "out"
+    summary = extract.run(
+        ["--input", str(one), "--input", str(two), "--output", str(out)]
+        + ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32"]
+    )
+    assert summary["label_conflicts"] == 1
+    assert summary["label_conflict_examples"] == [str(image_tree / "train/cats/0.png")]
+    assert "1 URIs listed with conflicting labels" in extract.format_summary(summary)
+
+
+def test_the_same_label_twice_is_no_conflict(image_tree):
+    one = image_tree / "one.csv"
+    one.write_text("uri,label\ntrain/cats/0.png,cats\ntrain/cats/0.png,cats\n")
+    listing = list_inputs([str(one), str(image_tree / "train")])
+    assert listing.label_conflicts == 0
