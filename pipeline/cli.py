@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import difflib
 import gc
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from pipeline import logs
@@ -97,8 +99,73 @@ def _exit(line: str, status: int, *, verbose: bool) -> NoReturn:
     raise SystemExit(status)
 
 
+class Parser(argparse.ArgumentParser):
+    """A job's ``argparse`` parser, with two habits of ours: our flags take underscores too
+    (:func:`underscore_aliases`), and a flag no one knows ends the job with one line naming the
+    closest valid flag (``error: unknown flag --batchsize (did you mean --batch-size?)``),
+    before any other complaint (a misspelled required flag is named as misspelled, not missing).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = underscore_aliases(self, sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        refuse_unknown(self, args, beam=False)
+        return super().parse_args(args, namespace)
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], *, beam: bool) -> None:
+    """Exits with status 2 and one line if ``argv`` holds a flag that is neither the parser's
+    nor (``beam=True``) one of Beam's or its runners' pipeline options."""
+    required = [action for action in parser._actions if action.required]
+    for action in required:  # look for strangers first; argparse names missing flags later
+        action.required = False
+    try:
+        _, extras = argparse.ArgumentParser.parse_known_args(
+            parser, underscore_aliases(parser, argv)
+        )
+    finally:
+        for action in required:
+            action.required = True
+    valid = [o for action in parser._actions for o in action.option_strings]
+    if beam and extras:
+        from pipeline import runners  # only jobs that run Beam pay for its import
+
+        extras, beam_flags = runners.unknown_flags(extras)
+        valid += beam_flags
+    for extra in extras:
+        if extra == "--":
+            break
+        if extra.startswith("-") and len(extra) > 1:
+            name = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            parser.exit(USER_ERROR_EXIT, f"error: unknown flag {name}{hint}\n")
+    if beam and extras:
+        parser.exit(USER_ERROR_EXIT, f"error: unexpected argument {extras[0]!r}\n")
+
+
+#: The command a job is being run as, when not ``python -m MODULE``: (module, prog), set by
+#: ``featurebeam`` (:func:`invoked_as`) around the job it dispatches to.
+_INVOKED_AS: list[tuple[str, str]] = []
+
+
+@contextlib.contextmanager
+def invoked_as(module: str, prog: str) -> Iterator[None]:
+    """Within it, the parser of ``module`` names itself ``prog`` (``featurebeam extract``) in
+    its usage, help and errors."""
+    _INVOKED_AS.append((module, prog))
+    try:
+        yield
+    finally:
+        _INVOKED_AS.pop()
+
+
 def parser(module: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
-    """A job's parser: named as the job is run (``python -m pipeline.extract``), with the
+    """A job's parser (:class:`Parser`): named as the job is run (``featurebeam extract``
+    through the console command, ``python -m pipeline.extract`` as a module), with the
     ``-q``/``--quiet`` and ``-v``/``--verbose`` flags of ``pipeline.logs``.
 
     Args:
@@ -106,7 +173,8 @@ def parser(module: str, description: str | None = None, **kwargs: Any) -> argpar
         description: the help's first paragraph.
         **kwargs: other ``argparse.ArgumentParser`` arguments (``formatter_class``, ``epilog``).
     """
-    made = argparse.ArgumentParser(prog=f"python -m {module}", description=description, **kwargs)
+    prog = next((p for m, p in reversed(_INVOKED_AS) if m == module), f"python -m {module}")
+    made = Parser(prog=prog, description=description, **kwargs)
     logs.verbosity_flags(made)
     return made
 
@@ -267,7 +335,11 @@ def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 def parse_known(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags (underscore spellings accepted) and the rest, which are Beam's."""
-    return parser.parse_known_args(
-        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
-    )
+    """Our flags (underscore spellings accepted) and the rest, which are Beam's pipeline options.
+
+    A flag that is neither ours nor a Beam or runner option ends the job (:func:`refuse_unknown`):
+    Beam would drop it with a warning and run without it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unknown(parser, argv, beam=True)
+    return parser.parse_known_args(argv)

@@ -45,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         sys.exit(f"featurebeam: unknown command {argv[0]!r}{hint}\n\n{usage()}")
     module = importlib.import_module(COMMANDS[name][0])
-    module.main(argv[1:])
+    from pipeline import cli
+
+    # Help, usage and errors name the command as typed here: ``featurebeam extract``.
+    with cli.invoked_as(module.__name__.removesuffix(".bench"), f"featurebeam {name}"):
+        module.main(argv[1:])
 
 
 if __name__ == "__main__":
