@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import difflib
 import gc
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,6 @@ from transforms.images import RESIZE_MODES
 from transforms.lease import LeaseHeld
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
-from transforms.models.registry import BACKBONES
 from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS, BackboneSpec
 
 RECIPE_FLAGS = (
@@ -119,6 +119,8 @@ class Parser(argparse.ArgumentParser):
 def refuse_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], *, beam: bool) -> None:
     """Exits with status 2 and one line if ``argv`` holds a flag that is neither the parser's
     nor (``beam=True``) one of Beam's or its runners' pipeline options."""
+    if "-h" in argv or "--help" in argv:
+        return  # the real parse prints the help, with the required flags as required
     required = [action for action in parser._actions if action.required]
     for action in required:  # look for strangers first; argparse names missing flags later
         action.required = False
@@ -145,6 +147,29 @@ def refuse_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], *, beam
             parser.exit(USER_ERROR_EXIT, f"error: unknown flag {name}{hint}\n")
     if beam and extras:
         parser.exit(USER_ERROR_EXIT, f"error: unexpected argument {extras[0]!r}\n")
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to the help of a flag that takes a value and has a default, unless
+    the help already states it (in words, for flags whose default is "not given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.nargs != 0
+            and action.default not in (None, [], "", argparse.SUPPRESS)
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def plain(doc: str) -> str:
+    """A docstring's first paragraph as help text: reStructuredText markup removed."""
+    first = doc.strip().split("\n\n")[0]
+    first = re.sub(r":\w+:`~?([^`]+)`", r"\1", first)
+    return " ".join(first.replace("``", "").split())
 
 
 #: The command a job is being run as, when not ``python -m MODULE``: (module, prog), set by
@@ -174,7 +199,9 @@ def parser(module: str, description: str | None = None, **kwargs: Any) -> argpar
         **kwargs: other ``argparse.ArgumentParser`` arguments (``formatter_class``, ``epilog``).
     """
     prog = next((p for m, p in reversed(_INVOKED_AS) if m == module), f"python -m {module}")
-    made = Parser(prog=prog, description=description, **kwargs)
+    base = kwargs.pop("formatter_class", argparse.HelpFormatter)
+    formatter = type("HelpFormatter", (_DefaultsShown, base), {})
+    made = Parser(prog=prog, description=description, formatter_class=formatter, **kwargs)
     logs.verbosity_flags(made)
     return made
 
@@ -199,15 +226,15 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backbone",
         default=None,
-        help="registered backbone, or several comma-separated (pipeline.extract: one decode "
-        f"pass, one table per backbone); one of: {', '.join(BACKBONES)} "
+        help="a registered backbone (see featurebeam backbones), or several comma-separated "
+        "(extract: one decode pass, one table per backbone) "
         f"(default: {recipes.DEFAULT_BACKBONE})",
     )
     group.add_argument(
         "--weights",
         default=None,
         help="CNNs: imagenet (Keras download + cache), none (seeded random init), sample "
-        "(offline real MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path "
+        "(offline real MobileNetV2 weights, see featurebeam sample-weights), or a local / gs:// path "
         f"to a .weights.h5, .h5 or .keras file (default: {BackboneSpec.default_weights}). KerasHub "
         "backbones: preset (the registry's KerasHub preset, downloaded; the default), none, a "
         "kaggle:// or hf:// handle, or a local / gs:// directory in KerasHub preset or "
@@ -222,7 +249,10 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "(mean of the patch tokens) or cls_avg (both concatenated)",
     )
     group.add_argument(
-        "--layer", default=None, help="use a named layer of the full classifier (e.g. VGG16 fc2)"
+        "--layer",
+        default=None,
+        help="use a named layer of the full classifier (e.g. VGG16 fc2) (default: none, the "
+        "pooled last feature map)",
     )
     group.add_argument(
         "--image-size",

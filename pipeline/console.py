@@ -14,6 +14,7 @@ from collections.abc import Sequence
 #: Command -> (job module, one line on what it does).
 COMMANDS = {
     "extract": ("pipeline.extract", "images -> backbone(s) -> Parquet feature tables"),
+    "backbones": ("pipeline.backbones", "the registered backbones: family, size, width, weights"),
     "train-head": ("pipeline.train_head", "a new classifier head on feature tables"),
     "classify": ("pipeline.classify", "ImageNet top, a trained head, or zero-shot labels"),
     "export-model": ("pipeline.export_model", "backbone + head as one Keras model"),

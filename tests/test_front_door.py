@@ -109,3 +109,109 @@ def test_a_real_run_with_beam_flags(image_tree, tmp_path, capsys):
     extract = importlib.import_module("pipeline.extract")
     summary = extract.run([*argv, "--runner", "DirectRunner", "--temp_location", str(tmp_path)])
     assert summary["rows"] == 6
+
+
+# --- item 14: help reads like Beam's and Keras' -----------------------------------------------
+
+
+def _help(command, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        console.main([command, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def _parser(command):
+    from pipeline import cli
+
+    module = console.COMMANDS[command][0]
+    with cli.invoked_as(module.removesuffix(".bench"), f"featurebeam {command}"):
+        job = importlib.import_module(module)
+        return job.build_parser() if hasattr(job, "build_parser") else config.build_parser()
+
+
+@pytest.mark.parametrize("command", sorted(console.COMMANDS))
+def test_help_names_the_command_and_reads_plainly(command, capsys):
+    text = _help(command, capsys)
+    assert text.startswith(f"usage: featurebeam {command} ")
+    for markup in ("``", ":func:", ":data:", ":class:", "python -m", "pipeline.", "transforms."):
+        assert markup not in text, f"{markup!r} in featurebeam {command} --help"
+    assert len(text) < 12_000  # no 100-name lists, no module docs
+
+
+@pytest.mark.parametrize("command", sorted(console.COMMANDS))
+def test_every_flag_has_a_sentence_and_its_default(command):
+    import argparse
+
+    parser = _parser(command)
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        flag = "/".join(action.option_strings)
+        assert action.help, f"featurebeam {command} {flag} has no help"
+        if action.option_strings and action.nargs != 0 and not action.required:
+            text = formatter._expand_help(action)
+            assert "default" in text or "required" in text, f"{command} {flag}: no default"
+
+
+def test_help_through_python_m_keeps_the_module_name():
+    from pipeline.config import build_parser
+
+    assert build_parser().prog == "python -m pipeline.extract"
+
+
+def test_help_shows_required_flags_as_required(capsys):
+    assert "--features FEATURES" in _help("train-head", capsys).split("\n\n")[0]
+    assert "[--features FEATURES]" not in _help("train-head", capsys)
+
+
+def test_backbones_lists_every_registered_backbone(capsys):
+    from transforms.models.registry import BACKBONES
+
+    console.main(["backbones"])
+    lines = capsys.readouterr().out.splitlines()
+    header, rows = lines[0].split(), [line.split() for line in lines[1:] if line.strip()]
+    assert header[:4] == ["name", "family", "input", "width"]
+    assert [r[0] for r in rows] == list(BACKBONES)
+    for row in rows:
+        spec = BACKBONES[row[0]]
+        assert (row[1], int(row[2]), int(row[3])) == (
+            spec.family,
+            spec.input_size,
+            spec.feature_dim,
+        )
+        assert float(row[4]) == pytest.approx(spec.params_m, abs=0.051)
+        assert (row[5], row[6]) == (spec.default_weights, spec.default_resize)
+
+
+def test_backbones_filters_by_family(capsys):
+    from transforms.models.registry import BACKBONES
+
+    console.main(["backbones", "--family", "dinov2"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    expected = [n for n, s in BACKBONES.items() if s.family == "dinov2"]
+    assert expected and [r[0] for r in rows] == expected
+
+
+def test_backbones_refuses_an_unknown_family(capsys):
+    line = _exit_line(capsys, ["backbones", "--family", "dinov"])
+    assert line.startswith("error: unknown family 'dinov' (did you mean ") and "dinov2" in line
+
+
+def test_backbone_help_points_to_the_backbones_command(capsys):
+    text = " ".join(_help("extract", capsys).split())
+    assert "see featurebeam backbones" in text
+    assert "convnext_xlarge" not in text
+
+
+def test_an_unknown_backbone_suggests_a_few_names():
+    from transforms.models.registry import get_backbone
+
+    with pytest.raises(ValueError) as error:
+        get_backbone("resnet9000")
+    message = str(error.value)
+    assert message.startswith("unknown backbone 'resnet9000' (did you mean ")
+    assert "featurebeam backbones" in message
+    named = message.split("did you mean ")[1].split("?")[0].split(", ")
+    assert 1 <= len(named) <= 5 and "convnext_xlarge" not in message
