@@ -215,3 +215,53 @@ def test_an_unknown_backbone_suggests_a_few_names():
     assert "featurebeam backbones" in message
     named = message.split("did you mean ")[1].split("?")[0].split(", ")
     assert 1 <= len(named) <= 5 and "convnext_xlarge" not in message
+
+
+# --- item 17: figures that mean something -----------------------------------------------------
+
+
+def test_a_run_that_embedded_nothing_reports_no_rate():
+    from pipeline.extract import format_summary
+
+    summary = {
+        "output": "/o",
+        "metadata": {
+            "backbone": "mobilenet_v3_small",
+            "pooling": "avg",
+            "feature_dim": 576,
+            "input_size": 32,
+            "weights_fingerprint": "random-init:seed=1234",
+        },
+        "inputs": 6,
+        "rows": 6,
+        "errors": 0,
+        "seconds": 3.0,
+        "feature_files": ["/o/features-0.parquet"],
+        "run": {"embedded": 0, "kept_rows": 6},
+        "mode": "incremental",
+    }
+    text = format_summary(summary)
+    assert "images/s" not in text
+    assert "nothing embedded" in text
+    summary["run"]["embedded"] = 6
+    assert "2.0 images/s" in format_summary(summary)
+
+
+def test_progress_eta_uses_the_rate_after_the_first_batch(monkeypatch, caplog):
+    from transforms.embed import progress
+
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    progress.Progress.start(100, bar=False, every_s=0.0)
+    caplog.set_level(logging.INFO, logger=progress.__name__)
+    try:
+        clock[0] += 50.0  # model loading: not part of the rate
+        progress.Progress.add(done=10)
+        clock[0] += 1.0
+        progress.Progress.add(done=10)
+    finally:
+        progress.Progress.finish()
+    last = caplog.records[-1].getMessage()
+    assert "20 images of 100 (20%, ETA 8 s)" in last
+    assert "10.0 images/s" in last
+    assert "ETA" not in caplog.records[0].getMessage()  # one batch gives no rate yet
