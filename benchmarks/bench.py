@@ -743,7 +743,7 @@ def run_bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(
-        "benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        "benchmarks", description=cli.plain(__doc__) + " Each section is described in the module."
     )
     parser.add_argument(
         "--images",
@@ -755,13 +755,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbones",
         default="mobilenet_v2,resnet50",
         type=lambda s: [b.strip() for b in s.split(",") if b.strip()],
+        help="comma-separated backbones measured",
     )
     parser.add_argument(
         "--weights",
         default=None,
         help="default: sample for mobilenet_v2 (real weights), none otherwise",
     )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per model call"
+    )
     parser.add_argument(
         "--chunk-size",
         type=int,
@@ -769,7 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per chunk; default: the job's (1000), or --count / processes if smaller, "
         "so that each worker process gets a chunk",
     )
-    parser.add_argument("--memory-count", type=int, default=100)
+    parser.add_argument(
+        "--memory-count", type=int, default=100, help="images per peak-memory measurement"
+    )
     parser.add_argument(
         "--rounds",
         type=int,
@@ -783,14 +788,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         default="",
         type=lambda s: set(s.split(",")),
-        help="comma list of: bf16, memory, multi, hub, plan, neighbors, decode, quality",
+        help="comma list of: bf16, memory, multi, hub, plan, neighbors, decode, quality "
+        "(default: none skipped)",
     )
     parser.add_argument(
         "--only",
         choices=("plan", "neighbors", "multi", "hub"),
         default=None,
         help="run only this section (plan: the planner; neighbors: all-rows k-NN, exact and "
-        "faiss; multi: several backbones in one pass; hub: the KerasHub towers against PyTorch)",
+        "faiss; multi: several backbones in one pass; hub: the KerasHub towers against PyTorch) "
+        "(default: every section)",
     )
     parser.add_argument(
         "--multi-backbones",

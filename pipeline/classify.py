@@ -39,26 +39,38 @@ from transforms.models.weights.check import check_weights
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(
         "pipeline.classify",
-        description=__doc__.split("\n\n")[0] + " Unknown flags are Beam pipeline options.",
+        description=cli.plain(__doc__) + " Other flags are Beam pipeline options.",
     )
-    parser.add_argument("--input", action="append", required=True, help="as for pipeline.extract")
-    parser.add_argument("--output", required=True)
     parser.add_argument(
-        "--head", default=None, help="a train_head --model-dir; else the ImageNet top"
+        "--input", action="append", required=True, help="as for featurebeam extract"
+    )
+    parser.add_argument("--output", required=True, help="folder for the predictions table")
+    parser.add_argument(
+        "--head",
+        default=None,
+        help="a featurebeam train-head --model-dir (default: none, the ImageNet top)",
     )
     prompts = parser.add_argument_group("zero-shot (CLIP / SigLIP backbones)")
-    prompts.add_argument("--labels", default=None, help="comma-separated class labels")
-    prompts.add_argument("--labels-file", default=None, help="a text file, one label per line")
+    prompts.add_argument(
+        "--labels", default=None, help="comma-separated class labels (default: none)"
+    )
+    prompts.add_argument(
+        "--labels-file", default=None, help="a text file, one label per line (default: none)"
+    )
     prompts.add_argument(
         "--prompt",
         default=zero_shot.DEFAULT_PROMPT,
         help="the text for each label, {} standing for it (default: %(default)r)",
     )
     cli.add_recipe_flags(parser)
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     cli.add_batch_size_flag(parser)
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="worker cache for remote weight files (default: $FEATUREBEAM_CACHE or ~/.cache/featurebeam)",
+    )
     return parser
 
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import difflib
 import gc
+import re
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from pipeline import logs
@@ -27,7 +30,6 @@ from transforms.images import RESIZE_MODES
 from transforms.lease import LeaseHeld, LeaseLost
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
-from transforms.models.registry import BACKBONES
 from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS, BackboneSpec
 
 RECIPE_FLAGS = (
@@ -135,8 +137,103 @@ def _exit(line: str, status: int, *, verbose: bool) -> NoReturn:
     raise SystemExit(status)
 
 
+class Parser(argparse.ArgumentParser):
+    """A job's ``argparse`` parser, with two habits of ours: our flags take underscores too
+    (:func:`underscore_aliases`), and a flag no one knows ends the job with one line naming the
+    closest valid flag (``error: unknown flag --batchsize (did you mean --batch-size?)``),
+    before any other complaint (a misspelled required flag is named as misspelled, not missing).
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = underscore_aliases(self, sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        refuse_unknown(self, args, beam=False)
+        return super().parse_args(args, namespace)
+
+    def error(self, message: str):
+        """One line, ``error: ...`` and exit 2, pointing at ``--help`` rather than printing the
+        whole usage (a job's usage runs to 20 lines)."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], *, beam: bool) -> None:
+    """Exits with status 2 and one line if ``argv`` holds a flag that is neither the parser's
+    nor (``beam=True``) one of Beam's or its runners' pipeline options."""
+    if "-h" in argv or "--help" in argv:
+        return  # the real parse prints the help, with the required flags as required
+    required = [action for action in parser._actions if action.required]
+    for action in required:  # look for strangers first; argparse names missing flags later
+        action.required = False
+    try:
+        _, extras = argparse.ArgumentParser.parse_known_args(
+            parser, underscore_aliases(parser, argv)
+        )
+    finally:
+        for action in required:
+            action.required = True
+    valid = [o for action in parser._actions for o in action.option_strings]
+    if beam and extras:
+        from pipeline import runners  # only jobs that run Beam pay for its import
+
+        extras, beam_flags = runners.unknown_flags(extras)
+        valid += beam_flags
+    for extra in extras:
+        if extra == "--":
+            break
+        if extra.startswith("-") and len(extra) > 1:
+            name = extra.split("=", 1)[0]
+            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.7)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            parser.exit(USER_ERROR_EXIT, f"error: unknown flag {name}{hint}\n")
+    if beam and extras:
+        parser.exit(USER_ERROR_EXIT, f"error: unexpected argument {extras[0]!r}\n")
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to the help of a flag that takes a value and has a default, unless
+    the help already states it (in words, for flags whose default is "not given")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.nargs != 0
+            and action.default not in (None, [], "", argparse.SUPPRESS)
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def plain(doc: str) -> str:
+    """A docstring's first paragraph as help text: reStructuredText markup removed."""
+    first = doc.strip().split("\n\n")[0]
+    first = re.sub(r":\w+:`~?([^`]+)`", r"\1", first)
+    return " ".join(first.replace("``", "").split())
+
+
+#: The command a job is being run as, when not ``python -m MODULE``: (module, prog), set by
+#: ``featurebeam`` (:func:`invoked_as`) around the job it dispatches to.
+_INVOKED_AS: list[tuple[str, str]] = []
+
+
+@contextlib.contextmanager
+def invoked_as(module: str, prog: str) -> Iterator[None]:
+    """Within it, the parser of ``module`` names itself ``prog`` (``featurebeam extract``) in
+    its usage, help and errors."""
+    _INVOKED_AS.append((module, prog))
+    try:
+        yield
+    finally:
+        _INVOKED_AS.pop()
+
+
 def parser(module: str, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
-    """A job's parser: named as the job is run (``python -m pipeline.extract``), with the
+    """A job's parser (:class:`Parser`): named as the job is run (``featurebeam extract``
+    through the console command, ``python -m pipeline.extract`` as a module), with the
     ``-q``/``--quiet`` and ``-v``/``--verbose`` flags of ``pipeline.logs``.
 
     Args:
@@ -144,17 +241,12 @@ def parser(module: str, description: str | None = None, **kwargs: Any) -> argpar
         description: the help's first paragraph.
         **kwargs: other ``argparse.ArgumentParser`` arguments (``formatter_class``, ``epilog``).
     """
-    made = OneLineErrors(prog=f"python -m {module}", description=description, **kwargs)
+    prog = next((p for m, p in reversed(_INVOKED_AS) if m == module), f"python -m {module}")
+    base = kwargs.pop("formatter_class", argparse.HelpFormatter)
+    formatter = type("HelpFormatter", (_DefaultsShown, base), {})
+    made = Parser(prog=prog, description=description, formatter_class=formatter, **kwargs)
     logs.verbosity_flags(made)
     return made
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line, ``error: ...`` and exit 2, pointing at
-    ``--help`` instead of printing the whole usage (a job's usage runs to 20 lines)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def configure_logging(argv: Sequence[str] | None = None) -> None:
@@ -177,15 +269,15 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backbone",
         default=None,
-        help="registered backbone, or several comma-separated (pipeline.extract: one decode "
-        f"pass, one table per backbone); one of: {', '.join(BACKBONES)} "
+        help="a registered backbone (see featurebeam backbones), or several comma-separated "
+        "(extract: one decode pass, one table per backbone) "
         f"(default: {recipes.DEFAULT_BACKBONE})",
     )
     group.add_argument(
         "--weights",
         default=None,
         help="CNNs: imagenet (Keras download + cache), none (seeded random init), sample "
-        "(offline real MobileNetV2 weights, see pipeline.sample_weights), or a local / gs:// path "
+        "(offline real MobileNetV2 weights, see featurebeam sample-weights), or a local / gs:// path "
         f"to a .weights.h5, .h5 or .keras file (default: {BackboneSpec.default_weights}). KerasHub "
         "backbones: preset (the registry's KerasHub preset, downloaded; the default), none, a "
         "kaggle:// or hf:// handle, or a local / gs:// directory in KerasHub preset or "
@@ -200,7 +292,10 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "(mean of the patch tokens) or cls_avg (both concatenated)",
     )
     group.add_argument(
-        "--layer", default=None, help="use a named layer of the full classifier (e.g. VGG16 fc2)"
+        "--layer",
+        default=None,
+        help="use a named layer of the full classifier (e.g. VGG16 fc2) (default: none, the "
+        "pooled last feature map)",
     )
     group.add_argument(
         "--image-size",
@@ -313,7 +408,11 @@ def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
 def parse_known(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None
 ) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags (underscore spellings accepted) and the rest, which are Beam's."""
-    return parser.parse_known_args(
-        underscore_aliases(parser, sys.argv[1:] if argv is None else argv)
-    )
+    """Our flags (underscore spellings accepted) and the rest, which are Beam's pipeline options.
+
+    A flag that is neither ours nor a Beam or runner option ends the job (:func:`refuse_unknown`):
+    Beam would drop it with a warning and run without it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_unknown(parser, argv, beam=True)
+    return parser.parse_known_args(argv)

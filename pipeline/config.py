@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pipeline.extract",
         description="Embed an image collection with a pretrained headless backbone (a Keras CNN "
         "or a KerasHub vision transformer; several at once with --backbone a,b) into Parquet "
-        "feature tables. Unknown flags are Beam pipeline options (e.g. --runner, "
+        "feature tables. Other flags are Beam pipeline options (e.g. --runner, "
         "--direct_num_workers 2 --direct_running_mode multi_processing; --runner dask with "
         "--dask_client_address HOST:PORT, or --dask_local_workers N for a local cluster).",
     )
@@ -118,13 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         action="append",
         default=[],
-        help="folder, glob, gs:// prefix, or manifest (.csv/.tsv/.txt); repeatable",
+        help="folder, glob, gs:// prefix, or manifest (.csv/.tsv/.txt); repeatable; required "
+        "unless --demo",
     )
-    parser.add_argument("--output", help="output folder for the table (local or gs://)")
+    parser.add_argument(
+        "--output", help="output folder for the table (local or gs://); required unless --demo"
+    )
     cli.add_recipe_flags(parser)
     cli.add_batch_size_flag(parser)
     parser.add_argument(
-        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="default: %(default)s"
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images become error rows (a decompression-bomb guard) (default: %(default)s)",
     )
     parser.add_argument(
         "--mode",
@@ -198,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds without a heartbeat after which a run's lease is taken over "
         "(default: %(default)s)",
     )
-    parser.add_argument("--cache-dir", default=None, help="worker cache for remote weight files")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="worker cache for remote weight files (default: $FEATUREBEAM_CACHE or ~/.cache/featurebeam)",
+    )
     parser.add_argument(
         "--demo",
         action="store_true",

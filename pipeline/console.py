@@ -14,6 +14,7 @@ from collections.abc import Sequence
 #: Command -> (job module, one line on what it does).
 COMMANDS = {
     "extract": ("pipeline.extract", "images -> backbone(s) -> Parquet feature tables"),
+    "backbones": ("pipeline.backbones", "the registered backbones: family, size, width, weights"),
     "train-head": ("pipeline.train_head", "a new classifier head on feature tables"),
     "classify": ("pipeline.classify", "ImageNet top, a trained head, or zero-shot labels"),
     "export-model": ("pipeline.export_model", "backbone + head as one Keras model"),
@@ -45,7 +46,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = f" (did you mean {close[0]}?)" if close else ""
         sys.exit(f"featurebeam: unknown command {argv[0]!r}{hint}\n\n{usage()}")
     module = importlib.import_module(COMMANDS[name][0])
-    module.main(argv[1:])
+    from pipeline import cli
+
+    # Help, usage and errors name the command as typed here: ``featurebeam extract``.
+    with cli.invoked_as(module.__name__.removesuffix(".bench"), f"featurebeam {name}"):
+        module.main(argv[1:])
 
 
 if __name__ == "__main__":

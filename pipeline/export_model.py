@@ -24,8 +24,8 @@ from transforms.images import load_image
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.parser("pipeline.export_model", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--head", required=True, help="a train_head --model-dir")
+    parser = cli.parser("pipeline.export_model", description=cli.plain(__doc__))
+    parser.add_argument("--head", required=True, help="a featurebeam train-head --model-dir")
     parser.add_argument(
         "--model-dir", required=True, help="where model.keras goes (local or gs://)"
     )

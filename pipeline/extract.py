@@ -114,6 +114,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     out = summary["output"]
     meta = summary["metadata"]
     rate = summary["inputs"] / summary["seconds"] if summary["seconds"] else 0.0
+    # A run that embedded nothing (every image kept) has no rate worth printing.
     run = summary.get("run", {})
     what = meta.get("layer") or "pooling=" + meta.get("pooling", "")
     lines = [
@@ -128,7 +129,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"backbone {meta['backbone']} ({what}), {meta['feature_dim']}-d vectors at "
         f"{meta['input_size']} px, resize {meta.get('resize')}, {meta.get('precision')}, "
         f"weights {meta['weights_fingerprint'][:23]}",
-        f"{summary['seconds']:.1f} s wall time, {rate:.1f} images/s end to end (model load included)",
+        f"{summary['seconds']:.1f} s wall time, "
+        + (
+            f"{rate:.1f} images/s end to end (model load included)"
+            if run.get("embedded", 0)
+            else "nothing embedded"
+        ),
         f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shard(s), "
         f"{summary.get('table_rows', summary['rows'])} rows)",
         f"errors: {out}/_errors/errors-*.parquet",

@@ -28,20 +28,29 @@ from transforms.listing import list_sources
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.parser("pipeline.finetune", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("pipeline.finetune", description=cli.plain(__doc__))
     parser.add_argument(
         "--images", action="append", required=True, help="labelled images; repeatable"
     )
-    parser.add_argument("--val-images", action="append", default=[], help="validation images")
-    parser.add_argument("--val-split", type=float, default=0.2, help="when no --val-images")
-    parser.add_argument("--from", dest="source", required=True, help="an export_model --model-dir")
-    parser.add_argument("--model-dir", required=True)
+    parser.add_argument(
+        "--val-images", action="append", default=[], help="validation images (default: none)"
+    )
+    parser.add_argument(
+        "--val-split",
+        type=float,
+        default=0.2,
+        help="stratified fraction held out when no --val-images",
+    )
+    parser.add_argument(
+        "--from", dest="source", required=True, help="a featurebeam export-model --model-dir"
+    )
+    parser.add_argument("--model-dir", required=True, help="where the fine-tuned model goes")
     parser.add_argument("--unfreeze-top", type=int, default=20, help="backbone layers to train")
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="Adam's step size")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per training step")
+    parser.add_argument("--seed", type=int, default=0, help="for the split and the shuffling")
     return parser
 
 

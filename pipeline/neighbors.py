@@ -54,13 +54,13 @@ _LOG = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(
         "pipeline.neighbors",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+        description=cli.plain(__doc__) + " Other flags are Beam pipeline options for --query.",
     )
     parser.add_argument("--features", required=True, help="a feature table folder")
     parser.add_argument("--output", required=True, help="folder for the neighbour tables")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per row (default 10)")
+    parser.add_argument(
+        "--k", type=int, default=10, help="neighbours per row (default: %(default)s)"
+    )
     search = parser.add_mutually_exclusive_group()
     search.add_argument(
         "--index",
@@ -75,25 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="THRESHOLD",
-        help="group rows with cosine >= THRESHOLD (0 < THRESHOLD <= 1) as near-duplicates",
+        help="group rows with cosine >= THRESHOLD (0 < THRESHOLD <= 1) as near-duplicates (default: off)",
     )
     parser.add_argument(
         "--query",
         action="append",
         default=[],
         help="images (file, folder or glob) to embed with the table's recipe and look up; or a "
-        "feature table made with the same recipe",
+        "feature table made with the same recipe; repeatable (default: none)",
     )
     parser.add_argument(
         "--val-features",
         default=None,
-        help="a labelled table of the same recipe: k-NN accuracy of its rows against the table",
+        help="a labelled table of the same recipe: k-NN accuracy of its rows against the table (default: none)",
     )
     parser.add_argument(
-        "--head", default=None, help="a train_head --model-dir: print its accuracy beside k-NN"
+        "--head",
+        default=None,
+        help="a featurebeam train-head --model-dir: print its accuracy beside k-NN (default: none)",
     )
     cli.add_batch_size_flag(parser)
-    parser.add_argument("--cache-dir", default=None, help="as for pipeline.extract (--query)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="worker cache for remote weight files (default: $FEATUREBEAM_CACHE or ~/.cache/featurebeam)",
+    )
     parser.add_argument(
         "--block", type=int, default=neighbors.DEFAULT_BLOCK, help=argparse.SUPPRESS
     )

@@ -29,14 +29,16 @@ _LOG = logging.getLogger(__name__)
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.parser(
         "pipeline.report",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+        description=cli.plain(__doc__),
     )
     parser.add_argument("--features", required=True, help="a feature table folder")
     parser.add_argument("--output", required=True, help="the HTML file to write")
-    parser.add_argument("--neighbors", default=None, help="a pipeline.neighbors --output folder")
-    parser.add_argument("--head", default=None, help="a train_head --model-dir")
+    parser.add_argument(
+        "--neighbors", default=None, help="a featurebeam neighbors --output folder (default: none)"
+    )
+    parser.add_argument(
+        "--head", default=None, help="a featurebeam train-head --model-dir (default: none)"
+    )
     parser.add_argument(
         "--max-points",
         type=int,

@@ -23,6 +23,8 @@ capture those connections, so loopback is added to ``NO_PROXY`` when a proxy is 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -77,6 +79,33 @@ def _pop_flag(args: list[str], flag: str) -> str | None:
             del args[i]
             return arg.split("=", 1)[1]
     return None
+
+
+def beam_parser() -> argparse.ArgumentParser:
+    """A parser of every flag Beam and its runners know: every registered ``PipelineOptions``
+    subclass (as ``PipelineOptions.get_all_options`` builds it), the DaskRunner's own options
+    (registered once its module is imported), and our ``--dask_local_workers``."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    # Registers DaskOptions (--dask_client_address, ...); without dask its flags are unknown.
+    with contextlib.suppress(ImportError):
+        import apache_beam.runners.dask.dask_runner  # noqa: F401
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    classes: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    parser.add_argument(_DASK_LOCAL_WORKERS, type=int)
+    return parser
+
+
+def unknown_flags(beam_args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """What in ``beam_args`` no Beam or runner option knows (Beam would log "Discarding
+    unparseable args" and run without them), and every flag Beam knows (for suggestions)."""
+    parser = beam_parser()
+    _, unknown = parser.parse_known_args(list(beam_args))
+    return unknown, [o for action in parser._actions for o in action.option_strings]
 
 
 def _runner_name(options: PipelineOptions) -> str:

@@ -15,9 +15,7 @@ from transforms.models.weights import sample as sample_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.parser(
-        "pipeline.sample_weights", description=sample_weights.__doc__.split("\n\n")[0]
-    )
+    parser = cli.parser("pipeline.sample_weights", description=cli.plain(sample_weights.__doc__))
     parser.add_argument(
         "--cache-dir", default=None, help="default: $FEATUREBEAM_CACHE or ~/.cache/featurebeam"
     )

@@ -37,7 +37,7 @@ from transforms.models.weights.stage import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.parser("pipeline.stage_weights", description=__doc__)
+    parser = cli.parser("pipeline.stage_weights", description=cli.plain(__doc__))
     parser.add_argument("--backbone", required=True, help="a registered backbone, e.g. resnet50")
     parser.add_argument(
         "--weights",

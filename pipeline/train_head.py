@@ -43,25 +43,30 @@ _LOG = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.parser("pipeline.train_head", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("pipeline.train_head", description=cli.plain(__doc__))
     parser.add_argument(
         "--features", action="append", required=True, help="table folder; repeatable"
     )
-    parser.add_argument("--val-features", action="append", default=[], help="validation table(s)")
     parser.add_argument(
-        "--val-split", type=float, default=0.2, help="stratified fraction when no --val-features"
+        "--val-features", action="append", default=[], help="validation table(s) (default: none)"
+    )
+    parser.add_argument(
+        "--val-split",
+        type=float,
+        default=0.2,
+        help="stratified fraction held out when no --val-features",
     )
     parser.add_argument(
         "--model-dir", required=True, help="where the head and report go (local or gs://)"
     )
-    parser.add_argument("--head", default="logistic", choices=HEADS)
-    parser.add_argument("--hidden-units", type=int, default=256, help="mlp only")
-    parser.add_argument("--dropout", type=float, default=0.3, help="mlp only")
-    parser.add_argument("--epochs", type=int, default=200)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--head", default="logistic", choices=HEADS, help="the head's kind")
+    parser.add_argument("--hidden-units", type=int, default=256, help="mlp only: hidden units")
+    parser.add_argument("--dropout", type=float, default=0.3, help="mlp only: dropout rate")
+    parser.add_argument("--epochs", type=int, default=200, help="most training epochs")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam's step size")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows per training step")
     parser.add_argument("--patience", type=int, default=15, help="early-stopping patience (epochs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="for the split and the training")
     return parser
 
 

@@ -49,8 +49,8 @@ def test_max_pooling_width_matches_avg():
     assert tuple(model.output.shape) == (None, 576)
 
 
-def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ValueError, match="valid backbones: vgg16, .*resnet50.*convnext_xlarge"):
+def test_unknown_backbone_names_close_ones_and_the_list_command():
+    with pytest.raises(ValueError, match=r"\(did you mean resnet50, .*\?\); featurebeam backbones"):
         get_backbone("resnet9000")
 
 

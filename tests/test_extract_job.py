@@ -75,7 +75,7 @@ def test_existing_table_needs_overwrite(image_tree, tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--backbone", "resnet9000"], "valid backbones"),
+        (["--backbone", "resnet9000"], "featurebeam backbones lists all"),
         (["--weights", "/no/such/file.h5"], "weights file not found"),
         (
             ["--backbone", "resnet50", "--weights", "sample"],

@@ -68,20 +68,25 @@ class Progress:
                     bar.set_postfix(errors=state["errors"], refresh=False)
                 bar.update(done + errors)
                 return
+            finished = state["done"] + state["errors"]
+            # The rate is measured from the first batch on: before it, the time went to loading
+            # the model, which says nothing about how long the rest will take.
+            first = state.setdefault("first", (now, finished))
             if now - state["last"] < state["every_s"]:
                 return
             state["last"] = now
-            finished = state["done"] + state["errors"]
-            rate = finished / max(now - state["start"], 1e-9)
+            elapsed, since_first = now - first[0], finished - first[1]
+            rate = since_first / elapsed if elapsed > 0 and since_first else 0.0
             of = ""
             if state["total"]:
-                eta = (state["total"] - finished) / rate if rate else float("inf")
-                of = f" of {state['total']} ({finished / state['total']:.0%}, ETA {eta:.0f} s)"
+                eta = f", ETA {(state['total'] - finished) / rate:.0f} s" if rate else ""
+                of = f" of {state['total']} ({finished / state['total']:.0%}{eta})"
+            speed = f", {rate:.1f} images/s" if rate else ""  # none yet: no figure
             _LOG.info(
-                "progress (pid %d): %d images%s, %.1f images/s, %d errors",
+                "progress (pid %d): %d images%s%s, %d errors",
                 os.getpid(),
                 finished,
                 of,
-                rate,
+                speed,
                 state["errors"],
             )

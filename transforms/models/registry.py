@@ -267,13 +267,14 @@ def get_backbone(name: str) -> BackboneSpec | HubSpec:
     """Looks a backbone up by name (case-insensitive; ``-`` and ``_`` are equivalent).
 
     Raises:
-        ValueError: unknown name, listing every valid one.
+        ValueError: unknown name, naming up to three close ones and the command that lists
+            all (`featurebeam backbones`).
     """
     key = name.strip().lower().replace("-", "_")
     if key not in BACKBONES:
         close = difflib.get_close_matches(key, BACKBONES, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(
-            f"unknown backbone {name!r}{hint}; valid backbones: {', '.join(BACKBONES)}"
+            f"unknown backbone {name!r}{hint}; featurebeam backbones lists all {len(BACKBONES)}"
         )
     return BACKBONES[key]
