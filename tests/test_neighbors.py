@@ -246,7 +246,8 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
     (head / "report.json").write_text(
         json.dumps({"head": "logistic", "accuracy": 0.9, "validation": "tables"})
     )
-    base = ["--features", str(tmp_path / "train"), "--output", str(tmp_path / "nn")]
+    # every run replaces the last one's results in NN_OUT: --overwrite
+    base = ["--features", str(tmp_path / "train"), "--output", str(tmp_path / "nn"), "--overwrite"]
 
     summary = run([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
     assert summary["knn_on"].startswith("val table") and summary["knn_accuracy"][5] > 0.8
@@ -266,13 +267,14 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs a label on every row.*100 unlabelled"):
         run([*base, "--val-features", str(tmp_path / "unlabelled")])
     unlabelled = ["--features", str(tmp_path / "unlabelled"), "--output", str(tmp_path / "o")]
+    unlabelled += ["--overwrite"]
     with pytest.raises(ValueError, match="needs a label on every row"):
         run([*unlabelled, "--head", str(head)])
     assert "knn_accuracy" not in run(unlabelled)  # not asked: no figure, no error
     write_vector_table(tmp_path / "no-recipe", x[:20])
     with pytest.raises(ValueError, match="cannot rebuild the recipe"):
         run(
-            ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o")]
+            ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o2")]
             + ["--query", str(tmp_path)]
         )
     main([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
