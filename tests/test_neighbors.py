@@ -329,6 +329,7 @@ def test_a_planted_near_duplicate_is_found_across_splits(tmp_path, sample_weight
     summary = run(
         ["--features", str(tmp_path / "features"), "--output", str(tmp_path / "nn"), "--k", "2"]
         + ["--query", str(tmp_path / "images" / "train" / "photos" / "cat_copy.jpg")]
+        + ["--overwrite"]  # NN_OUT holds the first run's results
     )
     assert summary["query_inputs"] == 1 and summary["query_rows"] == 1
     (found,) = pq.read_table(tmp_path / "nn" / "query_neighbors.parquet").to_pylist()
