@@ -6,9 +6,11 @@ text-image backbone (CLIP, SigLIP) zero-shot against any labels.
     python -m pipeline.classify --input DIR --output OUT --backbone siglip2_base_patch16_224 \
         --labels ants,bees --prompt "a photo of {}."
 
-Runs the same Beam read/decode path as extraction and writes a Parquet table of predictions
-(``prediction``, ``probability``, ``top_classes``, ``top_probabilities`` per image), with the same
-error rows and ``_SUMMARY.json``. With ``--head``, images are made into vectors with exactly the
+Runs the same Beam read/decode path as extraction and writes a Parquet table of predictions,
+``OUT/predictions-*.parquet`` (``prediction``, ``probability``, ``top_classes``,
+``top_probabilities`` per image), with the same error rows and ``_SUMMARY.json``; it prints the
+first predictions and the count per predicted label. An ``OUT`` that holds a table is refused
+unless ``--overwrite``. With ``--head``, images are made into vectors with exactly the
 recipe the head was trained on (backbone, weights, size, pooling, resize, precision), read from
 the head's report; a recipe flag that contradicts it is refused. With ``--labels`` (or
 ``--labels-file``, one label per line), each label becomes a prompt (``--prompt``, ``{}`` is the
@@ -26,8 +28,8 @@ from typing import Any
 
 from pipeline import cli
 from pipeline.launch import TableRun, launch
-from transforms import model_io, storage
-from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names
+from transforms import model_io, storage, table
+from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names, preview
 from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatures, run_metadata
 from transforms.models import zero_shot
@@ -65,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_recipe_flags(parser)
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     cli.add_batch_size_flag(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a table already in --output"
+    )
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -151,6 +155,14 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
             to_row=TopK(args.top_k, classes),
             schema=PREDICTION_SCHEMA,
             lease=lease,
+            prefix=table.PREDICTIONS,
+        )
+
+    if not args.overwrite and table.shard_files(args.output):
+        # Said here, not by the planner: its message names extract's --mode incremental.
+        raise FileExistsError(
+            f"--output {args.output} already holds a table; pass --overwrite to replace it, "
+            "or choose another --output"
         )
 
     summary = launch(
@@ -161,6 +173,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
         test_pipeline=test_pipeline,
     )
     summary.update(seconds=time.monotonic() - started, output=args.output)
+    summary["preview"] = preview(args.output)
     return summary
 
 
@@ -173,8 +186,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"classifier: {meta['backbone']} ({meta['resize']}, {meta['precision']}) + {meta['head']}, "
         f"{summary['seconds']:.1f} s"
     )
-    print(f"predictions: {out}/features-*.parquet (prediction, probability, top_classes, ...)")
+    shown = summary["preview"]
+    if shown["first"]:
+        width = max(len(_file_name(r["uri"])) for r in shown["first"])
+        print(f"first {len(shown['first'])} of {summary['rows']} predictions (by file):")
+        for r in shown["first"]:
+            print(f"  {_file_name(r['uri']):<{width}}  {r['prediction']}  {r['probability']:.3f}")
+        counts = ", ".join(f"{label} {n}" for label, n in shown["counts"].items())
+        print(f"predicted labels: {counts}")
+    print(
+        f"predictions: {out}/{table.PREDICTIONS}-*.parquet "
+        "(uri, prediction, probability, top_classes, top_probabilities)"
+    )
     print(f"errors: {out}/_errors/errors-*.parquet")
+
+
+def _file_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
 if __name__ == "__main__":

@@ -391,6 +391,16 @@ def add_batch_size_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "folder") -> None:
+    """``--overwrite``: the one rule for a job's output (``storage.staged_output``)."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an output {what} that already holds results; the old results stay until "
+        "the new ones are complete (default: refuse)",
+    )
+
+
 def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """Accepts ``--batch_size`` for our ``--batch-size`` (Beam's own flags use underscores, and
     Dataflow flex-template parameter names cannot hold dashes). Beam's flags are left alone."""

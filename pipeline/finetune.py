@@ -9,6 +9,12 @@ layer frozen and in inference mode (as Keras recommends for fine-tuning), trains
 rate, and reports validation accuracy before and after. Images are decoded with the recipe the model
 was exported with (its ``recipe.json``: size and resize), exactly as its head was trained. Images
 that cannot be decoded are left out of training and counted in the report.
+
+Without ``--val-images`` the images' splits decide (``transforms.splits``, as for ``train_head``):
+``train/`` images train and ``val/`` images validate; only images without split folders are split
+at random (``--val-split``, stratified). The report's ``validation`` says which was used. A
+``--model-dir`` that holds results is refused unless ``--overwrite``, which replaces it only once
+the new model and report are complete.
 """
 
 from __future__ import annotations
@@ -21,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import cli
-from transforms import model_io, storage
-from transforms.head import stratified_split
+from transforms import model_io, splits, storage
 from transforms.images import ImageError, load_image
 from transforms.listing import list_sources
 
@@ -38,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val-split",
         type=float,
-        default=0.2,
-        help="stratified fraction held out when no --val-images",
+        default=splits.DEFAULT_FRACTION,
+        help="stratified fraction that validates when no --val-images is given and the images "
+        "have no val split",
     )
     parser.add_argument(
         "--from", dest="source", required=True, help="a featurebeam export-model --model-dir"
@@ -51,15 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per training step")
     parser.add_argument("--seed", type=int, default=0, help="for the split and the shuffling")
+    cli.add_overwrite_flag(parser)
     return parser
 
 
-def _labelled(sources, classes) -> tuple[list[str], np.ndarray]:
+def _labelled(sources, classes) -> tuple[list[str], np.ndarray, list[str | None]]:
+    """The labelled images' URIs, class indices and splits."""
     refs = [r for r in list_sources(sources) if r.label is not None]
     unknown = sorted({r.label for r in refs} - set(classes))
     if unknown:
         raise ValueError(f"labels the model does not know: {unknown}; it knows {classes}")
-    return [r.uri for r in refs], np.array([classes.index(r.label) for r in refs], dtype=np.int64)
+    targets = np.array([classes.index(r.label) for r in refs], dtype=np.int64)
+    return [r.uri for r in refs], targets, [r.split for r in refs]
 
 
 def _dataset(uris, targets, recipe, *, batch_size, shuffle_seed=None):
@@ -113,15 +122,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
+    storage.check_output(args.model_dir, overwrite=args.overwrite, flag="--model-dir")
     model, classes, recipe = model_io.load_model_dir(args.source)
     try:
-        uris, targets = _labelled(args.images, classes)
+        uris, targets, image_splits = _labelled(args.images, classes)
         if args.val_images:
-            val_uris, val_targets = _labelled(args.val_images, classes)
+            val_uris, val_targets, _ = _labelled(args.val_images, classes)
+            chosen = splits.training_rows(image_splits, source="--val-images")
         else:
-            tr, va = stratified_split(targets, args.val_split, seed=args.seed)
-            val_uris, val_targets = [uris[i] for i in va], targets[va]
-            uris, targets = [uris[i] for i in tr], targets[tr]
+            chosen = splits.split_rows(
+                image_splits,
+                targets,
+                fraction=args.val_split,
+                seed=args.seed,
+                where=", ".join(args.images),
+            )
+            val_uris, val_targets = [uris[i] for i in chosen.val], targets[chosen.val]
+        uris, targets = [uris[i] for i in chosen.train], targets[chosen.train]
     except ValueError as exc:
         parser.error(str(exc))
     keras.utils.set_random_seed(args.seed)
@@ -140,12 +157,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     history = model.fit(train_ds, epochs=args.epochs, steps_per_epoch=args.steps, verbose=0).history
     after = float(model.evaluate(val_ds, verbose=0)[1])
 
-    model_io.save_model_dir(args.model_dir, model, classes, recipe.to_metadata())
+    validation = chosen.describe()
+    validation["validation_rows"] = len(val_uris)
     report = {
         "val_accuracy_before": before,
         "val_accuracy_after": after,
         "train_images": len(uris),
         "val_images": len(val_uris),
+        "validation": validation,
         "unfrozen_layers_with_weights": trainable,
         "learning_rate": args.learning_rate,
         "epochs": args.epochs,
@@ -154,7 +173,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "resize": recipe.resize,
         "seconds": round(time.monotonic() - started, 1),
     }
-    model_io.write_json(storage.join(args.model_dir, model_io.FINETUNE_REPORT_FILE), report)
+    with storage.staged_output(args.model_dir, overwrite=args.overwrite, flag="--model-dir") as out:
+        model_io.save_model_dir(out, model, classes, recipe.to_metadata())
+        model_io.write_json(storage.join(out, model_io.FINETUNE_REPORT_FILE), report)
     return report
 
 
@@ -164,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"validation accuracy {r['val_accuracy_before']:.3f} -> {r['val_accuracy_after']:.3f} "
         f"({r['unfrozen_layers_with_weights']} layers trained, {r['train_images']} images, {r['seconds']} s)"
     )
+    print(f"  validation: {r['validation']['source']} ({r['val_images']} images)")
 
 
 if __name__ == "__main__":

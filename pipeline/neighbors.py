@@ -21,10 +21,13 @@ Writes to ``NN_OUT``:
 
 Every table's metadata records the source table, its fingerprint and recipe. The table is read in
 batches, never whole. Exact search is used up to ``transforms.neighbors.AUTO_INDEX_ROWS`` rows,
-a faiss IVF index past it (``--index auto``). For a labelled table the job prints the
-leave-one-out k-NN accuracy (k = 1, 5, 20), or with ``--val-features`` the accuracy of the val
-rows against the table, beside the head's when ``--head`` is given. Unknown flags are Beam pipeline
-options for embedding ``--query`` images.
+a faiss IVF index past it (``--index auto``). For a labelled table the job prints the k-NN
+accuracy (k = 1, 5, 20) by the one split rule (``transforms.splits``): a table whose rows carry
+splits scores its val rows against its train rows only (and its test rows, separately); a table
+without split information, leave-one-out; with ``--val-features``, the val table's rows against
+the table. The head's accuracy is printed beside it when ``--head`` is given. An ``NN_OUT`` that
+holds results is refused unless ``--overwrite``, which replaces it only once the new results are
+complete. Unknown flags are Beam pipeline options for embedding ``--query`` images.
 """
 
 import argparse
@@ -40,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import cli
-from transforms import model_io, neighbors, storage
+from transforms import model_io, neighbors, splits, storage
 from transforms import neighbors_layout as layout
 from transforms import table as tables
 from transforms.neighbors import FeatureShards, Searcher
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a featurebeam train-head --model-dir: print its accuracy beside k-NN (default: none)",
     )
     cli.add_batch_size_flag(parser)
+    cli.add_overwrite_flag(parser)
     parser.add_argument(
         "--cache-dir",
         default=None,
@@ -193,7 +197,9 @@ def _require_labels(
     return labels
 
 
-def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int, knn) -> list:
+def _write_all_rows(
+    args, out: str, base: FeatureShards, searcher: Searcher, search_k: int, knn
+) -> list:
     """Neighbours of every row to ``neighbors.parquet``; returns the pairs at or above the
     duplicate threshold (``(i, j)``, i < j)."""
     pairs: list[tuple[int, int]] = []
@@ -216,11 +222,11 @@ def _write_all_rows(args, base: FeatureShards, searcher: Searcher, search_k: int
                         zip(np.minimum(i, j).tolist(), np.maximum(i, j).tolist(), strict=True)
                     )
 
-    storage.write_atomically(storage.join(args.output, layout.NEIGHBORS_FILE), write)
+    storage.write_atomically(storage.join(out, layout.NEIGHBORS_FILE), write)
     return sorted(set(pairs))
 
 
-def _write_duplicates(args, base: FeatureShards, pairs) -> dict[str, Any]:
+def _write_duplicates(args, out: str, base: FeatureShards, pairs) -> dict[str, Any]:
     groups = neighbors.groups_of_pairs(pairs)
     ids = base.ids.to_pydict()
     members = [(g, i) for g, group in enumerate(groups) for i in group]
@@ -234,7 +240,7 @@ def _write_duplicates(args, base: FeatureShards, pairs) -> dict[str, Any]:
         },
         schema=layout.DUPLICATE_SCHEMA,
     ).replace_schema_metadata(_output_metadata(base, {layout.THRESHOLD: args.duplicates}))
-    tables.write_parquet(storage.join(args.output, layout.DUPLICATES_FILE), table)
+    tables.write_parquet(storage.join(out, layout.DUPLICATES_FILE), table)
     crossing = [g for g in groups if len({ids[layout.SPLIT][i] for i in g}) > 1]
     return {
         "duplicate_threshold": args.duplicates,
@@ -280,7 +286,7 @@ def _query_recipe(args, base: FeatureShards):
         ) from None
 
 
-def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
+def _embed_queries(args, out: str, recipe, beam_args) -> dict[str, Any]:
     """The query images' feature table, made with the base table's recipe."""
     from pipeline.launch import TableRun, launch  # Beam: only when there are images to embed
     from transforms.embed.handler import BackboneModelHandler
@@ -297,7 +303,7 @@ def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
     return launch(
         TableRun(
             inputs=tuple(args.query),
-            output=storage.join(args.output, layout.QUERY_DIR),
+            output=storage.join(out, layout.QUERY_DIR),
             overwrite=True,
         ),
         metadata=metadata,
@@ -306,21 +312,27 @@ def _embed_queries(args, recipe, beam_args) -> dict[str, Any]:
     )
 
 
-def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> dict[str, Any]:
+def _query(
+    args, out: str, base: FeatureShards, searcher: Searcher, recipe, beam_args
+) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if recipe is None:
-        query_dir = args.query[0]
+        query_dir = named_query_dir = args.query[0]
     else:
-        embedded = _embed_queries(args, recipe, beam_args)
-        query_dir = storage.join(args.output, layout.QUERY_DIR)
+        embedded = _embed_queries(args, out, recipe, beam_args)
+        query_dir = storage.join(out, layout.QUERY_DIR)
+        named_query_dir = storage.join(args.output, layout.QUERY_DIR)  # where it ends up
         summary.update(
-            query_inputs=embedded["inputs"], query_errors=embedded["errors"], query_table=query_dir
+            query_inputs=embedded["inputs"],
+            query_errors=embedded["errors"],
+            query_table=named_query_dir,
         )
     try:
         queries = FeatureShards.open(query_dir)
     except ValueError:
         raise ValueError(
-            f"none of the --query images could be embedded: see {query_dir}/_errors"
+            f"none of the --query images could be embedded: see {named_query_dir}/_errors "
+            "(kept only when a run completes: run again with -v to see the errors logged)"
         ) from None
     base.check_same_recipe(queries)
     neighbors.check_k(args.k, len(base))
@@ -328,7 +340,11 @@ def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> 
     def write(f):
         meta = _output_metadata(
             base,
-            {layout.K: args.k, layout.INDEX: searcher.method, layout.QUERY_TABLE: query_dir},
+            {
+                layout.K: args.k,
+                layout.INDEX: searcher.method,
+                layout.QUERY_TABLE: named_query_dir,
+            },
         )
         with pq.ParquetWriter(f, layout.NEIGHBOR_SCHEMA.with_metadata(meta)) as writer:
             for offset, batch in queries.batches():
@@ -336,22 +352,48 @@ def _query(args, base: FeatureShards, searcher: Searcher, recipe, beam_args) -> 
                 rows = queries.ids.slice(offset, len(batch))
                 writer.write_batch(_neighbor_batch(rows, base, index, sims, args.k))
 
-    storage.write_atomically(storage.join(args.output, layout.QUERY_NEIGHBORS_FILE), write)
+    storage.write_atomically(storage.join(out, layout.QUERY_NEIGHBORS_FILE), write)
     summary["query_rows"] = len(queries)
     return summary
+
+
+def _split_knn(
+    base: FeatureShards, labels: np.ndarray, rows: np.ndarray, train: np.ndarray
+) -> dict[int, float]:
+    """k-NN accuracy of ``rows`` (val or test rows) with only the ``train`` rows as
+    neighbours: exact search, the scored rows' vectors held in memory."""
+    allowed = np.zeros(len(base), dtype=bool)
+    allowed[train] = True
+    ks = tuple(k for k in KNN_KS if k <= len(train))
+    knn = _Knn(labels, ks)
+    vectors = base.rows_at(rows)
+    step = neighbors.DEFAULT_BATCH_ROWS
+    for q0 in range(0, len(rows), step):
+        index, _ = neighbors.exact_search(
+            vectors[q0 : q0 + step], base.batches, max(ks), allowed=allowed
+        )
+        knn.add(index, labels[rows[q0 : q0 + step]])
+    return knn.result()
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Writes the neighbour tables; returns the summary (also ``NN_OUT/_SUMMARY.json``).
 
     Raises:
-        ValueError: no table, k larger than the table, an unlabelled table asked for k-NN
-            accuracy, or a query/val table made with another recipe.
+        ValueError: no table, an empty one, k larger than the table, an unlabelled table asked
+            for k-NN accuracy, or a query/val table made with another recipe.
+        FileExistsError: ``--output`` holds results and ``--overwrite`` was not given.
     """
     args, beam_args = _parse(argv)
     started = time.monotonic()
     base = FeatureShards.open(args.features)
+    if not len(base):
+        raise ValueError(
+            f"{args.features}: the feature table has no rows, so no row has neighbours; "
+            "extract some images into it first"
+        )
     neighbors.check_k(args.k, len(base) - 1)
+    storage.check_output(args.output, overwrite=args.overwrite, flag="--output")
     head = model_io.read_head_report(args.head) if args.head else None
     query_recipe = _query_recipe(args, base)
     val = _open_val(args, base)
@@ -360,52 +402,77 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _require_labels(base, "k-NN accuracy", base_labels)
     elif any(label is None for label in base_labels):
         base_labels = None  # not asked for: no k-NN figure
-    storage.makedirs(args.output)
-
-    searcher = Searcher(base, index=args.index, block=args.block)
-    _LOG.info("%d rows, %d-d: %s search", len(base), base.dim, searcher.method)
     # A query alone looks up only the queries; the table's own neighbours, duplicates and k-NN
     # figures come from a run without --query (or one that asks for them too).
     all_rows = not args.query or args.duplicates is not None or args.val_features or head
+    table_splits = None  # the one rule (transforms.splits): val rows scored against train rows
+    table_split_column = base.column("split")
+    if (
+        all_rows
+        and base_labels is not None
+        and not args.val_features
+        and splits.has_splits(table_split_column)
+    ):
+        table_splits = splits.split_rows(table_split_column, base_labels, where=args.features)
     loo_ks = tuple(k for k in KNN_KS if k <= len(base) - 1)
-    leave_one_out = all_rows and base_labels is not None and not args.val_features
+    leave_one_out = (
+        all_rows and base_labels is not None and not args.val_features and table_splits is None
+    )
     search_k = max(args.k, max(loo_ks)) if leave_one_out else args.k
     knn = _Knn(base_labels, loo_ks) if leave_one_out else None
-    pairs = _write_all_rows(args, base, searcher, search_k, knn) if all_rows else []
-    summary: dict[str, Any] = {
-        "features": args.features,
-        "rows": len(base),
-        "dim": base.dim,
-        "k": args.k,
-        "index": searcher.method,
-        "output": args.output,
-        "source_fingerprint": base.fingerprint,
-    }
-    if knn is not None:
-        summary["knn_accuracy"] = knn.result()
-        summary["knn_on"] = "leave-one-out"
-    if args.val_features:
-        summary["knn_accuracy"] = _val_knn(base, searcher, base_labels, val)
-        summary["knn_on"] = f"val table {args.val_features}"
-    if head is not None:
-        summary["head"] = {
-            "dir": args.head,
-            "kind": head.get("head"),
-            "accuracy": head["accuracy"],
-            "validation": head.get("validation"),
-            "same_recipe": head.get("feature_table_fingerprint") == base.fingerprint,
+
+    with storage.staged_output(args.output, overwrite=args.overwrite, flag="--output") as out:
+        searcher = Searcher(base, index=args.index, block=args.block)
+        _LOG.info("%d rows, %d-d: %s search", len(base), base.dim, searcher.method)
+        pairs = _write_all_rows(args, out, base, searcher, search_k, knn) if all_rows else []
+        summary: dict[str, Any] = {
+            "features": args.features,
+            "rows": len(base),
+            "dim": base.dim,
+            "k": args.k,
+            "index": searcher.method,
+            "output": args.output,
+            "source_fingerprint": base.fingerprint,
         }
-        if not summary["head"]["same_recipe"]:
-            _LOG.warning("the head %s was trained on features of another recipe", args.head)
-    if args.duplicates is not None:
-        summary.update(_write_duplicates(args, base, pairs))
-    if args.query:
-        summary.update(_query(args, base, searcher, query_recipe, beam_args))
-    summary["seconds"] = round(time.monotonic() - started, 2)
-    data = json.dumps(summary, indent=2).encode()
-    storage.write_atomically(
-        storage.join(args.output, tables.SUMMARY_FILE), lambda f: f.write(data)
-    )
+        if knn is not None:
+            summary["knn_accuracy"] = knn.result()
+            summary["knn_on"] = "leave-one-out (the table has no split column)"
+        if table_splits is not None:
+            summary["knn_accuracy"] = _split_knn(
+                base, base_labels, table_splits.val, table_splits.train
+            )
+            summary["knn_on"] = (
+                f"{len(table_splits.val)} val rows against {len(table_splits.train)} train "
+                f"rows ({table_splits.source}; exact search)"
+            )
+            summary["knn_validation"] = table_splits.describe()
+            if len(table_splits.test):
+                summary["knn_test_accuracy"] = _split_knn(
+                    base, base_labels, table_splits.test, table_splits.train
+                )
+        if args.val_features:
+            summary["knn_accuracy"] = _val_knn(base, searcher, base_labels, val)
+            summary["knn_on"] = f"val table {args.val_features}"
+        if head is not None:
+            mismatch = model_io.head_recipe_mismatch(
+                args.head, head, base.metadata, base.fingerprint
+            )
+            summary["head"] = {
+                "dir": args.head,
+                "kind": head.get("head"),
+                "accuracy": head["accuracy"],
+                "validation": head.get("validation"),
+                "same_recipe": mismatch is None,
+            }
+            if mismatch is not None:
+                _LOG.warning("%s", mismatch)
+        if args.duplicates is not None:
+            summary.update(_write_duplicates(args, out, base, pairs))
+        if args.query:
+            summary.update(_query(args, out, base, searcher, query_recipe, beam_args))
+        summary["seconds"] = round(time.monotonic() - started, 2)
+        data = json.dumps(summary, indent=2).encode()
+        storage.write_atomically(storage.join(out, tables.SUMMARY_FILE), lambda f: f.write(data))
     return summary
 
 
@@ -419,11 +486,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     for k, accuracy in s.get("knn_accuracy", {}).items():
         print(f"  {k}-NN accuracy ({s['knn_on']}): {accuracy:.3f}")
+    for k, accuracy in s.get("knn_test_accuracy", {}).items():
+        print(f"  {k}-NN test accuracy (test rows against the train rows): {accuracy:.3f}")
     if "head" in s:
         head = s["head"]
         print(
             f"  {head['kind']} head accuracy: {head['accuracy']:.3f} "
-            f"(its validation: {head['validation']}; {head['dir']})"
+            f"(its validation: {splits.describe(head['validation'])}; {head['dir']})"
         )
     if "duplicate_groups" in s:
         print(

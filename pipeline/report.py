@@ -10,6 +10,10 @@ near-duplicate groups, those crossing split boundaries highlighted. With ``--hea
 ``train_head --model-dir``): the confusion matrix, the learning curves and the misclassified
 validation images with their predicted and true labels and probability.
 
+A head trained on another recipe's vectors than the table's is shown with a warning (on the page,
+in the log and in the printed result), as the neighbours job does. An ``--output`` file that exists
+is refused unless ``--overwrite``; the new page replaces it only once it is complete.
+
 The page opens offline, with no server: Plotly's JavaScript is inlined (about 4.8 MB) and the
 thumbnails are JPEG data URIs. Past 5,000 rows the map shows a seeded random sample and says so.
 """
@@ -46,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="rows on the map; past it, a seeded random sample (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="for the samples (default: 0)")
+    cli.add_overwrite_flag(parser, "file")
     return parser
 
 
@@ -61,6 +66,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_points < 1:
         parser.error("--max-points must be >= 1")
     started = time.monotonic()
+    storage.check_output(args.output, overwrite=args.overwrite, flag="--output", what="file")
     data = report_data.gather(
         args.features,
         neighbors_dir=args.neighbors,
@@ -68,11 +74,16 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         max_points=args.max_points,
         seed=args.seed,
     )
+    if data.head_mismatch:
+        _LOG.warning("%s", data.head_mismatch)
     page = report.render(data).encode("utf-8")
+    # One file: written under a temporary name and renamed (locally), or uploaded whole (gs://),
+    # so an old page is replaced only by a complete new one.
     storage.write_atomically(args.output, lambda f: f.write(page))
     facts = report.page_facts(data)
     return {
         **facts,
+        "head_warning": data.head_mismatch,
         "output": args.output,
         "bytes": len(page),
         "seconds": round(time.monotonic() - started, 2),
@@ -87,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{s['groups']} duplicate groups -> {s['output']} ({s['bytes'] / 1e6:.1f} MB, "
         f"{s['seconds']} s)"
     )
+    if s.get("head_warning"):
+        print(f"  warning: {s['head_warning']}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,13 @@
 """Train a new classifier head on a feature table.
 
     python -m pipeline.train_head --features OUT_DIR [--val-features VAL_DIR | --val-split 0.2] \\
-        --model-dir HEAD_DIR [--head logistic|mlp] [--epochs N] [--learning-rate X]
+        --model-dir HEAD_DIR [--head logistic|mlp] [--epochs N] [--learning-rate X] [--overwrite]
+
+Which rows train and which validate follows ``transforms.splits``: a table whose rows carry
+splits (``train/ants/x.jpg``) trains on its train rows and validates on its val rows (test rows are
+scored separately); only a table without split information is split at random (``--val-split``,
+stratified). ``report.json``'s ``validation`` says which was used. A ``--model-dir`` that holds
+results is refused unless ``--overwrite``, which replaces it only once the new head is complete.
 
 Writes to HEAD_DIR: ``head.keras`` (the Keras head: normalisation + softmax), ``report.json``
 (classes, counts, accuracy, per-class precision/recall, confusion matrix, the feature table's
@@ -27,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import cli
-from transforms import model_io, storage
+from transforms import model_io, splits, storage
 from transforms.head import (
     HEADS,
     FeatureSet,
@@ -36,7 +42,6 @@ from transforms.head import (
     part_names,
     pca_2d,
     read_features,
-    stratified_split,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -53,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--val-split",
         type=float,
-        default=0.2,
-        help="stratified fraction held out when no --val-features",
+        default=splits.DEFAULT_FRACTION,
+        help="stratified fraction that validates when the table has no val rows and no "
+        "--val-features is given",
     )
     parser.add_argument(
         "--model-dir", required=True, help="where the head and report go (local or gs://)"
@@ -67,17 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="rows per training step")
     parser.add_argument("--patience", type=int, default=15, help="early-stopping patience (epochs)")
     parser.add_argument("--seed", type=int, default=0, help="for the split and the training")
+    cli.add_overwrite_flag(parser)
     return parser
 
 
-def _split(train: FeatureSet, val: FeatureSet | None, fraction: float, seed: int):
-    """``x_train, y_train, x_val, y_val, val_uris``."""
+def _split(args, train: FeatureSet, val: FeatureSet | None) -> splits.Split:
+    """Which rows of ``train`` train (and validate, without ``--val-features``): the one rule."""
     if val is not None:
-        return train.x, train.labels, val.x, val.labels, val.uris
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"--val-split must be in (0, 1), got {fraction}")
-    tr, va = stratified_split(train.labels, fraction, seed=seed)
-    return train.x[tr], train.labels[tr], train.x[va], train.labels[va], train.uris[va]
+        return splits.training_rows(train.splits, source="--val-features tables")
+    return splits.split_rows(
+        train.splits,
+        train.labels,
+        fraction=args.val_split,
+        seed=args.seed,
+        where=", ".join(args.features),
+    )
 
 
 def _save_plots(model_dir: str, history: dict, report: dict, classes, x, labels) -> list[str]:
@@ -200,15 +210,27 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.monotonic()
+    storage.check_output(args.model_dir, overwrite=args.overwrite, flag="--model-dir")
     try:
         train = read_features(args.features)
         val = read_features(args.val_features, like=train) if args.val_features else None
-        x_train, y_train, x_val, y_val, val_uris = _split(train, val, args.val_split, args.seed)
+        chosen = _split(args, train, val)
     except ValueError as exc:
         parser.error(str(exc))
+    x_train, y_train = train.x[chosen.train], train.labels[chosen.train]
+    if val is not None:
+        x_val, y_val, val_uris = val.x, val.labels, val.uris
+    else:
+        x_val, y_val, val_uris = (
+            train.x[chosen.val],
+            train.labels[chosen.val],
+            train.uris[chosen.val],
+        )
     classes = sorted(set(y_train.tolist()))
     if len(classes) < 2:
         parser.error(f"need at least two classes to train a classifier, found {classes}")
+    if not len(y_val):
+        parser.error(f"no rows to validate on ({chosen.source}); give --val-features")
     unknown = sorted(set(y_val.tolist()) - set(classes))
     if unknown:
         parser.error(f"validation labels not seen in training: {unknown}")
@@ -223,6 +245,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         fusion = _compare_parts(args, train, x_train, t_train, x_val, t_val, len(classes))
         fusion["val_accuracy"]["+".join(fusion["parts"])] = float((predicted == t_val).mean())
         fusion["best"] = max(fusion["val_accuracy"], key=fusion["val_accuracy"].get)
+    validation = chosen.describe()
+    if val is not None:
+        validation["validation_rows"] = len(y_val)
     report = {
         "classes": classes,
         "counts": {
@@ -233,34 +258,50 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "head": args.head,
         "epochs_run": len(history["loss"]),
         "seed": args.seed,
-        "validation": "tables" if val is not None else f"stratified split {args.val_split}",
+        "validation": validation,
         "feature_table_fingerprint": train.fingerprint,
         "feature_table_metadata": train.metadata,
         "feature_tables": list(args.features),
     }
+    if len(chosen.test):
+        report["test"] = _score_test(head, train, chosen.test, classes)
     if fusion is not None:
         report["feature_table_parts"] = list(train.parts)
         report["fusion"] = fusion
-    report["pictures"] = _save_plots(
-        args.model_dir,
-        history,
-        report,
-        classes,
-        np.concatenate([x_train, x_val]),
-        np.concatenate([y_train, y_val]),
-    )
-    report["history"] = {k: [round(float(v), 5) for v in vs] for k, vs in history.items()}
-    report["seconds"] = round(time.monotonic() - started, 2)
-    model_io.save_head(args.model_dir, head, report)
-    model_io.write_validation_predictions(
-        args.model_dir,
-        uris=val_uris,
-        labels=y_val,
-        predicted=[classes[i] for i in predicted],
-        probabilities=probabilities,
-        classes=classes,
-    )
+    with storage.staged_output(args.model_dir, overwrite=args.overwrite, flag="--model-dir") as out:
+        report["pictures"] = _save_plots(
+            out,
+            history,
+            report,
+            classes,
+            np.concatenate([x_train, x_val]),
+            np.concatenate([y_train, y_val]),
+        )
+        report["history"] = {k: [round(float(v), 5) for v in vs] for k, vs in history.items()}
+        report["seconds"] = round(time.monotonic() - started, 2)
+        model_io.save_head(out, head, report)
+        model_io.write_validation_predictions(
+            out,
+            uris=val_uris,
+            labels=y_val,
+            predicted=[classes[i] for i in predicted],
+            probabilities=probabilities,
+            classes=classes,
+        )
     return report
+
+
+def _score_test(head, train: FeatureSet, rows: np.ndarray, classes: list[str]) -> dict:
+    """The head's accuracy on the table's test rows (never trained or validated on); labels the
+    head does not know count as wrong."""
+    labels = train.labels[rows]
+    probabilities = head.predict(train.x[rows], batch_size=256, verbose=0)
+    predicted = np.array([classes[i] for i in probabilities.argmax(axis=1)])
+    return {
+        "accuracy": float((predicted == labels).mean()),
+        "rows": int(len(rows)),
+        "counts": {c: int((labels == c).sum()) for c in sorted(set(labels.tolist()))},
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -269,6 +310,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"validation accuracy {report['accuracy']:.3f} on {sum(report['counts']['validation'].values())} "
         f"examples, {len(report['classes'])} classes, {report['epochs_run']} epochs, {report['seconds']} s"
     )
+    validation = report["validation"]
+    print(
+        f"  validation: {validation['source']} ({validation['train_rows']} train rows, "
+        f"{validation['validation_rows']} validation rows)"
+    )
+    if validation.get("left_out"):
+        left_out = ", ".join(f"{name}: {n}" for name, n in validation["left_out"].items())
+        print(f"  left out (neither train, validation nor test): {left_out}")
+    if "test" in report:
+        print(f"  test accuracy {report['test']['accuracy']:.3f} on {report['test']['rows']} rows")
     for name, stats in report["per_class"].items():
         print(
             f"  {name}: precision {stats['precision']:.3f} recall {stats['recall']:.3f} ({stats['support']})"

@@ -246,7 +246,8 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
     (head / "report.json").write_text(
         json.dumps({"head": "logistic", "accuracy": 0.9, "validation": "tables"})
     )
-    base = ["--features", str(tmp_path / "train"), "--output", str(tmp_path / "nn")]
+    # every run replaces the last one's results in NN_OUT: --overwrite
+    base = ["--features", str(tmp_path / "train"), "--output", str(tmp_path / "nn"), "--overwrite"]
 
     summary = run([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
     assert summary["knn_on"].startswith("val table") and summary["knn_accuracy"][5] > 0.8
@@ -266,13 +267,14 @@ def test_val_features_query_tables_and_heads_must_match(tmp_path, capsys):
     with pytest.raises(ValueError, match="needs a label on every row.*100 unlabelled"):
         run([*base, "--val-features", str(tmp_path / "unlabelled")])
     unlabelled = ["--features", str(tmp_path / "unlabelled"), "--output", str(tmp_path / "o")]
+    unlabelled += ["--overwrite"]
     with pytest.raises(ValueError, match="needs a label on every row"):
         run([*unlabelled, "--head", str(head)])
     assert "knn_accuracy" not in run(unlabelled)  # not asked: no figure, no error
     write_vector_table(tmp_path / "no-recipe", x[:20])
     with pytest.raises(ValueError, match="cannot rebuild the recipe"):
         run(
-            ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o")]
+            ["--features", str(tmp_path / "no-recipe"), "--output", str(tmp_path / "o2")]
             + ["--query", str(tmp_path)]
         )
     main([*base, "--val-features", str(tmp_path / "val"), "--head", str(head)])
@@ -327,6 +329,7 @@ def test_a_planted_near_duplicate_is_found_across_splits(tmp_path, sample_weight
     summary = run(
         ["--features", str(tmp_path / "features"), "--output", str(tmp_path / "nn"), "--k", "2"]
         + ["--query", str(tmp_path / "images" / "train" / "photos" / "cat_copy.jpg")]
+        + ["--overwrite"]  # NN_OUT holds the first run's results
     )
     assert summary["query_inputs"] == 1 and summary["query_rows"] == 1
     (found,) = pq.read_table(tmp_path / "nn" / "query_neighbors.parquet").to_pylist()

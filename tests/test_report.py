@@ -96,6 +96,7 @@ def test_report_with_neighbours_and_duplicates(small_table, tmp_path):
     )
     report.run(
         ["--features", str(small_table), "--output", str(out), "--neighbors", str(tmp_path / "nn")]
+        + ["--overwrite"]  # the page exists: replacing it is asked for
     )
     assert "run it with --duplicates" in out.read_text()
 

@@ -1,4 +1,5 @@
-"""Classification output: top-k classes and probabilities per image, as table rows."""
+"""Classification output: top-k classes and probabilities per image, as table rows
+(``predictions-*.parquet`` shards, ``transforms.table.PREDICTIONS``), and a preview of them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from transforms import table
 from transforms.table import IMAGE_FIELDS, SOURCE_FIELDS
 
 _LOG = logging.getLogger(__name__)
@@ -47,6 +49,27 @@ class TopK:
         out["top_classes"] = [self._names[i] for i in order]
         out["top_probabilities"] = [float(probabilities[i]) for i in order]
         return out
+
+
+#: Predictions a preview shows.
+PREVIEW_ROWS = 8
+
+
+def preview(table_dir: str, *, rows: int = PREVIEW_ROWS) -> dict[str, Any]:
+    """What a person sees first of a prediction table: its first ``rows`` predictions by URI
+    (``uri``, ``prediction``, ``probability``) and the count per predicted label, most first."""
+    import pyarrow.compute as pc
+
+    try:
+        predictions = table.read_table(table_dir, columns=["uri", "prediction", "probability"])
+    except FileNotFoundError:
+        return {"first": [], "counts": {}}
+    first = predictions.take(pc.sort_indices(predictions, [("uri", "ascending")])[:rows])
+    counts: dict[str, int] = {}
+    for label in predictions.column("prediction").to_pylist():
+        counts[label] = counts.get(label, 0) + 1
+    ordered = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return {"first": first.to_pylist(), "counts": ordered}
 
 
 def imagenet_class_names() -> list[str]:

@@ -91,6 +91,8 @@ class TableJob:
     schema: pa.Schema
     to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     lease: Lease | None = None
+    #: What the row shards are named for (``features``; ``predictions`` for classify).
+    prefix: str = table.FEATURES
 
     @property
     def target(self) -> Target:
@@ -107,13 +109,14 @@ def table_job(
     to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     schema: pa.Schema | None = None,
     lease: Lease | None = None,
+    prefix: str = table.FEATURES,
 ) -> TableJob:
     """A :class:`TableJob`; ``schema`` is that of ``to_row``'s rows (default: feature rows),
-    with the table metadata added."""
+    with the table metadata added; ``prefix`` names its row shards (``table.ROW_PREFIXES``)."""
     metadata = dict(metadata)
     features = table.feature_schema(handler.feature_dim, metadata)
     schema = features if schema is None else schema.with_metadata(features.metadata)
-    return TableJob(run, handler, metadata, schema, to_row, lease)
+    return TableJob(run, handler, metadata, schema, to_row, lease, prefix)
 
 
 class _EmbedChunk(beam.DoFn):
@@ -272,7 +275,7 @@ class _EmbedChunk(beam.DoFn):
         for i, job in enumerate(jobs):
             files = []
             if rows[i]:
-                uri = job.run.shard_uri(table.FEATURES, chunk)
+                uri = job.run.shard_uri(job.prefix, chunk)
                 table.write_parquet(uri, table.to_arrow(rows[i], job.schema))
                 files.append(uri)
             if errors[i]:
@@ -325,7 +328,7 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
     results = [r for r in results if "chunk" in r]
     new_rows = sum(r["rows"] for r in results)
     new_errors = sum(r["errors"] for r in results)
-    feature_files = _shards_or_empty_one(run, table.FEATURES, schema)
+    feature_files = _shards_or_empty_one(run, job.prefix, schema)
     error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
     rows = run.kept_rows + new_rows
     unlisted_kept = 0 if run.pruned else run.unlisted_rows
@@ -449,6 +452,7 @@ class ExtractFeatures(beam.PTransform):
         max_pixels: decompression-bomb guard.
         to_row: maps each feature row to the row actually written (e.g. top-k predictions).
         schema: the schema of ``to_row``'s rows (metadata is added); default: feature rows.
+        prefix: what the row shards are named for (default ``features``).
         lease: the table's lease, renewed and checked by the workers and released at the end.
 
     Returns:
@@ -466,9 +470,18 @@ class ExtractFeatures(beam.PTransform):
         to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         schema: pa.Schema | None = None,
         lease: Lease | None = None,
+        prefix: str = table.FEATURES,
     ):
         super().__init__()
-        job = table_job(run, model_handler, metadata, to_row=to_row, schema=schema, lease=lease)
+        job = table_job(
+            run,
+            model_handler,
+            metadata,
+            to_row=to_row,
+            schema=schema,
+            lease=lease,
+            prefix=prefix,
+        )
         self._tables = ExtractFeatureTables(
             [job], decode_threads=decode_threads, max_pixels=max_pixels
         )

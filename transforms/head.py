@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from transforms import table
 from transforms.models.recipe import COMPATIBILITY_KEYS, first_difference, table_fingerprint
+from transforms.splits import stratified_split  # noqa: F401  (re-exported: the one split rule)
 
 HEADS = ("logistic", "mlp")
 
@@ -39,6 +40,7 @@ class FeatureSet:
     x: np.ndarray  # (n, D) float32
     labels: np.ndarray  # (n,) str
     uris: np.ndarray
+    splits: np.ndarray  # (n,) the split column (None where absent)
     parts: tuple[dict[str, str], ...]
     widths: tuple[int, ...]
 
@@ -93,6 +95,7 @@ class _Part:
     ids: list[str]
     uris: list[str]
     labels: list[str | None]
+    splits: list[str | None]
     xs: list[np.ndarray]
     dirs: list[str]
 
@@ -116,22 +119,34 @@ def read_features(table_dirs: Sequence[str], *, like: FeatureSet | None = None) 
         files = table.shard_files(table_dir)
         if not files:
             raise ValueError(f"{table_dir}: no features-*.parquet shards")
+        rows_here = 0
         for path in files:
             fs, inner = table.storage.filesystem(path)
-            columns = ["image_id", "uri", "label", "feature"]
             with table.reading(path):
+                names = pq.read_schema(inner, filesystem=fs).names
+                columns = ["image_id", "uri", "label", "feature"]
+                columns += ["split"] if "split" in names else []
                 shard = pq.read_table(inner, filesystem=fs, columns=columns)
             meta = table.table_metadata(shard.schema)
             part = next((p for p in parts if first_difference(p.metadata, meta) is None), None)
             if part is None:
-                part = _Part(meta, [], [], [], [], [])
+                part = _Part(meta, [], [], [], [], [], [])
                 parts.append(part)
             if table_dir not in part.dirs:
                 part.dirs.append(table_dir)
             part.ids.extend(shard.column("image_id").to_pylist())
             part.uris.extend(shard.column("uri").to_pylist())
             part.labels.extend(shard.column("label").to_pylist())
+            part.splits.extend(
+                shard.column("split").to_pylist() if "split" in columns else [None] * len(shard)
+            )
             part.xs.append(table.features_matrix(shard))
+            rows_here += shard.num_rows
+        if not rows_here:
+            raise ValueError(
+                f"{table_dir}: the feature table has no rows (every image failed or the input "
+                "was empty; see its _errors/ and _SUMMARY.json); extract labelled images first"
+            )
     if like is not None:
         if len(parts) != len(like.parts):
             raise ValueError(
@@ -140,7 +155,7 @@ def read_features(table_dirs: Sequence[str], *, like: FeatureSet | None = None) 
             )
         for part, reference in zip(parts, like.parts, strict=True):
             check_compatible(reference, part.metadata, part.dirs[0])
-    ids, uris, labels, x = _join(parts) if len(parts) > 1 else _stack(parts[0])
+    ids, uris, labels, splits, x = _join(parts) if len(parts) > 1 else _stack(parts[0])
     labelled = np.array([label is not None for label in labels], dtype=bool)
     if not labelled.any():
         raise ValueError(
@@ -151,13 +166,14 @@ def read_features(table_dirs: Sequence[str], *, like: FeatureSet | None = None) 
         x[labelled],
         np.array([label for label in labels if label is not None]),
         np.array(uris)[labelled],
+        np.array(splits, dtype=object)[labelled],
         tuple(p.metadata for p in parts),
         tuple(int(p.xs[0].shape[1]) for p in parts),
     )
 
 
 def _stack(part: _Part):
-    return part.ids, part.uris, part.labels, np.concatenate(part.xs)
+    return part.ids, part.uris, part.labels, part.splits, np.concatenate(part.xs)
 
 
 def _join(parts: list[_Part]):
@@ -190,24 +206,9 @@ def _join(parts: list[_Part]):
         ids,
         [first.uris[i] for i in order],
         [first.labels[i] for i in order],
+        [first.splits[i] for i in order],
         np.concatenate(blocks, axis=1),
     )
-
-
-def stratified_split(
-    labels: np.ndarray, fraction: float, *, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a stratified (train, validation) split; each class keeps at least one of each
-    when it has two or more examples."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_val = int(round(len(idx) * fraction))
-        n_val = min(max(n_val, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        val.extend(idx[:n_val])
-        train.extend(idx[n_val:])
-    return np.sort(np.array(train, dtype=int)), np.sort(np.array(val, dtype=int))
 
 
 def build_head(

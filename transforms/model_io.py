@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 from transforms import storage
-from transforms.models.recipe import FeatureRecipe
+from transforms.models.recipe import FeatureRecipe, first_difference
 from transforms.models.saving import load_keras, save_keras
 
 HEAD_FILE = "head.keras"
@@ -54,6 +54,24 @@ def read_head_report(head_dir: str) -> dict[str, Any]:
     if not storage.exists(uri):
         raise FileNotFoundError(f"{head_dir} is not a train_head --model-dir (no {REPORT_FILE})")
     return read_json(uri)
+
+
+def head_recipe_mismatch(
+    head_dir: str, report: dict[str, Any], metadata: dict[str, str], fingerprint: str
+) -> str | None:
+    """None when a head was trained on vectors of the table's recipe (``fingerprint``); else a
+    sentence naming the first recipe setting that differs. The jobs that show a head beside a
+    table (neighbours, report) warn with it rather than refuse: its figures remain the head's
+    own, but they do not describe this table's vectors."""
+    if report.get("feature_table_fingerprint") == fingerprint:
+        return None
+    trained = report.get("feature_table_metadata") or {}
+    key = first_difference(trained, metadata) if trained else None
+    detail = f" ({key} is {trained.get(key)!r} there but {metadata.get(key)!r} here)" if key else ""
+    return (
+        f"the head {head_dir} was trained on features of another recipe{detail}: its figures "
+        "do not describe this table's vectors"
+    )
 
 
 def head_recipe(report: dict[str, Any]) -> FeatureRecipe:

@@ -190,14 +190,16 @@ def exact_search(
     k: int,
     *,
     self_rows: np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
     block: int = DEFAULT_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cosine k nearest base rows of each query (all unit length), best first, as
     ``(indices int64 (q, k), similarities float32 (q, k))``; ``base_batches()`` yields
     ``(offset, vectors)`` (a fresh pass each call).
 
-    ``self_rows``: the queries are these base rows, and a row is not its own neighbour. The
-    caller checks that k fits (:func:`check_k`).
+    ``self_rows``: the queries are these base rows, and a row is not its own neighbour.
+    ``allowed``: a boolean mask over the base rows; only those are found (e.g. the train rows,
+    for the val rows' k-NN accuracy). The caller checks that k fits (:func:`check_k`).
     """
     top = _TopK(len(queries), k)
     for b_offset, batch in base_batches():
@@ -210,6 +212,9 @@ def exact_search(
                     cols = self_rows[q0 : q0 + block] - (b_offset + b0)
                     inside = (cols >= 0) & (cols < sims.shape[1])
                     sims[rows[inside], cols[inside]] = -np.inf
+                if allowed is not None:
+                    start = b_offset + b0
+                    sims[:, ~allowed[start : start + sims.shape[1]]] = -np.inf
                 top.merge(sims, b_offset + b0, slice(q0, q0 + sims.shape[0]))
     return top.result()
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from transforms import storage
+from transforms import splits, storage
 from transforms.report_data import ReportData
 
 MAX_GROUPS = 30
@@ -236,6 +236,14 @@ def _uris_shown(data: ReportData) -> set[str]:
     return shown
 
 
+def _test_note(head: dict[str, Any]) -> str:
+    """The head's test accuracy, when its table had test rows."""
+    test = head.get("test")
+    if not test:
+        return ""
+    return f"; test accuracy {test['accuracy']:.3f} on {test['rows']} test rows"
+
+
 def _section(title: str, anchor: str, body: str) -> str:
     return f'<section id="{anchor}"><h2>{_e(title)}</h2>{body}</section>'
 
@@ -362,9 +370,11 @@ def render(data: ReportData, thumbs: dict[str, str | None] | None = None) -> str
         confusion, curves = _head_figures(data.head)
         body = (
             f'<p class="note">{_e(data.head.get("head"))} head, validation accuracy '
-            f"{data.head['accuracy']:.3f} ({_e(data.head.get('validation'))}).</p>"
-            + _plot(confusion, "confusion-chart")
+            f"{data.head['accuracy']:.3f} ({_e(splits.describe(data.head.get('validation')))})"
+            f"{_test_note(data.head)}.</p>" + _plot(confusion, "confusion-chart")
         )
+        if data.head_mismatch:
+            body = f'<p class="note warning">Warning: {_e(data.head_mismatch)}.</p>' + body
         body += (
             _plot(curves, "curves-chart")
             if curves is not None

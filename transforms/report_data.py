@@ -39,6 +39,8 @@ class ReportData:
     duplicate_threshold: float | None = None
     head: dict[str, Any] | None = None
     misclassified: list[dict[str, Any]] | None = None  # validation rows, most confident first
+    #: Set when the head was trained on another recipe's vectors (``model_io.head_recipe_mismatch``).
+    head_mismatch: str | None = None
     neighbors_from: str = ""
 
 
@@ -174,6 +176,9 @@ def gather(
         ]
     if head_dir:
         data.head = model_io.read_head_report(head_dir)
+        data.head_mismatch = model_io.head_recipe_mismatch(
+            head_dir, data.head, shards.metadata, shards.fingerprint
+        )
         validation = model_io.read_validation_predictions(head_dir)
         if validation is not None:
             wrong = [r for r in validation.to_pylist() if r["predicted"] != r["label"]]

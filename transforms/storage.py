@@ -7,11 +7,13 @@ Local paths stay plain paths (no ``file://``) in everything we record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -168,3 +170,90 @@ def _local_dir_copy(uri: str, cache_dir: str) -> str:
             data = read_bytes(info.uri)
             write_atomically(local, lambda f, data=data: f.write(data))
     return target
+
+
+# --- job outputs: refuse a used one unless --overwrite; replace it only once the new one is whole ---
+
+
+def holds_results(uri: str) -> bool:
+    """Whether ``uri`` is a file, or a folder with at least one file below it."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return False
+    if not fs.isdir(path):
+        return True
+    return any(d.get("type") != "directory" for d in fs.find(path, detail=True).values())
+
+
+def check_output(uri: str, *, overwrite: bool, flag: str, what: str = "folder") -> None:
+    """Refuses an output (a ``what``: folder or file) that already holds results unless
+    ``overwrite``.
+
+    Raises:
+        FileExistsError: one line naming the output and the two ways on.
+    """
+    if not overwrite and holds_results(uri):
+        raise FileExistsError(
+            f"{flag} {uri} already holds results; pass --overwrite to replace them, or choose "
+            f"another {what}"
+        )
+
+
+@contextlib.contextmanager
+def staged_output(uri: str, *, overwrite: bool, flag: str) -> Iterator[str]:
+    """The one rule for a job's output folder: refused when it holds results unless
+    ``overwrite`` (:func:`check_output`); the job writes into the staging folder this yields
+    (beside ``uri``); when the block ends without error the staging folder replaces ``uri`` (the
+    old results are removed only then), and on an error it is removed and ``uri`` is untouched.
+
+    Locally the swap is two renames; on an object store (``gs://``, no folder rename) each staged
+    object is moved into place, then the old objects the new result does not hold are removed.
+    """
+    check_output(uri, overwrite=overwrite, flag=flag)
+    fs, path = filesystem(uri)
+    path = path.rstrip("/")
+    tag = uuid.uuid4().hex[:12]
+    parent, name = posixpath.split(path) if not is_local(uri) else os.path.split(path)
+    staging = (
+        posixpath.join(parent, f"{name}.staging-{tag}")
+        if not is_local(uri)
+        else os.path.join(parent, f".{name}.staging-{tag}")
+    )
+    fs.makedirs(staging, exist_ok=True)
+    try:
+        yield to_uri(fs, staging)
+    except BaseException:
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+        raise
+    if is_local(uri):
+        _swap_local(path, staging, tag)
+    else:
+        _swap_remote(fs, path, staging)
+
+
+def _swap_local(path: str, staging: str, tag: str) -> None:
+    old = None
+    if os.path.lexists(path):
+        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{tag}")
+        os.rename(path, old)
+    os.rename(staging, path)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
+
+
+def _swap_remote(fs: fsspec.AbstractFileSystem, path: str, staging: str) -> None:
+    old = {p for p, d in fs.find(path, detail=True).items() if d.get("type") != "directory"}
+    new = set()
+    for staged in fs.find(staging):
+        target = path + staged[len(staging) :]
+        fs.mv(staged, target)
+        new.add(target)
+    stale = sorted(old - new)
+    if stale:
+        fs.rm(stale)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)

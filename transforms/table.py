@@ -9,7 +9,10 @@ A table is a folder of zero-padded shards (rows built by :func:`feature_row` and
     _SUMMARY.json                     counts (inputs = rows + errors) and the table metadata
 
 The extraction job writes one shard per chunk of work (``transforms.extract``). Readers here also
-accept shard names without a run id (``features-NNNNN-of-MMMMM.parquet``).
+accept shard names without a run id (``features-NNNNN-of-MMMMM.parquet``). Shards are named for
+what they hold: ``classify`` writes ``predictions-*.parquet`` (:data:`PREDICTIONS`) where
+extraction writes ``features-*.parquet``; both are a table's row shards (:data:`ROW_PREFIXES`), so
+every reader here (``shard_files``, ``read_table``) and every job that reads a table finds either.
 
 Readers skip names starting with ``_`` or ``.``, so ``pandas.read_parquet(folder)``,
 ``pyarrow.dataset`` and DuckDB's ``folder/*.parquet`` see exactly the feature rows. Rows inside a
@@ -38,6 +41,11 @@ if TYPE_CHECKING:
     from transforms.image_rows import ImageRef
 
 FEATURES = "features"
+#: The row shards of a prediction table (``classify``).
+PREDICTIONS = "predictions"
+#: Prefixes of a table's row shards: asking :func:`shard_files` for ``FEATURES`` (the default)
+#: finds the rows whatever they hold.
+ROW_PREFIXES = (FEATURES, PREDICTIONS)
 ERRORS = "errors"
 SUMMARY_FILE = "_SUMMARY.json"
 ERRORS_DIR = "_errors"
@@ -173,16 +181,18 @@ def table_dir_for(output_dir: str, prefix: str) -> str:
 
 
 def shard_files(output_dir: str, prefix: str = FEATURES) -> list[str]:
-    """The complete shard files of one table prefix, sorted."""
+    """The complete shard files of one table prefix, sorted; ``FEATURES`` (the default) stands
+    for the table's row shards, ``features-*`` or ``predictions-*`` (:data:`ROW_PREFIXES`)."""
     table_dir = table_dir_for(output_dir, prefix)
     fs, path = storage.filesystem(table_dir)
     if not fs.exists(path):
         return []
+    wanted = ROW_PREFIXES if prefix == FEATURES else (prefix,)
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     return [
         storage.join(table_dir, n)
         for n in names
-        if (m := _SHARD_RE.match(n)) and m["prefix"] == prefix
+        if (m := _SHARD_RE.match(n)) and m["prefix"] in wanted
     ]
 
 
