@@ -11,6 +11,19 @@ from typing import Any
 _LOG = logging.getLogger(__name__)
 
 
+#: The bar's width and the screen's height on a terminal that does not say how large it is.
+FALLBACK_COLUMNS, FALLBACK_ROWS = 100, 24
+
+
+def _columns() -> int:
+    import sys
+
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
 class Progress:
     """This process's embedding progress: a tqdm bar on a terminal (images done out of the
     total, images/s, errors, ETA), else a log line every ``every_s`` seconds.
@@ -31,8 +44,17 @@ class Progress:
             if bar and total:
                 from tqdm import tqdm
 
+                # A pseudo-terminal that states no size (``script``, CI runners, ``pty``) reports
+                # 0 columns and 0 lines, in which tqdm draws nothing: then a fixed size.
+                sized = _columns() > 0
+                fixed = {} if sized else {"ncols": FALLBACK_COLUMNS, "nrows": FALLBACK_ROWS}
                 cls._state["bar"] = tqdm(
-                    total=total, unit="img", desc="embedding", dynamic_ncols=True, leave=True
+                    total=total,
+                    unit="img",
+                    desc="embedding",
+                    dynamic_ncols=sized,
+                    leave=True,
+                    **fixed,
                 )
 
     @staticmethod
