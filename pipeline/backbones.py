@@ -66,16 +66,7 @@ def rows(family: str | None = None) -> list[tuple[str, ...]]:
 
 def format_rows(table: Sequence[tuple[str, ...]]) -> str:
     """Plain aligned text: text columns left, numbers right."""
-    lines = [COLUMNS, *table]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    numeric = {2, 3, 4}
-    return "\n".join(
-        "  ".join(
-            cell.rjust(w) if i in numeric else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in lines
-    )
+    return cli.text_table(COLUMNS, table, right={2, 3, 4})
 
 
 def run(argv: Sequence[str] | None = None) -> str:

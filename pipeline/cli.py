@@ -426,3 +426,17 @@ def parse_known(
     argv = list(sys.argv[1:] if argv is None else argv)
     refuse_unknown(parser, argv, beam=True)
     return parser.parse_known_args(argv)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[int]) -> str:
+    """Plain aligned text, one line per row under ``header``: the columns in ``right`` (numbers)
+    aligned right, the others left."""
+    lines = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )

@@ -97,8 +97,9 @@ def run(
         test_pipeline=test_pipeline,
     )
     seconds = time.monotonic() - started
-    for summary, spec in zip(summaries, specs, strict=True):
+    for summary, spec, recipe in zip(summaries, specs, config.recipes, strict=True):
         summary.update(seconds=seconds, mode=config.run.mode, output=spec.output)
+        summary.setdefault("backbone", recipe.backbone)
         summary["startup"] = startup.marks()  # this process's; empty steps ran in other workers
     if len(summaries) == 1:
         return summaries[0]
@@ -142,6 +143,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
         f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
     ]
+    return "\n".join(lines + _listing_notes(summary))
+
+
+def _listing_notes(summary: dict[str, Any]) -> list[str]:
+    """What the listing passed over: skipped files and URIs listed with conflicting labels."""
+    lines = []
     if summary.get("skipped_examples"):
         lines.append(f"  skipped files, e.g. {', '.join(summary['skipped_examples'][:3])}")
     if summary.get("label_conflicts"):
@@ -149,15 +156,110 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  {summary['label_conflicts']} URIs listed with conflicting labels (each keeps its "
             f"first label), e.g. {', '.join(summary['label_conflict_examples'][:3])}"
         )
+    return lines
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    """A multi-backbone run's summary: what the pass did once, then one row per table."""
+    tables = result["tables"]
+    first = tables[0]
+    embedded = first["run"].get("pass_images", 0)
+    rate = embedded / result["seconds"] if result["seconds"] else 0.0
+    lines = [
+        f"inputs {first['inputs']}; skipped {first.get('skipped', 0)} files that are not images",
+        f"this run (mode {result['mode']}): {len(tables)} backbones in one pass, embedded "
+        f"{embedded} images in {first['run'].get('chunks', 0)} chunk(s)",
+        f"{result['seconds']:.1f} s wall time, "
+        + (
+            f"{rate:.1f} images/s end to end (model load included)"
+            if embedded
+            else "nothing embedded"
+        ),
+    ]
+    lines += _listing_notes(first)
+    header = ("backbone", "vectors", "px", "weights", "rows", "errors", "new rows", "new errors")
+    header += ("kept", "removed", "table")
+    rows = []
+    for one in tables:
+        meta, run = one["metadata"], one.get("run", {})
+        removed = run.get("stale_rows_removed", 0) + run.get("unlisted_rows_removed", 0)
+        rows.append(
+            (
+                meta["backbone"],
+                f"{meta['feature_dim']}-d " + (meta.get("layer") or meta.get("pooling", "")),
+                str(meta["input_size"]),
+                meta["weights_fingerprint"][:23],
+                str(one["rows"]),
+                str(one["errors"]),
+                str(run.get("new_rows", 0)),
+                str(run.get("new_errors", 0)),
+                str(run.get("kept_rows", 0)),
+                str(removed),
+                f"{one['output']}/features-*.parquet",
+            )
+        )
+    lines.append(cli.text_table(header, rows, right={2, 4, 5, 6, 7, 8, 9}))
+    out = first["output"]
+    lines += [
+        "errors: <table>/_errors/errors-*.parquet; rows + errors = inputs in every table",
+        "read it (one table per backbone):",
+        f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
+        f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
+    ]
+    return "\n".join(lines)
+
+
+def format_plans(plans_of: Sequence[dict[str, Any]]) -> str:
+    """A multi-backbone ``--plan-only``: what the listing found once, then one row per table."""
+    runs = [one["plan"] for one in plans_of]
+    first = runs[0]
+    dry_run = plans_of[0]["dry_run"]
+    lines = [
+        ("dry run" if dry_run else "plan only") + ", nothing was changed:",
+        first.describe().splitlines()[0],
+        f"to embed: {first.pass_images} images in {first.num_chunks} chunk(s) for "
+        f"{len(runs)} backbones",
+    ]
+    header = ("backbone", "to embed", "new", "changed", "kept rows", "kept errors", "stale")
+    header += ("unlisted rows", "table")
+    rows = [
+        (
+            name,
+            *(
+                str(n)
+                for n in (
+                    run.to_embed,
+                    run.new,
+                    run.changed,
+                    run.kept_rows,
+                    run.kept_errors,
+                    run.stale_rows,
+                    run.unlisted_rows,
+                )
+            ),
+            run.output_dir,
+        )
+        for name, run in zip([one["backbone"] for one in plans_of], runs, strict=True)
+    ]
+    lines.append(cli.text_table(header, rows, right=set(range(1, 8))))
+    lines.append(f"unlisted rows are {'removed (--prune)' if first.pruned else 'kept'}")
+    for one in plans_of:
+        if one["lease"]:
+            lines.append(f"{one['plan'].output_dir} is being written now by {one['lease']}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     summary = cli.run_main(run, argv)
-    for one in summary.get("tables", [summary]):
-        if len(summary.get("tables", ())) > 1:
-            print(f"== {one['output']}")
-        _print_summary(one)
+    tables = summary.get("tables")
+    if not tables:
+        _print_summary(summary)
+    elif "plan" in tables[0]:
+        print(format_plans(tables))
+    else:
+        print(format_tables(summary))
+        for one in tables:
+            _print_errors(one, prefix=f"{one['metadata']['backbone']}: ")
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -168,15 +270,22 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"the table is being written now by {summary['lease']}")
         return
     print(format_summary(summary))
-    if summary["errors"]:
-        import pyarrow.compute as pc
+    _print_errors(summary)
 
-        errors = table.read_table(summary["output"], prefix=table.ERRORS)
-        for stage in sorted(set(errors.column("stage").to_pylist())):
-            subset = errors.filter(pc.equal(errors.column("stage"), stage))
-            print(
-                f"  {subset.num_rows} {stage} errors, e.g. {subset['uri'][0]}: {subset['reason'][0]}"
-            )
+
+def _print_errors(summary: dict[str, Any], prefix: str = "") -> None:
+    """One line per failing stage: how many, and the first image with its reason."""
+    if not summary["errors"]:
+        return
+    import pyarrow.compute as pc
+
+    errors = table.read_table(summary["output"], prefix=table.ERRORS)
+    for stage in sorted(set(errors.column("stage").to_pylist())):
+        subset = errors.filter(pc.equal(errors.column("stage"), stage))
+        print(
+            f"  {prefix}{subset.num_rows} {stage} errors, e.g. {subset['uri'][0]}: "
+            f"{subset['reason'][0]}"
+        )
 
 
 if __name__ == "__main__":

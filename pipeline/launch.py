@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,8 @@ from transforms import listing, startup, storage, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +81,10 @@ def plan(spec: TableRun, metadata: dict[str, str], run_id: str | None = None) ->
 def plan_tables(
     specs: Sequence[TableRun], metadatas: Sequence[dict[str, str]], run_id: str | None = None
 ) -> list[plans.Plan]:
-    """Lists the inputs once and plans each table against it, in shared chunks; writes nothing."""
+    """Lists the inputs once and plans each table against it, in shared chunks; logs what the
+    run does in one line; writes nothing."""
     first = specs[0]
+    run_id = run_id or plans.new_run_id()  # one run, one id, however many tables
     found = listing.list_inputs(
         first.inputs, include_all_files=first.include_all_files, stat_manifest=first.stat_manifest
     )
@@ -98,7 +103,32 @@ def plan_tables(
         for spec, metadata in zip(specs, metadatas, strict=True)
     ]
     startup.mark("list + plan")
-    return plans.align_chunks(planned)
+    planned = plans.align_chunks(planned)
+    _LOG.info("%s", describe_pass([p.run for p in planned], metadatas))
+    return planned
+
+
+def describe_pass(runs: Sequence[plans.RunPlan], metadatas: Sequence[dict[str, str]]) -> str:
+    """What a run does, in one line; for several tables (backbones), what it does for each."""
+    first = runs[0]
+    line = (
+        f"run {first.run_id}: {first.listed} images listed, {first.pass_images} to embed in "
+        f"{first.num_chunks} chunk(s)"
+    )
+
+    def kept(run):
+        return (
+            f"{run.kept_rows} rows and {run.kept_errors} errors kept, {run.stale_rows} stale "
+            "rows to remove"
+        )
+
+    if len(runs) == 1:
+        return f"{line}, {kept(first)}"
+    each = "; ".join(
+        f"{meta.get('backbone', run.output_dir)}: {run.to_embed} to embed, {kept(run)}"
+        for run, meta in zip(runs, metadatas, strict=True)
+    )
+    return f"{line} for {len(runs)} backbones ({each})"
 
 
 def remove_table(output: str) -> None:
@@ -195,7 +225,7 @@ def launch_tables(
             plans.write_plan(planned_table)
         runs = [p.run for p in planned]
         bar = logs.progress_enabled()
-        Progress.start(sum(run.to_embed for run in runs), bar=bar)
+        Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
         try:
             with logs.around_bar(bar):  # log lines print above the bar, not through it
                 runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)

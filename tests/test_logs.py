@@ -68,7 +68,7 @@ def test_a_default_run_prints_none_of_the_frameworks_noise(tmp_path):
         assert not logs.is_noise(line), line
         assert not any(text in line for text in BEAM_INFO), line
     assert _framework_info(proc.stderr) == []
-    assert "INFO transforms.plan: run " in proc.stderr  # our own lines stay
+    assert "INFO pipeline.launch: run " in proc.stderr  # our own lines stay
     assert "first batch embedded" in proc.stderr
     assert "after process start: imports" in proc.stderr
     assert "inputs 8 = rows 8 + errors 0" in proc.stdout

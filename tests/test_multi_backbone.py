@@ -109,3 +109,77 @@ def test_bad_multi_backbone_flags(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), *argv])
     assert message in capsys.readouterr().err
+
+
+def test_one_plan_line_one_summary_and_progress_counting_images(
+    image_tree, tmp_path, monkeypatch, caplog, capsys
+):
+    """Issue 19, item 16: two backbones print one plan line and one summary (a row per
+    backbone), and the progress counts each image once (a broken one once, as an error)."""
+    from pipeline import extract as job
+    from transforms.embed.progress import Progress
+
+    (image_tree / "train" / "cats" / "broken.jpg").write_bytes(b"not a jpeg")
+    counted = {"total": [], "done": 0, "errors": 0}
+
+    def start(total, **_):
+        counted["total"].append(total)
+
+    def add(*, done=0, errors=0):
+        counted["done"] += done
+        counted["errors"] += errors
+
+    monkeypatch.setattr(Progress, "start", classmethod(lambda cls, total, **kw: start(total)))
+    monkeypatch.setattr(Progress, "add", classmethod(lambda cls, **kw: add(**kw)))
+    caplog.set_level("INFO")
+    out = tmp_path / "o"
+    job.main(["--input", str(image_tree), "--output", str(out), *TWO_CNNS])
+
+    assert counted == {"total": [13], "done": 12, "errors": 1}
+    plan_lines = [r.getMessage() for r in caplog.records if "images listed" in r.getMessage()]
+    assert len(plan_lines) == 1, plan_lines
+    assert "13 images listed, 13 to embed in 4 chunk(s) for 2 backbones" in plan_lines[0]
+    assert "mobilenet_v2: 13 to embed" in plan_lines[0]
+    assert "mobilenet_v3_small: 13 to embed" in plan_lines[0]
+
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("inputs 13") for line in printed) == 1, printed
+    assert sum("wall time" in line for line in printed) == 1
+    assert any("2 backbones in one pass, embedded 13 images in 4 chunk(s)" in x for x in printed)
+    header = next(i for i, line in enumerate(printed) if line.startswith("backbone "))
+    rows = [line.split() for line in printed[header + 1 : header + 3]]
+    assert [r[0] for r in rows] == ["mobilenet_v2", "mobilenet_v3_small"]
+    for row, backbone in zip(rows, ("mobilenet_v2", "mobilenet_v3_small"), strict=True):
+        assert row[-1] == f"{out / backbone}/features-*.parquet"
+        assert row[-7:-5] == ["12", "1"]  # rows, errors
+    meta = [table.read_summary(str(out / b))["run"]["pass_images"] for b in ("mobilenet_v2",)]
+    assert meta == [13]
+
+    # An incremental pass where one table needs what the other has: 1 image for one, all for
+    # the other, 13 images in all (the union), counted once each.
+    import shutil
+
+    shutil.rmtree(out / "mobilenet_v3_small")
+    (image_tree / "train" / "cats" / "new.png").write_bytes(encode(gradient(seed=99)))
+    counted.update(total=[], done=0, errors=0)
+    job.main(["--input", str(image_tree), "--output", str(out), *TWO_CNNS, "--mode", "incremental"])
+    assert counted == {"total": [14], "done": 13, "errors": 1}
+    printed = capsys.readouterr().out
+    assert "embedded 14 images" in printed
+
+
+def test_plan_only_prints_one_plan_with_a_row_per_backbone(image_tree, tmp_path, capsys):
+    from pipeline import extract as job
+
+    out = tmp_path / "o"
+    job.main(["--input", str(image_tree), "--output", str(out), *TWO_CNNS, "--plan-only"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "plan only, nothing was changed:"
+    assert sum(line.startswith("listed 12 images") for line in printed) == 1, printed
+    assert "to embed: 12 images in 3 chunk(s) for 2 backbones" in printed
+    header = printed.index(next(x for x in printed if x.startswith("backbone ")))
+    assert [line.split()[0] for line in printed[header + 1 : header + 3]] == [
+        "mobilenet_v2",
+        "mobilenet_v3_small",
+    ]
+    assert not out.exists()

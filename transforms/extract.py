@@ -204,7 +204,8 @@ class _EmbedChunk(beam.DoFn):
             fill()
             yield ref, result
 
-    def _embed(self, job: TableJob, model, batch, rows, errors) -> None:
+    def _embed(self, job: TableJob, model, batch, rows, errors) -> bool:
+        """Embeds ``batch`` into ``rows``, or makes one error row per image; says which."""
         if job.lease is not None:
             job.lease.renew_if_due()
         try:
@@ -212,10 +213,11 @@ class _EmbedChunk(beam.DoFn):
         except Exception as exc:  # a batch the model rejects: one error row per image
             reason = f"{type(exc).__name__}: {exc}"
             errors.extend(table.error_row(key.ref, "embed", reason) for key, _ in batch)
-            return
+            return False
         for (key, _), vector in zip(batch, vectors, strict=True):
             row = table.feature_row(key.ref, key.width, key.height, vector)
             rows.append(job.to_row(row) if job.to_row else row)
+        return True
 
     def _embed_all(self, refs, needs, rows, errors) -> None:
         """Reads and decodes each image once for every target its tables need, and embeds each
@@ -229,6 +231,18 @@ class _EmbedChunk(beam.DoFn):
             for image_id, tables in needs.items()
         }
         batches: dict[Target, list] = {job.target: [] for job in jobs}
+        # The progress counts images, not image x table pairs: an image is done once every table
+        # that needs it has its row, and failed if any of them has an error row instead.
+        waiting = {image_id: len(tables) for image_id, tables in needs.items()}
+        failed: set[str] = set()
+
+        def finished(image_id, ok):
+            if not ok:
+                failed.add(image_id)
+            waiting[image_id] -= 1
+            if not waiting[image_id]:
+                bad = image_id in failed
+                Progress.add(done=int(not bad), errors=int(bad))
 
         def flush(target):
             batch, batches[target] = batches[target], []
@@ -237,7 +251,9 @@ class _EmbedChunk(beam.DoFn):
                     continue
                 mine = [item for item in batch if i in needs[item[0].ref.image_id]]
                 if mine:  # a model that cannot load fails the run
-                    self._embed(jobs[i], models[i].result(), mine, rows[i], errors[i])
+                    ok = self._embed(jobs[i], models[i].result(), mine, rows[i], errors[i])
+                    for key, _ in mine:
+                        finished(key.ref.image_id, ok)
 
         def targets_for(ref):
             return targets_of[ref.image_id]
@@ -246,6 +262,7 @@ class _EmbedChunk(beam.DoFn):
             if isinstance(result, dict):  # unreadable: an error row in every table that needs it
                 for i in needs[ref.image_id]:
                     errors[i].append(result)
+                Progress.add(errors=1)
                 continue
             for target, item in zip(targets_of[ref.image_id], result, strict=True):
                 batches[target].append(item)
@@ -284,7 +301,6 @@ class _EmbedChunk(beam.DoFn):
                 files.append(uri)
             self._embedded.inc(len(rows[i]))
             self._failed.inc(len(errors[i]))
-            Progress.add(errors=len(errors[i]))
             yield {
                 "table": i,
                 "chunk": chunk,
@@ -348,6 +364,9 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
             "run_id": run.run_id,
             "chunks": run.num_chunks,
             "embedded": run.to_embed,
+            # Read, decoded and embedded by this pass for every table it wrote (one backbone or
+            # several: then an image is counted once, however many tables it went to).
+            "pass_images": run.pass_images,
             "new_images": run.new,
             "changed_images": run.changed,
             "new_rows": new_rows,

@@ -84,6 +84,8 @@ class RunPlan:
             retried errors, duplicates).
         unlisted_rows / unlisted_errors: rows of images no longer listed; kept, or removed when
             ``pruned``.
+        pass_images: images the whole pass embeds: ``to_embed``, or for the tables of a
+            multi-backbone run (:func:`align_chunks`), the images any of them embeds.
     """
 
     run_id: str
@@ -105,6 +107,7 @@ class RunPlan:
     skipped_examples: tuple[str, ...] = ()
     label_conflicts: int = 0
     label_conflict_examples: tuple[str, ...] = ()
+    pass_images: int = 0
 
     def shard_uri(self, prefix: str, chunk: int) -> str:
         name = table.shard_name(prefix, chunk, self.num_chunks, run_id=self.run_id)
@@ -290,18 +293,8 @@ def plan_run(
         skipped_examples=listing.skipped_examples,
         label_conflicts=listing.label_conflicts,
         label_conflict_examples=listing.label_conflict_examples,
+        pass_images=n,
         **counts,
-    )
-    _LOG.info(
-        "run %s: %d images listed, %d to embed in %d chunks, %d rows and %d errors kept, "
-        "%d stale rows to remove",
-        run_id,
-        run.listed,
-        run.to_embed,
-        run.num_chunks,
-        run.kept_rows,
-        run.kept_errors,
-        run.stale_rows,
     )
     return Plan(run, work)
 
@@ -326,7 +319,8 @@ def align_chunks(planned: Sequence[Plan]) -> list[Plan]:
         removals = p.work.filter(pc.equal(p.work["chunk"], REMOVAL))
         work = work.set_column(0, PLAN_SCHEMA.field("chunk"), chunk)
         work = pa.concat_tables([work.sort_by("chunk"), removals])
-        aligned.append(Plan(dataclasses.replace(p.run, num_chunks=num_chunks), work))
+        run = dataclasses.replace(p.run, num_chunks=num_chunks, pass_images=len(union))
+        aligned.append(Plan(run, work))
     return aligned
 
 

@@ -14,7 +14,6 @@ from apache_beam.ml.inference.base import ModelHandler
 
 from transforms import devices, startup, storage
 from transforms.embed.embedder import Embedder, frozen_graph_name
-from transforms.embed.progress import Progress
 from transforms.images import DEFAULT_INTERPOLATION
 from transforms.models.recipe import DEFAULT_BATCH_SIZE, FeatureRecipe
 from transforms.models.weights.cache import cache_dir as default_cache_dir
@@ -163,7 +162,6 @@ class BackboneModelHandler(FeatureModelHandler):
         vectors = model(np.stack(batch))
         if startup.mark("first batch"):
             _LOG.info("first batch embedded %s", startup.describe())
-        Progress.add(done=len(batch))
         return list(vectors)
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:

@@ -37,7 +37,8 @@ class Progress:
 
     @classmethod
     def start(cls, total: int, *, bar: bool, every_s: float = 10.0) -> None:
-        """A new run of ``total`` images (summed over the tables of a multi-backbone run)."""
+        """A new run of ``total`` images (each counted once in a multi-backbone run, however
+        many tables embed it)."""
         with cls._lock:
             cls._close_bar()
             cls._state = cls._fresh(total, every_s)
