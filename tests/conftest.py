@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pathlib
 
@@ -69,6 +70,19 @@ def refs_of(source, **options):
     from transforms.listing import list_source
 
     return refs_from_table(list_source(source, **options)[0])
+
+
+@pytest.fixture(autouse=True)
+def _logging_levels_restored():
+    """Jobs' ``main`` (``cli.run_main``) set the process's log levels (``-v``: debug, ``-q``:
+    warnings); every test starts with the levels the one before it found."""
+    from pipeline import logs
+
+    names = ["", *logs.OURS]
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture

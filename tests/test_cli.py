@@ -1,13 +1,12 @@
 """The jobs' one ``main`` wrapper (``cli.run_main``) and their shared parser (``cli.parser``)."""
 
 import importlib
-import logging
 import subprocess
 import sys
 
 import pytest
 
-from pipeline import cli, console, logs
+from pipeline import cli, console
 from transforms.lease import LeaseHeld
 
 USER_ERRORS = [
@@ -19,16 +18,6 @@ USER_ERRORS = [
     MemoryError("the models need 9.1 GiB, this machine has 8"),
     LeaseHeld("the table is being written by host:1234 (since 10 s)"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _logging_levels_restored():
-    """``run_main`` sets the process's log levels (``-v``: debug); later tests expect their own."""
-    names = ["", *logs.OURS]
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def _raising(exc: BaseException):

@@ -9,19 +9,9 @@ import logging
 
 import pytest
 
-from pipeline import config, console, logs
+from pipeline import config, console
 
 SMALL = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--image-size", "32"]
-
-
-@pytest.fixture(autouse=True)
-def _logging_levels_restored():
-    """Jobs' ``main`` set the process's log levels; later tests expect their own."""
-    names = ["", *logs.OURS]
-    levels = {name: logging.getLogger(name).level for name in names}
-    yield
-    for name, level in levels.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def _exit_line(capsys, argv) -> str:
