@@ -5,10 +5,12 @@ Shared by the jobs that write tables (``extract``, ``classify``). The order matt
 1. the inputs are checked;
 2. ``--plan-only`` and Beam's ``--dry_run`` plan and stop there (a dry run also builds and
    translates the graph): nothing in the output folder is created, changed or removed;
-3. otherwise the table's lease is taken (one writer per table), the run is planned under it,
-   ``--overwrite`` removes the old table, the plan file is written, and the pipeline runs; its
-   first step removes stale rows, its last writes the summary and gives the lease back (the
-   launcher also gives it back when the run fails).
+3. otherwise the table's lease is taken (one writer per table), the run is planned under it, the
+   plan file is written, and the pipeline runs; its first step removes stale rows, its last
+   writes the summary and gives the lease back. An ``--overwrite`` run writes its new table to a
+   staging folder, and that last step swaps it in: the old table stays complete until then.
+   When the run fails or is stopped, the launcher removes its plan file and staging folder and
+   gives the lease back: an overwritten table is left exactly as it was.
 
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
 later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
@@ -26,7 +28,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
 from pipeline import logs, runners
 from transforms import lease as leases
-from transforms import listing, startup, storage, table
+from transforms import listing, startup, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
@@ -99,17 +101,6 @@ def plan_tables(
     ]
     startup.mark("list + plan")
     return plans.align_chunks(planned)
-
-
-def remove_table(output: str) -> None:
-    """Deletes a table's shards, error shards and summary (``--overwrite``)."""
-    existing = [f for p in (table.FEATURES, table.ERRORS) for f in table.shard_files(output, p)]
-    summary = storage.join(output, table.SUMMARY_FILE)
-    if storage.exists(summary):
-        existing.append(summary)
-    if existing:
-        fs, _ = storage.filesystem(output)
-        fs.rm([storage.filesystem(f)[1] for f in existing])
 
 
 def launch(
@@ -189,16 +180,19 @@ def launch_tables(
             stack.enter_context(leases.holding(lease))
             held.append(lease)
         planned = plan_tables(specs, metadatas, run_id)
-        for spec, planned_table in zip(specs, planned, strict=True):
-            if spec.overwrite:
-                remove_table(spec.output)
-            plans.write_plan(planned_table)
         runs = [p.run for p in planned]
-        bar = logs.progress_enabled()
-        Progress.start(sum(run.to_embed for run in runs), bar=bar)
         try:
-            with logs.around_bar(bar):  # log lines print above the bar, not through it
-                runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
-        finally:
-            Progress.finish()
+            for planned_table in planned:
+                plans.write_plan(planned_table)
+            bar = logs.progress_enabled()
+            Progress.start(sum(run.to_embed for run in runs), bar=bar)
+            try:
+                with logs.around_bar(bar):  # log lines print above the bar, not through it
+                    runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+            finally:
+                Progress.finish()
+        except BaseException:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made new table
+            for run in runs:
+                plans.discard(run)
+            raise
     return [table.read_summary(spec.output) for spec in specs]

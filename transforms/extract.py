@@ -16,8 +16,9 @@ submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
   per worker process (``embed.model_cache.load_model_async``), in the background when the first chunk
   arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
   It renews the table's lease as it goes and checks it before committing;
-- ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json``, removes the plan and
-  gives the lease back.
+- ``Finalize`` runs once, after every chunk: an ``--overwrite`` run's table, written to its staging
+  folder, replaces the old one (``plan.commit_staged``); then it writes ``_SUMMARY.json``, removes
+  the plan and gives the lease back.
 
 We do not use ``RunInference`` here because a chunk must be embedded *and committed* by one worker
 for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the
@@ -298,11 +299,11 @@ class _EmbedChunk(beam.DoFn):
 def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
     """The table's shards of ``prefix``; when there are none, writes an empty one first, because
     readers (pyarrow, DuckDB, pandas) need at least one file to know the schema."""
-    files = table.shard_files(run.output_dir, prefix)
+    files = table.shard_files(run.write_dir, prefix)
     if files:
         return files
     uri = storage.join(
-        table.table_dir_for(run.output_dir, prefix),
+        table.table_dir_for(run.write_dir, prefix),
         table.shard_name(prefix, 0, 1, run_id=run.run_id),
     )
     table.write_parquet(uri, table.to_arrow([], schema))
@@ -330,6 +331,12 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
     new_errors = sum(r["errors"] for r in results)
     feature_files = _shards_or_empty_one(run, job.prefix, schema)
     error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
+    if run.staging_dir is not None:  # --overwrite: the new table is complete, swap it in
+        if lease is not None:
+            lease.check()  # never replace a table another run has taken over
+        plans.commit_staged(run)
+        feature_files = table.shard_files(run.output_dir, job.prefix)
+        error_files = table.shard_files(run.output_dir, table.ERRORS)
     rows = run.kept_rows + new_rows
     unlisted_kept = 0 if run.pruned else run.unlisted_rows
     summary = {

@@ -13,7 +13,7 @@ import os
 import posixpath
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -246,14 +246,36 @@ def _swap_local(path: str, staging: str, tag: str) -> None:
 
 
 def _swap_remote(fs: fsspec.AbstractFileSystem, path: str, staging: str) -> None:
-    old = {p for p, d in fs.find(path, detail=True).items() if d.get("type") != "directory"}
-    new = set()
-    for staged in fs.find(staging):
-        target = path + staged[len(staging) :]
-        fs.mv(staged, target)
-        new.add(target)
-    stale = sorted(old - new)
+    old = [
+        to_uri(fs, p) for p, d in fs.find(path, detail=True).items() if d.get("type") != "directory"
+    ]
+    swap_in(to_uri(fs, path), to_uri(fs, staging), replaces=old)
+
+
+def swap_in(target: str, staging: str, *, replaces: Iterable[str]) -> list[str]:
+    """Moves every file below ``staging`` to the same place below ``target``, then removes the
+    ``replaces`` files that no new file took the place of, then the staging folder; returns the
+    new files' URIs.
+
+    The old files stay whole and readable until every new file is in place (for a moment, both
+    are there). This is the swap of :func:`staged_output` on an object store, and of a feature
+    table replaced by ``--overwrite`` (whose folder also holds its lease, so it cannot be renamed).
+    """
+    fs, path = filesystem(target)
+    _, staged_root = filesystem(staging)
+    path, staged_root = path.rstrip("/"), staged_root.rstrip("/")
+    moved = []
+    for staged in sorted(fs.find(staged_root)):
+        dest = path + staged[len(staged_root) :]
+        if is_local(target):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(staged, dest)
+        else:  # a server-side copy (rewrite); the staged objects are removed with their folder
+            fs.copy(staged, dest)
+        moved.append(dest)
+    stale = sorted({filesystem(uri)[1] for uri in replaces} - set(moved))
     if stale:
         fs.rm(stale)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    if fs.exists(staged_root):
+        fs.rm(staged_root, recursive=True)
+    return [to_uri(fs, p) for p in moved]
