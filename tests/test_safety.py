@@ -3,14 +3,25 @@ its table back, a strange file never hangs a run, and an empty listing is refuse
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import write_image_tree
 from fakes import MeanColorHandler, run_extract
 from test_gcs import BUCKET, gcs_emulator  # noqa: F401 (a fixture)
 
+from pipeline import cli
+from pipeline import extract as extract_job
+from transforms import lease as leases
+from transforms import plan as plans
 from transforms import storage, table
 
 
@@ -91,3 +102,112 @@ def test_an_overwrite_on_a_bucket_is_safe_too(gcs_emulator, tmp_path):  # noqa: 
     assert table.read_table(out).num_rows == 4
     after = _bucket_snapshot(out)
     assert not [name for name in after if name.startswith(("/_staging", "/_plans", "/_LEASE"))]
+
+
+# --- 2. SIGTERM is Ctrl-C ---
+
+SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_and_gives_its_table_back(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
+    out = tmp_path / "t"
+    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.extract", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not table.shard_files(str(out)):  # mid-run: planned, and a chunk committed
+            assert job.poll() is None, "the job ended before it could be stopped"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 143
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before it was stopped"
+    assert not (out / leases.LEASE_FILE).exists()
+    assert not (out / plans.PLANS_DIR).exists()
+
+    # The table is free at once: the next run neither waits nor needs --break-lease.
+    summary = extract_job.run([*argv, "--mode", "incremental"])
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (120, 120, 0)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [
+        (signal.SIGTERM, 143, "stopped by SIGTERM"),
+        (signal.SIGHUP, 129, "stopped by SIGHUP"),
+        (signal.SIGINT, 130, "interrupted"),
+    ],
+)
+def test_a_stop_signal_is_one_line_and_its_conventional_status(signum, status, line, capsys):
+    cleaned = []
+
+    def job(argv):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the signal arrives here
+        finally:
+            cleaned.append(True)  # clean-up (the lease, the plan) runs as for Ctrl-C
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_main(job, [])
+    assert stopped.value.code == status and cleaned == [True]
+    assert capsys.readouterr().err == line + "\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers are put back
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _hold(out: pathlib.Path, *, host: str, pid: int) -> None:
+    """A lease on ``out`` recorded as held by ``pid`` on ``host``, renewed just now."""
+    leases.acquire(str(out), "20261201T000000aaaa")
+    record = json.loads((out / leases.LEASE_FILE).read_text())
+    record.update(host=host, pid=pid)
+    (out / leases.LEASE_FILE).write_text(json.dumps(record))
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    out = tmp_path / "t"
+    pid = _dead_pid()
+    _hold(out, host=socket.gethostname(), pid=pid)
+    with caplog.at_level(logging.WARNING, logger="transforms.lease"):
+        lease = leases.acquire(str(out), "20261201T000001bbbb")
+    lease.check()
+    assert f"(pid {pid}) is no longer running on this host" in caplog.text
+
+
+@pytest.mark.parametrize("holder", ["a live process here", "a process on another host"])
+def test_a_lease_of_a_live_process_or_another_host_is_respected(holder, tmp_path):
+    out = tmp_path / "t"
+    if holder == "a live process here":
+        _hold(out, host=socket.gethostname(), pid=os.getpid())
+    else:
+        _hold(out, host=socket.gethostname() + "-elsewhere", pid=_dead_pid())
+    with pytest.raises(leases.LeaseHeld, match="20261201T000000aaaa"):
+        leases.acquire(str(out), "20261201T000001bbbb")
+
+
+def test_a_dead_launcher_whose_workers_still_beat_is_respected(tmp_path):
+    out = tmp_path / "t"
+    _hold(out, host=socket.gethostname(), pid=_dead_pid())
+    beat = {"time": time.time(), "host": "worker-7", "pid": 12}  # a worker on another machine
+    (out / "_LEASE.20261201T000000aaaa.heartbeat").write_text(json.dumps(beat))
+    with pytest.raises(leases.LeaseHeld):
+        leases.acquire(str(out), "20261201T000001bbbb")
