@@ -26,6 +26,7 @@ from transforms import startup, table
 from transforms.devices import check_models_fit
 from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
+from transforms.listing import describe_skipped
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.weights.check import check_weights
 
@@ -64,6 +65,7 @@ def build(
         jobs,
         decode_threads=config.decode_threads,
         max_pixels=config.max_pixels,
+        read_timeout_s=config.read_timeout_s,
         processes_per_machine=processes_per_machine,
     )
 
@@ -119,7 +121,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     what = meta.get("layer") or "pooling=" + meta.get("pooling", "")
     lines = [
         f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}"
-        f"; skipped {summary.get('skipped', 0)} files that are not images",
+        f"; skipped {summary.get('skipped', 0)} files"
+        + (
+            f" ({describe_skipped(summary['skipped_reasons'].items())})"
+            if summary.get("skipped_reasons")
+            else ""
+        ),
         f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
         f"images in {run.get('chunks', 0)} chunk(s) -> {run.get('new_rows', 0)} new rows, "
         f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "

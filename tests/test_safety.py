@@ -11,15 +11,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from conftest import write_image_tree
 from fakes import MeanColorHandler, run_extract
+from fsspec.implementations.local import LocalFileSystem
 from test_gcs import BUCKET, gcs_emulator  # noqa: F401 (a fixture)
 
 from pipeline import cli
 from pipeline import extract as extract_job
+from pipeline.config import parse_args
 from transforms import lease as leases
 from transforms import plan as plans
 from transforms import storage, table
@@ -211,3 +214,71 @@ def test_a_dead_launcher_whose_workers_still_beat_is_respected(tmp_path):
     (out / "_LEASE.20261201T000000aaaa.heartbeat").write_text(json.dumps(beat))
     with pytest.raises(leases.LeaseHeld):
         leases.acquire(str(out), "20261201T000001bbbb")
+
+
+# --- 3. Nothing hangs on a strange file ---
+
+
+def _with_fifo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)  # 4 images
+    fifo = images / "train" / "cats" / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it blocks until someone writes: it must never be read
+    return images, fifo
+
+
+@pytest.mark.parametrize("how", ["folder", "glob"])
+def test_a_named_pipe_in_a_folder_or_glob_is_skipped_and_counted(how, tmp_path):
+    images, fifo = _with_fifo(tmp_path)
+    source = str(images) if how == "folder" else str(images / "**" / "*.*")
+    summary = run_extract(source, tmp_path / "t", read_timeout_s=2)
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (4, 4, 0)
+    assert summary["skipped"] == 1 and summary["skipped_examples"] == [str(fifo)]
+    assert summary["skipped_reasons"] == {"not a regular file": 1}
+
+
+def test_a_manifest_naming_a_named_pipe_gives_it_an_error_row(tmp_path):
+    images, fifo = _with_fifo(tmp_path)
+    others = sorted(str(p) for p in images.rglob("*.*") if p != fifo)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([str(fifo), *others]) + "\n")
+    summary = run_extract(str(manifest), tmp_path / "t", read_timeout_s=2)
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (5, 4, 1)
+    errors = table.read_table(str(tmp_path / "t"), prefix=table.ERRORS).to_pylist()
+    assert [(e["uri"], e["stage"]) for e in errors] == [(str(fifo), "read")]
+    assert "not a regular file" in errors[0]["reason"]
+
+
+def test_a_read_that_never_ends_becomes_an_error_row_after_the_read_timeout(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)
+    stuck = str(images / "train" / "dogs" / "0.png")
+    release = threading.Event()
+    cat_file = LocalFileSystem.cat_file
+
+    def stalling(self, path, *args, **kwargs):
+        if path == stuck:  # a stalled network mount, a bucket that never answers
+            release.wait(60)
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", stalling)
+    try:
+        started = time.monotonic()
+        summary = run_extract(str(images), tmp_path / "t", read_timeout_s=1)
+        assert time.monotonic() - started < 50
+    finally:
+        release.set()
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (4, 3, 1)
+    (error,) = table.read_table(str(tmp_path / "t"), prefix=table.ERRORS).to_pylist()
+    assert (error["uri"], error["stage"]) == (stuck, "read")
+    assert "1 s" in error["reason"] and "--read-timeout" in error["reason"]
+
+
+def test_read_timeout_is_a_flag_with_its_default_in_help(capsys):
+    with pytest.raises(SystemExit):
+        extract_job.run(["--help"])
+    assert "--read-timeout" in capsys.readouterr().out
+    config, _ = parse_args(["--input", "x", "--output", "y"])
+    assert config.read_timeout_s == 60
+    config, _ = parse_args(["--input", "x", "--output", "y", "--read-timeout", "5"])
+    assert config.read_timeout_s == 5

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from transforms import devices, storage, table
 from transforms import plan as plans
-from transforms.embed.decode import read_and_decode
+from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S, read_and_decode
 from transforms.embed.handler import NAMESPACE, FeatureModelHandler
 from transforms.embed.model_cache import load_model_async
 from transforms.embed.progress import Progress
@@ -136,8 +136,10 @@ class _EmbedChunk(beam.DoFn):
         max_pixels: int,
         decode_threads: int,
         processes_per_machine: int = 1,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         self._jobs = list(jobs)
+        self._read_timeout_s = read_timeout_s
         self._batch_size = max(job.handler.batch_size for job in self._jobs)
         self._max_pixels = max_pixels
         self._decode_threads = decode_threads
@@ -195,7 +197,9 @@ class _EmbedChunk(beam.DoFn):
                 ref = next(refs_left, None)
                 if ref is None:
                     return
-                future = self._pool.submit(read_and_decode, ref, targets_of(ref), self._max_pixels)
+                future = self._pool.submit(
+                    read_and_decode, ref, targets_of(ref), self._max_pixels, self._read_timeout_s
+                )
                 pending.append((ref, future))
 
         fill()
@@ -345,6 +349,7 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
         "errors": run.kept_errors + new_errors,
         "skipped": run.skipped,
         "skipped_examples": list(run.skipped_examples),
+        "skipped_reasons": dict(run.skipped_reasons),
         "label_conflicts": run.label_conflicts,
         "label_conflict_examples": list(run.label_conflict_examples),
         "table_rows": rows + unlisted_kept,
@@ -391,6 +396,8 @@ class ExtractFeatureTables(beam.PTransform):
             sized from its cores and whether its model runs on a GPU, ``transforms.devices``).
         max_pixels: decompression-bomb guard.
         processes_per_machine: worker processes sharing a machine (for ``auto``).
+        read_timeout_s: seconds one image's read may take; a read that takes longer becomes the
+            image's error row (stage ``read``) and the run goes on.
 
     Returns:
         A PCollection with one summary dict per table.
@@ -403,9 +410,11 @@ class ExtractFeatureTables(beam.PTransform):
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         processes_per_machine: int = 1,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         super().__init__()
         self._jobs = list(jobs)
+        self._read_timeout_s = read_timeout_s
         self._processes_per_machine = processes_per_machine
         chunks = {job.run.num_chunks for job in self._jobs}
         if len(chunks) != 1:
@@ -420,6 +429,7 @@ class ExtractFeatureTables(beam.PTransform):
             max_pixels=self._max_pixels,
             decode_threads=self._decode_threads,
             processes_per_machine=self._processes_per_machine,
+            read_timeout_s=self._read_timeout_s,
         )
         # Always one element, so Finalize runs (after it) even when there is nothing to embed.
         removed = (
@@ -457,6 +467,7 @@ class ExtractFeatures(beam.PTransform):
         metadata: the table metadata (:func:`run_metadata`).
         decode_threads: decoding threads per worker process.
         max_pixels: decompression-bomb guard.
+        read_timeout_s: seconds one image's read may take before it becomes an error row.
         to_row: maps each feature row to the row actually written (e.g. top-k predictions).
         schema: the schema of ``to_row``'s rows (metadata is added); default: feature rows.
         prefix: what the row shards are named for (default ``features``).
@@ -474,6 +485,7 @@ class ExtractFeatures(beam.PTransform):
         metadata: dict[str, str],
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         schema: pa.Schema | None = None,
         lease: Lease | None = None,
@@ -490,7 +502,10 @@ class ExtractFeatures(beam.PTransform):
             prefix=prefix,
         )
         self._tables = ExtractFeatureTables(
-            [job], decode_threads=decode_threads, max_pixels=max_pixels
+            [job],
+            decode_threads=decode_threads,
+            max_pixels=max_pixels,
+            read_timeout_s=read_timeout_s,
         )
 
     def expand(self, pbegin):

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from transforms import storage, table, table_diff
 from transforms.image_rows import ImageRef, hex_ids, key_view, refs_from_table
-from transforms.listing import Listing
+from transforms.listing import Listing, describe_skipped
 from transforms.models.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
@@ -106,6 +106,8 @@ class RunPlan:
     pruned: bool = False
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    #: ``(reason, count)`` pairs: not an image, not a regular file (``transforms.listing``).
+    skipped_reasons: tuple[tuple[str, int], ...] = ()
     label_conflicts: int = 0
     label_conflict_examples: tuple[str, ...] = ()
     #: ``--overwrite``: the folder the new table is written to, swapped in when it is complete.
@@ -124,7 +126,8 @@ class RunPlan:
         """What the run would do, in words (``--plan-only``)."""
         unlisted = "removed (--prune)" if self.pruned else "kept"
         lines = [
-            f"listed {self.listed} images ({self.skipped} files skipped as not images"
+            f"listed {self.listed} images ({self.skipped} files skipped: "
+            + describe_skipped(self.skipped_reasons)
             + (f", e.g. {self.skipped_examples[0]}" if self.skipped_examples else "")
             + ")",
             f"to embed: {self.to_embed} in {self.num_chunks} chunk(s) "
@@ -299,6 +302,7 @@ def plan_run(
         pruned=prune,
         skipped=listing.skipped,
         skipped_examples=listing.skipped_examples,
+        skipped_reasons=listing.skipped_reasons,
         label_conflicts=listing.label_conflicts,
         label_conflict_examples=listing.label_conflict_examples,
         staging_dir=storage.join(output_dir, STAGING_DIR, run_id) if overwrite else None,
