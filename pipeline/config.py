@@ -203,7 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorFlow threads per worker process (default: all cores for one process, "
         "an equal share when --direct_num_workers processes share the machine)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing table; the old one stays whole and readable until the new one "
+        "is complete",
+    )
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept inputs that list no image (by default an error): write an empty table, or "
+        "with --mode incremental --prune remove every row",
+    )
     parser.add_argument(
         "--break-lease",
         action="store_true",
@@ -262,6 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
             stat_manifest=args.stat_manifest,
             break_lease=args.break_lease,
             lease_expiry_s=args.lease_expiry,
+            allow_empty=args.allow_empty,
         )
         config = ExtractConfig(
             run=run,

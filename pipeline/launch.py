@@ -50,6 +50,7 @@ class TableRun:
     stat_manifest: bool = False
     break_lease: bool = False
     lease_expiry_s: float = leases.DEFAULT_EXPIRY_S
+    allow_empty: bool = False
 
     def __post_init__(self):
         if not self.inputs:
@@ -66,6 +67,32 @@ class TableRun:
             raise ValueError("--prune removes rows of an existing table: use --mode incremental")
 
 
+class EmptyListing(ValueError):
+    """The inputs list no image (and ``--allow-empty`` was not given)."""
+
+
+def check_not_empty(spec: TableRun, found: listing.Listing) -> None:
+    """Refuses a listing with no image unless ``allow_empty``: an empty table is rarely what was
+    meant, and with ``--prune`` it would remove every row of the table (a bucket listed empty by
+    mistake would delete everything).
+
+    Raises:
+        EmptyListing: one line naming the inputs and the files skipped, by reason.
+    """
+    if found.images.num_rows or spec.allow_empty:
+        return
+    inputs = ", ".join(spec.inputs)
+    skipped = f"{found.skipped} files skipped: {listing.describe_skipped(found.skipped_reasons)}"
+    if spec.prune:
+        advice = (
+            f"with --prune this would remove every row of {spec.output}, so nothing was changed; "
+            "check --input, or pass --allow-empty if the inputs really are empty"
+        )
+    else:
+        advice = "check --input, or pass --allow-empty to write an empty table"
+    raise EmptyListing(f"no images listed from --input {inputs} ({skipped}); {advice}")
+
+
 #: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.
 Build = Callable[[beam.Pipeline, plans.RunPlan, "leases.Lease | None"], Any]
 #: ``build(pipeline, run_plans, leases)``: the same for several tables written by one pipeline.
@@ -80,11 +107,17 @@ def plan(spec: TableRun, metadata: dict[str, str], run_id: str | None = None) ->
 def plan_tables(
     specs: Sequence[TableRun], metadatas: Sequence[dict[str, str]], run_id: str | None = None
 ) -> list[plans.Plan]:
-    """Lists the inputs once and plans each table against it, in shared chunks; writes nothing."""
+    """Lists the inputs once and plans each table against it, in shared chunks; writes nothing.
+
+    Raises:
+        EmptyListing: no image was listed (:func:`check_not_empty`).
+    """
     first = specs[0]
     found = listing.list_inputs(
         first.inputs, include_all_files=first.include_all_files, stat_manifest=first.stat_manifest
     )
+    for spec in specs:
+        check_not_empty(spec, found)
     planned = [
         plans.plan_run(
             found,
@@ -119,6 +152,7 @@ def launch(
         FileExistsError: full mode over an existing table without ``--overwrite``.
         plans.IncompatibleTableError: an incremental run with another recipe.
         leases.LeaseHeld: another run is writing the table.
+        EmptyListing: the inputs list no image, and ``allow_empty`` is false.
     """
     return launch_tables(
         [spec],

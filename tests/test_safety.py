@@ -282,3 +282,57 @@ def test_read_timeout_is_a_flag_with_its_default_in_help(capsys):
     assert config.read_timeout_s == 60
     config, _ = parse_args(["--input", "x", "--output", "y", "--read-timeout", "5"])
     assert config.read_timeout_s == 5
+
+
+# --- 4. An empty listing is an error ---
+
+
+def _nothing_to_embed(tmp_path: pathlib.Path) -> pathlib.Path:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("no images here")
+    os.mkfifo(empty / "pipe.jpg")
+    return empty
+
+
+def test_an_empty_listing_is_one_line_and_exit_2_naming_the_skipped_files(tmp_path, capsys):
+    empty = _nothing_to_embed(tmp_path)
+    out = tmp_path / "t"
+    argv = ["--input", str(empty), "--output", str(out), *SMALL_REAL]
+    with pytest.raises(SystemExit) as refused:
+        extract_job.main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: no images listed") and str(empty) in err
+    assert "1 not a regular file" in err and "1 not an image" in err and "--allow-empty" in err
+    assert not table.shard_files(str(out))
+
+
+def test_allow_empty_writes_an_empty_table(tmp_path):
+    empty = _nothing_to_embed(tmp_path)
+    summary = run_extract(str(empty), tmp_path / "t", allow_empty=True)
+    assert (summary["inputs"], summary["rows"], summary["errors"], summary["skipped"]) == (
+        0,
+        0,
+        0,
+        2,
+    )
+    assert table.read_table(str(tmp_path / "t")).num_rows == 0
+
+
+def test_an_empty_listing_never_prunes_a_table(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)
+    out = tmp_path / "t"
+    run_extract(str(images), out, mode="incremental")
+    before = snapshot(out)
+    empty = _nothing_to_embed(tmp_path)  # a bucket listed empty by mistake
+    with pytest.raises(ValueError, match="--prune .*--allow-empty"):
+        run_extract(str(empty), out, mode="incremental", prune=True)
+    assert snapshot(out) == before
+
+    # Said explicitly, the table follows its (empty) inputs.
+    summary = run_extract(str(empty), out, mode="incremental", prune=True, allow_empty=True)
+    assert summary["run"]["unlisted_rows_removed"] == 4
+    assert table.read_table(str(out)).num_rows == 0
