@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +33,8 @@ from transforms import listing, startup, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
+
+_LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +230,9 @@ def launch_tables(
                 Progress.finish()
         except BaseException:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made new table
             for run in runs:
-                plans.discard(run)
+                try:
+                    plans.discard(run)
+                except Exception as exc:  # never hide why the run ended; the next run cleans up
+                    _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, exc)
             raise
     return [table.read_summary(spec.output) for spec in specs]
