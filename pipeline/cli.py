@@ -20,7 +20,9 @@ import contextlib
 import difflib
 import gc
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -59,9 +61,49 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 #: Exit statuses: a user error is 2 (as argparse's for a bad flag); Ctrl-C is 130 (128 + SIGINT,
-#: as a shell reports it).
+#: as a shell reports it), and a stop signal 128 + its number (SIGTERM 143, SIGHUP 129).
 USER_ERROR_EXIT = 2
-INTERRUPTED_EXIT = 130
+INTERRUPTED_EXIT = 128 + signal.SIGINT
+
+#: What ``timeout``, cron, Airflow, Kubernetes and ``docker stop`` send (SIGTERM), and a closed
+#: terminal (SIGHUP): a job stops on them as on Ctrl-C, cleaning up as it goes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """The job was told to stop by a signal (:data:`STOP_SIGNALS`). A ``KeyboardInterrupt``, so
+    that everything that cleans up after Ctrl-C (the lease, the plan file) does so for it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(received: list[int]) -> Iterator[None]:
+    """Raises :class:`Stopped` in the main thread on a stop signal, while the block runs, and
+    records the signal in ``received``; once stopping, later signals are ignored so that the
+    clean-up finishes. A signal ignored when the job started (``nohup``) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        if received:
+            return
+        received.append(signum)
+        raise Stopped(signum)
+
+    previous = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
 
 Result = TypeVar("Result")
 
@@ -73,7 +115,9 @@ def run_main(run: Callable[[list[str]], Result], argv: Sequence[str] | None = No
     - a user or environment error (:data:`USER_ERRORS`): one line on stderr,
       ``error: <message>``, exit status 2; with ``-v``/``--verbose`` its traceback first;
     - Ctrl-C (KeyboardInterrupt): one line, ``interrupted``, exit status 130 (traceback with
-      ``-v``);
+      ``-v``); SIGTERM and SIGHUP stop it the same way (:class:`Stopped`: the lease is given back
+      and the plan file removed as the exception unwinds), with one line, ``stopped by SIGTERM``,
+      and exit status 143 (SIGHUP: 129);
     - any other exception is a bug of ours: it propagates, and Python prints its traceback.
 
     ``SystemExit`` passes through untouched (argparse's ``usage: ... error: ...``, exit 2).
@@ -88,8 +132,17 @@ def run_main(run: Callable[[list[str]], Result], argv: Sequence[str] | None = No
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(argv)
     verbose = logs.verbosity_from(argv) > 0
+    received: list[int] = []
     try:
-        return run(argv)
+        try:
+            with _stopping_on_signals(received):
+                return run(argv)
+        except Exception as exc:
+            if received:  # raised inside a Beam step, which re-raises it as a RuntimeError
+                raise Stopped(received[0]) from exc
+            raise
+    except Stopped as stopped:
+        _exit(f"stopped by {stopped}", 128 + stopped.signum, verbose=verbose)
     except KeyboardInterrupt:
         _exit("interrupted", INTERRUPTED_EXIT, verbose=verbose)
     except USER_ERRORS as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pipeline import cli
 from pipeline.launch import TableRun
 from transforms import storage
+from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S
 from transforms.extract import (
     AUTO_DECODE_THREADS,
     DEFAULT_CHUNK_SIZE,
@@ -49,6 +50,7 @@ class ExtractConfig:
             under ``run.output`` (see :attr:`tables`).
         batch_size: images per model call.
         max_pixels: decompression-bomb guard.
+        read_timeout_s: seconds one image's read may take before it becomes an error row.
         decode_threads: decoding threads per worker process (0: auto).
         intra_op_threads: TensorFlow threads per worker process; 0 = its own default, or a
             share of the cores when several local worker processes run (see ``runners``).
@@ -59,6 +61,7 @@ class ExtractConfig:
     recipes: tuple[FeatureRecipe, ...]
     batch_size: int = DEFAULT_BATCH_SIZE
     max_pixels: int = DEFAULT_MAX_PIXELS
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
     decode_threads: int = DEFAULT_DECODE_THREADS
     intra_op_threads: int = 0
     cache_dir: str | None = None
@@ -86,6 +89,8 @@ class ExtractConfig:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
             raise ValueError("--max-pixels must be >= 1")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"--read-timeout must be > 0 seconds, got {self.read_timeout_s:g}")
         if self.decode_threads < 0:
             raise ValueError(f"--decode-threads must be auto or >= 1, got {self.decode_threads}")
         if self.intra_op_threads < 0:
@@ -131,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         help="larger images become error rows (a decompression-bomb guard) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT_S,
+        metavar="SECONDS",
+        help="an image whose file is not read within this time (a stalled mount or bucket) "
+        "becomes an error row and the run goes on (default: %(default)s)",
     )
     parser.add_argument(
         "--mode",
@@ -190,7 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorFlow threads per worker process (default: all cores for one process, "
         "an equal share when --direct_num_workers processes share the machine)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing table")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing table; the old one stays whole and readable until the new one "
+        "is complete",
+    )
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept inputs that list no image (by default an error): write an empty table, or "
+        "with --mode incremental --prune remove every row",
+    )
     parser.add_argument(
         "--break-lease",
         action="store_true",
@@ -249,12 +273,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
             stat_manifest=args.stat_manifest,
             break_lease=args.break_lease,
             lease_expiry_s=args.lease_expiry,
+            allow_empty=args.allow_empty,
         )
         config = ExtractConfig(
             run=run,
             recipes=tuple(cli.recipes_from_args(args)),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
+            read_timeout_s=args.read_timeout,
             decode_threads=args.decode_threads,
             intra_op_threads=args.intra_op_threads,
             cache_dir=args.cache_dir,

@@ -26,6 +26,7 @@ from transforms import startup, table
 from transforms.devices import check_models_fit
 from transforms.embed.handler import BackboneModelHandler
 from transforms.extract import ExtractFeatureTables, run_metadata, table_job
+from transforms.listing import describe_skipped
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.weights.check import check_weights
 
@@ -64,6 +65,7 @@ def build(
         jobs,
         decode_threads=config.decode_threads,
         max_pixels=config.max_pixels,
+        read_timeout_s=config.read_timeout_s,
         processes_per_machine=processes_per_machine,
     )
 
@@ -120,7 +122,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     what = meta.get("layer") or "pooling=" + meta.get("pooling", "")
     lines = [
         f"inputs {summary['inputs']} = rows {summary['rows']} + errors {summary['errors']}"
-        f"; skipped {summary.get('skipped', 0)} files that are not images",
+        f"; {_skipped(summary)}",
         f"this run (mode {summary.get('mode', 'full')}): embedded {run.get('embedded', 0)} "
         f"images in {run.get('chunks', 0)} chunk(s) -> {run.get('new_rows', 0)} new rows, "
         f"{run.get('new_errors', 0)} new errors; kept {run.get('kept_rows', 0)} rows, "
@@ -146,6 +148,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines + _listing_notes(summary))
 
 
+def _skipped(summary: dict[str, Any]) -> str:
+    reasons = summary.get("skipped_reasons")
+    why = f" ({describe_skipped(reasons.items())})" if reasons else ""
+    return f"skipped {summary.get('skipped', 0)} files{why}"
+
+
 def _listing_notes(summary: dict[str, Any]) -> list[str]:
     """What the listing passed over: skipped files and URIs listed with conflicting labels."""
     lines = []
@@ -166,7 +174,7 @@ def format_tables(result: dict[str, Any]) -> str:
     embedded = first["run"].get("pass_images", 0)
     rate = embedded / result["seconds"] if result["seconds"] else 0.0
     lines = [
-        f"inputs {first['inputs']}; skipped {first.get('skipped', 0)} files that are not images",
+        f"inputs {first['inputs']}; {_skipped(first)}",
         f"this run (mode {result['mode']}): {len(tables)} backbones in one pass, embedded "
         f"{embedded} images in {first['run'].get('chunks', 0)} chunk(s)",
         f"{result['seconds']:.1f} s wall time, "

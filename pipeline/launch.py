@@ -5,10 +5,12 @@ Shared by the jobs that write tables (``extract``, ``classify``). The order matt
 1. the inputs are checked;
 2. ``--plan-only`` and Beam's ``--dry_run`` plan and stop there (a dry run also builds and
    translates the graph): nothing in the output folder is created, changed or removed;
-3. otherwise the table's lease is taken (one writer per table), the run is planned under it,
-   ``--overwrite`` removes the old table, the plan file is written, and the pipeline runs; its
-   first step removes stale rows, its last writes the summary and gives the lease back (the
-   launcher also gives it back when the run fails).
+3. otherwise the table's lease is taken (one writer per table), the run is planned under it, the
+   plan file is written, and the pipeline runs; its first step removes stale rows, its last
+   writes the summary and gives the lease back. An ``--overwrite`` run writes its new table to a
+   staging folder, and that last step swaps it in: the old table stays complete until then.
+   When the run fails or is stopped, the launcher removes its plan file and staging folder and
+   gives the lease back: an overwritten table is left exactly as it was.
 
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
 later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
@@ -27,7 +29,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
 from pipeline import logs, runners
 from transforms import lease as leases
-from transforms import listing, startup, storage, table
+from transforms import listing, startup, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
@@ -51,6 +53,7 @@ class TableRun:
     stat_manifest: bool = False
     break_lease: bool = False
     lease_expiry_s: float = leases.DEFAULT_EXPIRY_S
+    allow_empty: bool = False
 
     def __post_init__(self):
         if not self.inputs:
@@ -65,6 +68,32 @@ class TableRun:
             raise ValueError("--overwrite starts a new table; it cannot be --mode incremental")
         if self.prune and self.mode != "incremental":
             raise ValueError("--prune removes rows of an existing table: use --mode incremental")
+
+
+class EmptyListing(ValueError):
+    """The inputs list no image (and ``--allow-empty`` was not given)."""
+
+
+def check_not_empty(spec: TableRun, found: listing.Listing) -> None:
+    """Refuses a listing with no image unless ``allow_empty``: an empty table is rarely what was
+    meant, and with ``--prune`` it would remove every row of the table (a bucket listed empty by
+    mistake would delete everything).
+
+    Raises:
+        EmptyListing: one line naming the inputs and the files skipped, by reason.
+    """
+    if found.images.num_rows or spec.allow_empty:
+        return
+    inputs = ", ".join(spec.inputs)
+    skipped = f"{found.skipped} files skipped: {listing.describe_skipped(found.skipped_reasons)}"
+    if spec.prune:
+        advice = (
+            f"with --prune this would remove every row of {spec.output}, so nothing was changed; "
+            "check --input, or pass --allow-empty if the inputs really are empty"
+        )
+    else:
+        advice = "check --input, or pass --allow-empty to write an empty table"
+    raise EmptyListing(f"no images listed from --input {inputs} ({skipped}); {advice}")
 
 
 #: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.
@@ -82,12 +111,18 @@ def plan_tables(
     specs: Sequence[TableRun], metadatas: Sequence[dict[str, str]], run_id: str | None = None
 ) -> list[plans.Plan]:
     """Lists the inputs once and plans each table against it, in shared chunks; logs what the
-    run does in one line; writes nothing."""
+    run does in one line; writes nothing.
+
+    Raises:
+        EmptyListing: no image was listed (:func:`check_not_empty`).
+    """
     first = specs[0]
     run_id = run_id or plans.new_run_id()  # one run, one id, however many tables
     found = listing.list_inputs(
         first.inputs, include_all_files=first.include_all_files, stat_manifest=first.stat_manifest
     )
+    for spec in specs:
+        check_not_empty(spec, found)
     planned = [
         plans.plan_run(
             found,
@@ -131,17 +166,6 @@ def describe_pass(runs: Sequence[plans.RunPlan], metadatas: Sequence[dict[str, s
     return f"{line} for {len(runs)} backbones ({each})"
 
 
-def remove_table(output: str) -> None:
-    """Deletes a table's shards, error shards and summary (``--overwrite``)."""
-    existing = [f for p in (table.FEATURES, table.ERRORS) for f in table.shard_files(output, p)]
-    summary = storage.join(output, table.SUMMARY_FILE)
-    if storage.exists(summary):
-        existing.append(summary)
-    if existing:
-        fs, _ = storage.filesystem(output)
-        fs.rm([storage.filesystem(f)[1] for f in existing])
-
-
 def launch(
     spec: TableRun,
     *,
@@ -158,6 +182,7 @@ def launch(
         FileExistsError: full mode over an existing table without ``--overwrite``.
         plans.IncompatibleTableError: an incremental run with another recipe.
         leases.LeaseHeld: another run is writing the table.
+        EmptyListing: the inputs list no image, and ``allow_empty`` is false.
     """
     return launch_tables(
         [spec],
@@ -219,16 +244,22 @@ def launch_tables(
             stack.enter_context(leases.holding(lease))
             held.append(lease)
         planned = plan_tables(specs, metadatas, run_id)
-        for spec, planned_table in zip(specs, planned, strict=True):
-            if spec.overwrite:
-                remove_table(spec.output)
-            plans.write_plan(planned_table)
         runs = [p.run for p in planned]
-        bar = logs.progress_enabled()
-        Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
         try:
-            with logs.around_bar(bar):  # log lines print above the bar, not through it
-                runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
-        finally:
-            Progress.finish()
+            for planned_table in planned:
+                plans.write_plan(planned_table)
+            bar = logs.progress_enabled()
+            Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
+            try:
+                with logs.around_bar(bar):  # log lines print above the bar, not through it
+                    runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+            finally:
+                Progress.finish()
+        except BaseException:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made new table
+            for run in runs:
+                try:
+                    plans.discard(run)
+                except Exception as exc:  # never hide why the run ended; the next run cleans up
+                    _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, exc)
+            raise
     return [table.read_summary(spec.output) for spec in specs]

@@ -10,6 +10,7 @@ import numpy as np
 from conftest import encode
 from PIL import Image
 
+from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S
 from transforms.embed.handler import FeatureModelHandler
 from transforms.images import DEFAULT_MAX_PIXELS
 
@@ -70,6 +71,7 @@ def run_table(
     *,
     handler: FeatureModelHandler | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     run_id: str | None = None,
     beam_args=(),
     **table_run,
@@ -87,7 +89,12 @@ def run_table(
 
     def build(pipeline, planned, lease):
         return pipeline | ExtractFeatures(
-            planned, model_handler=handler, metadata=metadata, max_pixels=max_pixels, lease=lease
+            planned,
+            model_handler=handler,
+            metadata=metadata,
+            max_pixels=max_pixels,
+            read_timeout_s=read_timeout_s,
+            lease=lease,
         )
 
     return launch(

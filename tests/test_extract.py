@@ -106,7 +106,8 @@ def test_same_inputs_give_identical_rows(image_tree, tmp_path):
 def test_no_images_still_writes_readable_empty_tables(tmp_path):
     (tmp_path / "in").mkdir()
     out = tmp_path / "out"
-    summary = run_extract(str(tmp_path / "in"), out)
+    # Asked for with --allow-empty: without it an empty listing is refused (tests/test_safety.py).
+    summary = run_extract(str(tmp_path / "in"), out, allow_empty=True)
     assert (summary["inputs"], summary["rows"], summary["errors"]) == (0, 0, 0)
     assert table.read_table(str(out)).num_rows == 0
     assert table.read_table(str(out), prefix=table.ERRORS).num_rows == 0

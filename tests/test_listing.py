@@ -41,7 +41,7 @@ def test_label_and_split(root, uri, expected):
 def test_folder_listing_labels_and_skips_non_images(image_tree):
     (image_tree / "README.txt").write_text("not an image")
     table, skipped = list_source(str(image_tree))
-    assert skipped == [str(image_tree / "README.txt")]
+    assert skipped == {str(image_tree / "README.txt"): "not an image"}
     refs = refs_from_table(table)
     assert len(refs) == 12
     by_name = {os.path.relpath(r.uri, image_tree): r for r in refs}

@@ -16,8 +16,9 @@ submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
   per worker process (``embed.model_cache.load_model_async``), in the background when the first chunk
   arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
   It renews the table's lease as it goes and checks it before committing;
-- ``Finalize`` runs once, after every chunk: it writes ``_SUMMARY.json``, removes the plan and
-  gives the lease back.
+- ``Finalize`` runs once, after every chunk: an ``--overwrite`` run's table, written to its staging
+  folder, replaces the old one (``plan.commit_staged``); then it writes ``_SUMMARY.json``, removes
+  the plan and gives the lease back.
 
 We do not use ``RunInference`` here because a chunk must be embedded *and committed* by one worker
 for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the
@@ -41,7 +42,7 @@ import pyarrow as pa
 
 from transforms import devices, storage, table
 from transforms import plan as plans
-from transforms.embed.decode import read_and_decode
+from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S, read_and_decode
 from transforms.embed.handler import NAMESPACE, FeatureModelHandler
 from transforms.embed.model_cache import load_model_async
 from transforms.embed.progress import Progress
@@ -135,8 +136,10 @@ class _EmbedChunk(beam.DoFn):
         max_pixels: int,
         decode_threads: int,
         processes_per_machine: int = 1,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         self._jobs = list(jobs)
+        self._read_timeout_s = read_timeout_s
         self._batch_size = max(job.handler.batch_size for job in self._jobs)
         self._max_pixels = max_pixels
         self._decode_threads = decode_threads
@@ -194,7 +197,9 @@ class _EmbedChunk(beam.DoFn):
                 ref = next(refs_left, None)
                 if ref is None:
                     return
-                future = self._pool.submit(read_and_decode, ref, targets_of(ref), self._max_pixels)
+                future = self._pool.submit(
+                    read_and_decode, ref, targets_of(ref), self._max_pixels, self._read_timeout_s
+                )
                 pending.append((ref, future))
 
         fill()
@@ -314,11 +319,11 @@ class _EmbedChunk(beam.DoFn):
 def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
     """The table's shards of ``prefix``; when there are none, writes an empty one first, because
     readers (pyarrow, DuckDB, pandas) need at least one file to know the schema."""
-    files = table.shard_files(run.output_dir, prefix)
+    files = table.shard_files(run.write_dir, prefix)
     if files:
         return files
     uri = storage.join(
-        table.table_dir_for(run.output_dir, prefix),
+        table.table_dir_for(run.write_dir, prefix),
         table.shard_name(prefix, 0, 1, run_id=run.run_id),
     )
     table.write_parquet(uri, table.to_arrow([], schema))
@@ -346,6 +351,12 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
     new_errors = sum(r["errors"] for r in results)
     feature_files = _shards_or_empty_one(run, job.prefix, schema)
     error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
+    if run.staging_dir is not None:  # --overwrite: the new table is complete, swap it in
+        if lease is not None:
+            lease.check()  # never replace a table another run has taken over
+        plans.commit_staged(run)
+        feature_files = table.shard_files(run.output_dir, job.prefix)
+        error_files = table.shard_files(run.output_dir, table.ERRORS)
     rows = run.kept_rows + new_rows
     unlisted_kept = 0 if run.pruned else run.unlisted_rows
     summary = {
@@ -354,6 +365,7 @@ def _finalize(element, *, jobs: Sequence[TableJob]):
         "errors": run.kept_errors + new_errors,
         "skipped": run.skipped,
         "skipped_examples": list(run.skipped_examples),
+        "skipped_reasons": dict(run.skipped_reasons),
         "label_conflicts": run.label_conflicts,
         "label_conflict_examples": list(run.label_conflict_examples),
         "table_rows": rows + unlisted_kept,
@@ -403,6 +415,8 @@ class ExtractFeatureTables(beam.PTransform):
             sized from its cores and whether its model runs on a GPU, ``transforms.devices``).
         max_pixels: decompression-bomb guard.
         processes_per_machine: worker processes sharing a machine (for ``auto``).
+        read_timeout_s: seconds one image's read may take; a read that takes longer becomes the
+            image's error row (stage ``read``) and the run goes on.
 
     Returns:
         A PCollection with one summary dict per table.
@@ -415,9 +429,11 @@ class ExtractFeatureTables(beam.PTransform):
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         processes_per_machine: int = 1,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         super().__init__()
         self._jobs = list(jobs)
+        self._read_timeout_s = read_timeout_s
         self._processes_per_machine = processes_per_machine
         chunks = {job.run.num_chunks for job in self._jobs}
         if len(chunks) != 1:
@@ -432,6 +448,7 @@ class ExtractFeatureTables(beam.PTransform):
             max_pixels=self._max_pixels,
             decode_threads=self._decode_threads,
             processes_per_machine=self._processes_per_machine,
+            read_timeout_s=self._read_timeout_s,
         )
         # Always one element, so Finalize runs (after it) even when there is nothing to embed.
         removed = (
@@ -469,6 +486,7 @@ class ExtractFeatures(beam.PTransform):
         metadata: the table metadata (:func:`run_metadata`).
         decode_threads: decoding threads per worker process.
         max_pixels: decompression-bomb guard.
+        read_timeout_s: seconds one image's read may take before it becomes an error row.
         to_row: maps each feature row to the row actually written (e.g. top-k predictions).
         schema: the schema of ``to_row``'s rows (metadata is added); default: feature rows.
         prefix: what the row shards are named for (default ``features``).
@@ -486,6 +504,7 @@ class ExtractFeatures(beam.PTransform):
         metadata: dict[str, str],
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         schema: pa.Schema | None = None,
         lease: Lease | None = None,
@@ -502,7 +521,10 @@ class ExtractFeatures(beam.PTransform):
             prefix=prefix,
         )
         self._tables = ExtractFeatureTables(
-            [job], decode_threads=decode_threads, max_pixels=max_pixels
+            [job],
+            decode_threads=decode_threads,
+            max_pixels=max_pixels,
+            read_timeout_s=read_timeout_s,
         )
 
     def expand(self, pbegin):

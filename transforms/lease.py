@@ -10,7 +10,9 @@ race with another run's writes): the launcher every ``expiry/4`` seconds while i
 pipeline, and the workers as they embed (a Dataflow flex-template launcher exits after
 submitting). A lease whose newest heartbeat is older than its expiry belongs to a dead run (a
 ``kill -9``, a lost VM): the next run takes it over with a warning; ``--break-lease`` takes it over
-at once. Taking over is exclusive too: under an ``flock`` on a local disk, and on GCS by deleting
+at once. A lease whose holder ran on this same host and whose processes (the lease's pid, and the
+pid of its newest heartbeat) are no longer alive is taken over at once too, with a warning saying
+so: a run killed with ``kill -9`` on this machine does not block the table for the expiry. Taking over is exclusive too: under an ``flock`` on a local disk, and on GCS by deleting
 exactly the dead lease's generation (``ifGenerationMatch``) before creating a new one.
 
 Workers check the lease before they commit a chunk, so a run whose lease was taken over stops
@@ -132,8 +134,10 @@ def read_lease(output_dir: str) -> dict[str, Any] | None:
             lease["generation"] = str(fs.info(path).get("generation") or "")
     latest = float(lease.get("acquired", 0))
     heartbeat = storage.join(output_dir, f"_LEASE.{lease['run_id']}.heartbeat")
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
-        latest = max(latest, float(json.loads(storage.read_bytes(heartbeat))["time"]))
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        beat = json.loads(storage.read_bytes(heartbeat))
+        latest = max(latest, float(beat["time"]))
+        lease["heartbeat"] = {"host": beat.get("host"), "pid": beat.get("pid")}
     lease["age_s"] = max(0.0, time.time() - latest)
     return lease
 
@@ -143,6 +147,34 @@ def describe(lease: dict[str, Any]) -> str:
         f"run {lease['run_id']} on {lease.get('host', '?')} (pid {lease.get('pid', '?')}), "
         f"last renewed {lease['age_s']:.0f} s ago"
     )
+
+
+def _pid_gone(pid: Any) -> bool:
+    """Whether no process with this pid runs on this host (a pid we cannot signal is alive)."""
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def holder_gone(lease: dict[str, Any]) -> bool:
+    """Whether the run holding ``lease`` is known to be dead: it ran on this host, and neither the
+    lease's process nor the one that wrote its newest heartbeat is alive. A holder on another
+    host (a Dataflow worker, another machine) is never judged from here: its lease expires."""
+    here = socket.gethostname()
+    holders = [(lease.get("host"), lease.get("pid"))]
+    if lease.get("heartbeat"):
+        holders.append((lease["heartbeat"].get("host"), lease["heartbeat"].get("pid")))
+    return all(host == here and _pid_gone(pid) for host, pid in holders)
 
 
 def _create_exclusive(uri: str, data: bytes) -> bool:
@@ -234,17 +266,21 @@ def acquire(
                 return lease
             continue  # someone created it meanwhile: look at theirs
         expired = current["age_s"] > float(current.get("expiry_s", expiry_s))
-        if not (expired or break_lease):
+        gone = not (expired or break_lease) and holder_gone(current)
+        if not (expired or break_lease or gone):
             raise LeaseHeld(
                 f"{output_dir} is being written by {describe(current)}; one run per table at a "
                 f"time. Wait for it, or if that run is dead, pass --break-lease (a lease not "
                 f"renewed for {float(current.get('expiry_s', expiry_s)):.0f} s is taken over "
                 "automatically)"
             )
-        why = "expired" if expired else "broken (--break-lease)"
-        _LOG.warning(
-            "taking over the lease on %s: %s; lease %s", output_dir, describe(current), why
-        )
+        if expired:
+            why = "lease expired"
+        elif gone:
+            why = f"its process (pid {current.get('pid')}) is no longer running on this host"
+        else:
+            why = "lease broken (--break-lease)"
+        _LOG.warning("taking over the lease on %s: %s; %s", output_dir, describe(current), why)
         if _take_over(lease.uri, current, data):
             _remove(lease.heartbeat_uri(current["run_id"]))
             return lease

@@ -8,6 +8,11 @@ An input is one of:
   Files with any other extension (``.txt``, ``.json``, ...) are skipped and *counted* (the run
   summary reports them, with examples); ``include_all_files`` lists every file instead;
 - a glob (``data/*/*.jpg``, ``gs://b/**/*.png``): every match, whatever its extension;
+
+only regular files are inputs: a named pipe, a socket or a device found in a folder or matched by
+a glob (or named as the input itself) is skipped and counted too, since opening a pipe blocks until
+someone writes to it (a manifest's URIs are not stat'ed: such a file becomes an error row when it
+is read, as ``storage.read_bytes`` refuses it);
 - a manifest (``.csv``, ``.tsv`` or ``.txt``): one URI per row, parsed by ``transforms.manifest``;
 - a single image file.
 
@@ -57,16 +62,21 @@ _GLOB_CHARS = frozenset("*?[")
 SNIFF_BYTES = 64
 #: Skipped files named in the summary.
 SKIPPED_EXAMPLES = 5
+#: Why a file was skipped (the summary counts skipped files by reason).
+NOT_AN_IMAGE = "not an image"
+NOT_REGULAR = "not a regular file"
 
 
 @dataclass(frozen=True)
 class Listing:
     """What the inputs hold: the images (one row per distinct URI, first input wins), and the
-    files that were not listed because their extension is not an image's."""
+    files that were not listed: their extension is not an image's, or they are not regular files
+    (``skipped_reasons``: ``(reason, count)`` pairs)."""
 
     images: pa.Table
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    skipped_reasons: tuple[tuple[str, int], ...] = ()
     duplicates: int = 0
     #: URIs listed more than once with different labels (each keeps its first label).
     label_conflicts: int = 0
@@ -151,10 +161,12 @@ def _table(infos: Sequence[storage.FileInfo], root: str | None) -> pa.Table:
     )
 
 
-def _walk(source: str, include_all_files: bool) -> tuple[pa.Table, list[str]]:
-    files = storage.find_files(source)
+def _walk(source: str, include_all_files: bool) -> tuple[pa.Table, dict[str, str]]:
+    others: list[str] = []
+    files = storage.find_files(source, others=others)
+    special = dict.fromkeys(others, NOT_REGULAR)
     if include_all_files:
-        return _table(files, source), []
+        return _table(files, source), special
     images = [f for f in files if storage.extension(f.uri) in IMAGE_EXTENSIONS]
     unnamed = [f for f in files if not storage.extension(f.uri)]
     if unnamed:
@@ -162,44 +174,46 @@ def _walk(source: str, include_all_files: bool) -> tuple[pa.Table, list[str]]:
             sniffed = [f for f, ok in zip(unnamed, pool.map(_sniff, unnamed), strict=True) if ok]
         images = sorted(images + sniffed, key=lambda f: f.uri)
     listed = {f.uri for f in images}
-    return _table(images, source), [f.uri for f in files if f.uri not in listed]
+    not_images = {f.uri: NOT_AN_IMAGE for f in files if f.uri not in listed}
+    return _table(images, source), {**not_images, **special}
 
 
 def list_source(
     source: str, *, include_all_files: bool = False, stat_manifest: bool = False
-) -> tuple[pa.Table, list[str]]:
-    """Lists one input; returns its rows and the files skipped as not images."""
+) -> tuple[pa.Table, dict[str, str]]:
+    """Lists one input; returns its rows and the files skipped (URI -> why: :data:`NOT_AN_IMAGE`
+    or :data:`NOT_REGULAR`)."""
     if storage.is_local(source):
         # fsspec lists local files by absolute path; roots must match for labels, and absolute
         # URIs keep image ids independent of the working directory.
         source = os.path.abspath(source.removeprefix("file://"))
     if _GLOB_CHARS & set(source):
-        return _table(storage.glob_files(source), _glob_root(source)), []
+        others: list[str] = []
+        files = storage.glob_files(source, others=others)
+        return _table(files, _glob_root(source)), dict.fromkeys(others, NOT_REGULAR)
     if storage.is_dir(source):
         return _walk(source, include_all_files)
+    if not storage.is_regular_file(source):
+        return _table([], None), {source: NOT_REGULAR}
     if manifest.is_manifest(source):
-        return manifest.read_manifest(source, stat=stat_manifest), []
-    return _table([storage.file_info(source)], None), []
+        return manifest.read_manifest(source, stat=stat_manifest), {}
+    return _table([storage.file_info(source)], None), {}
 
 
 def list_inputs(
     sources: Sequence[str], *, include_all_files: bool = False, stat_manifest: bool = False
 ) -> Listing:
     """Lists every input; a URI reached from two inputs is listed once (the first wins)."""
-    tables, skipped = [], {}
+    tables: list[pa.Table] = []
+    skipped: dict[str, str] = {}
     for source in sources:
-        t, not_images = list_source(
+        t, passed_over = list_source(
             source, include_all_files=include_all_files, stat_manifest=stat_manifest
         )
         tables.append(t)
-        skipped.update(dict.fromkeys(not_images))
-        if not_images:
-            _LOG.info(
-                "%s: skipped %d files that are not images, e.g. %s",
-                source,
-                len(not_images),
-                not_images[0],
-            )
+        skipped.update({uri: why for uri, why in passed_over.items() if uri not in skipped})
+        for why, uris in _by_reason(passed_over).items():
+            _LOG.info("%s: skipped %d files (%s), e.g. %s", source, len(uris), why, uris[0])
     images = pa.concat_tables(tables) if tables else LISTING_SCHEMA.empty_table()
     total = images.num_rows
     images, conflicts = _first_of_each(images)
@@ -215,14 +229,28 @@ def list_inputs(
             ", ".join(conflicts[:SKIPPED_EXAMPLES]),
         )
     examples = tuple(list(skipped)[:SKIPPED_EXAMPLES])
+    reasons = tuple((why, len(uris)) for why, uris in sorted(_by_reason(skipped).items()))
     return Listing(
         images,
         len(skipped),
         examples,
+        reasons,
         total - images.num_rows,
         label_conflicts=len(conflicts),
         label_conflict_examples=tuple(conflicts[:SKIPPED_EXAMPLES]),
     )
+
+
+def _by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
+    by_reason: dict[str, list[str]] = {}
+    for uri, why in skipped.items():
+        by_reason.setdefault(why, []).append(uri)
+    return by_reason
+
+
+def describe_skipped(reasons: Sequence[tuple[str, int]]) -> str:
+    """``"3 not an image, 1 not a regular file"`` (``"none"`` when nothing was skipped)."""
+    return ", ".join(f"{n} {why}" for why, n in reasons) or "none"
 
 
 def _first_of_each(images: pa.Table) -> tuple[pa.Table, list[str]]:

@@ -42,12 +42,15 @@ import pyarrow.parquet as pq
 
 from transforms import storage, table, table_diff
 from transforms.image_rows import ImageRef, hex_ids, key_view, refs_from_table
-from transforms.listing import Listing
+from transforms.listing import Listing, describe_skipped
 from transforms.models.recipe import first_difference
 
 _LOG = logging.getLogger(__name__)
 
 PLANS_DIR = "_plans"
+#: Where an ``--overwrite`` run writes its new table (``_staging/RUN/``) until it is complete; the
+#: old table stays whole and readable beside it, and is replaced only then (:func:`commit_staged`).
+STAGING_DIR = "_staging"
 #: The chunk number of plan rows that name a stale copy to remove (``stale_file``).
 REMOVAL = -1
 PLAN_SCHEMA = pa.schema(
@@ -105,19 +108,29 @@ class RunPlan:
     pruned: bool = False
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    #: ``(reason, count)`` pairs: not an image, not a regular file (``transforms.listing``).
+    skipped_reasons: tuple[tuple[str, int], ...] = ()
     label_conflicts: int = 0
     label_conflict_examples: tuple[str, ...] = ()
     pass_images: int = 0
+    #: ``--overwrite``: the folder the new table is written to, swapped in when it is complete.
+    staging_dir: str | None = None
+
+    @property
+    def write_dir(self) -> str:
+        """Where this run's shards go: the table, or its staging folder (``--overwrite``)."""
+        return self.staging_dir or self.output_dir
 
     def shard_uri(self, prefix: str, chunk: int) -> str:
         name = table.shard_name(prefix, chunk, self.num_chunks, run_id=self.run_id)
-        return storage.join(table.table_dir_for(self.output_dir, prefix), name)
+        return storage.join(table.table_dir_for(self.write_dir, prefix), name)
 
     def describe(self) -> str:
         """What the run would do, in words (``--plan-only``)."""
         unlisted = "removed (--prune)" if self.pruned else "kept"
         lines = [
-            f"listed {self.listed} images ({self.skipped} files skipped as not images"
+            f"listed {self.listed} images ({self.skipped} files skipped: "
+            + describe_skipped(self.skipped_reasons)
             + (f", e.g. {self.skipped_examples[0]}" if self.skipped_examples else "")
             + ")",
             f"to embed: {self.to_embed} in {self.num_chunks} chunk(s) "
@@ -201,7 +214,8 @@ def plan_run(
         output_dir: the table folder.
         metadata: the run's table metadata (its recipe); an existing table must agree.
         incremental: add to an existing table; otherwise the folder must hold none, unless
-            ``overwrite`` (then it is ignored here and replaced when the run is submitted).
+            ``overwrite``: then it is ignored here, the new table is written to a staging folder
+            (``_staging/RUN/``) and replaces the old one only once it is complete.
         chunk_size: images per chunk.
         retry_errors: embed again images whose earlier attempt is an error row.
         prune: remove the rows and error rows of images no longer listed.
@@ -291,9 +305,11 @@ def plan_run(
         pruned=prune,
         skipped=listing.skipped,
         skipped_examples=listing.skipped_examples,
+        skipped_reasons=listing.skipped_reasons,
         label_conflicts=listing.label_conflicts,
         label_conflict_examples=listing.label_conflict_examples,
         pass_images=n,
+        staging_dir=storage.join(output_dir, STAGING_DIR, run_id) if overwrite else None,
         **counts,
     )
     return Plan(run, work)
@@ -335,13 +351,26 @@ def plan_files(output_dir: str) -> list[str]:
     return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False) if p.endswith(".parquet")]
 
 
+def staging_dirs(output_dir: str) -> list[str]:
+    """The staging folders of ``--overwrite`` runs in the table's folder."""
+    folder = storage.join(output_dir, STAGING_DIR)
+    fs, path = storage.filesystem(folder)
+    if not fs.exists(path):
+        return []
+    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]
+
+
 def write_plan(plan: Plan) -> None:
-    """Writes the plan file; removes plan files of earlier runs, which died (the caller holds the
-    table's lease, so no other run is live)."""
+    """Writes the plan file; removes plan files and staging folders of earlier runs, which died
+    (the caller holds the table's lease, so no other run is live)."""
     for dead in plan_files(plan.run.output_dir):
         _LOG.warning("removing the plan of a run that did not finish: %s", dead)
         fs, path = storage.filesystem(dead)
         fs.rm(path)
+    for dead in staging_dirs(plan.run.output_dir):
+        _LOG.warning("removing the unfinished new table of an --overwrite run that died: %s", dead)
+        fs, path = storage.filesystem(dead)
+        fs.rm(path, recursive=True)
     if plan.run.plan_uri is None:
         return
     # One row group per chunk (the removals follow the last one), so each worker reads only its own.
@@ -412,3 +441,35 @@ def delete_plan(run: RunPlan) -> None:
     folder = path.rsplit("/", 1)[0]
     if storage.is_local(run.plan_uri) and fs.exists(folder) and not fs.ls(folder):
         fs.rmdir(folder)
+
+
+def commit_staged(run: RunPlan) -> None:
+    """``--overwrite``, once every chunk is committed: the staged table replaces the old one. The
+    new shards are moved into the table's folder first, and only then are the old shards (rows
+    and errors) removed, so the old table is complete until the new one is (``storage.swap_in``).
+    """
+    if run.staging_dir is None:
+        return
+    old = [f for p in (table.FEATURES, table.ERRORS) for f in table.shard_files(run.output_dir, p)]
+    storage.swap_in(run.output_dir, run.staging_dir, replaces=old)
+    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
+
+
+def discard(run: RunPlan) -> None:
+    """What a run that failed or was stopped leaves behind, removed: its plan file and its
+    staging folder (an ``--overwrite`` run's unfinished table). Shards it committed to the table
+    itself stay (an incremental run's, whole ones: the next run keeps them)."""
+    delete_plan(run)
+    if run.staging_dir is None:
+        return
+    fs, path = storage.filesystem(run.staging_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
+
+
+def _remove_empty_folder(uri: str) -> None:
+    """Object stores have no empty folders; a local one is removed so the table looks as before."""
+    fs, path = storage.filesystem(uri)
+    if storage.is_local(uri) and fs.exists(path) and not fs.ls(path):
+        fs.rmdir(path)

@@ -12,8 +12,10 @@ import hashlib
 import os
 import posixpath
 import shutil
+import stat
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -74,9 +76,65 @@ def open_file(uri: str, mode: str = "rb") -> IO:
     return fs.open(path, mode)
 
 
-def read_bytes(uri: str) -> bytes:
+class ReadTimeout(TimeoutError):
+    """A read that did not complete within its time (``--read-timeout``)."""
+
+
+def _special_kind(path: str) -> str | None:
+    """What a local path is when it is not a regular file (``"FIFO"``, ``"socket"``, ...), else
+    None. Opening a named pipe blocks until someone writes to it, so such paths are never read."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the read says why
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _read_whole(uri: str) -> bytes:
     fs, path = filesystem(uri)
+    if is_local(uri) and (kind := _special_kind(path)) is not None:
+        raise OSError(f"{uri} is not a regular file (a {kind}); only regular files are read")
     return fs.cat_file(path)
+
+
+def read_bytes(uri: str, *, timeout: float | None = None) -> bytes:
+    """The content of a regular file (a local named pipe, socket or device is refused rather than
+    read: opening a pipe blocks forever).
+
+    Args:
+        timeout: seconds the read may take; past them :class:`ReadTimeout` is raised and the read
+            is abandoned to a daemon thread (a stalled mount or connection cannot be cancelled,
+            but it no longer holds the caller, nor the process's exit).
+    """
+    if timeout is None:
+        return _read_whole(uri)
+    done = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            outcome["data"] = _read_whole(uri)
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=read, name="read", daemon=True).start()
+    if not done.wait(timeout):
+        raise ReadTimeout(f"no complete read within {timeout:g} s (--read-timeout)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
 
 
 def makedirs(uri: str) -> None:
@@ -91,24 +149,41 @@ def _info(fs: fsspec.AbstractFileSystem, path: str, detail: dict) -> FileInfo:
     return FileInfo(uri=to_uri(fs, path), size=int(detail.get("size") or 0), version=str(version))
 
 
-def find_files(root: str) -> list[FileInfo]:
-    """Every file below ``root``, recursively, sorted by URI."""
+def _regular(
+    fs: fsspec.AbstractFileSystem, found: dict, others: list[str] | None
+) -> list[FileInfo]:
+    """The regular files of a listing, sorted by URI; the URIs of the rest that are not folders
+    (named pipes, sockets, devices: fsspec's ``other``) go to ``others``."""
+    files = []
+    for p, d in found.items():
+        kind = d.get("type")
+        if kind == "file":
+            files.append(_info(fs, p, d))
+        elif kind != "directory" and others is not None:
+            others.append(to_uri(fs, p))
+    if others is not None:
+        others.sort()
+    return sorted(files, key=lambda f: f.uri)
+
+
+def find_files(root: str, *, others: list[str] | None = None) -> list[FileInfo]:
+    """Every regular file below ``root``, recursively, sorted by URI; anything else that is not a
+    folder (a named pipe, a socket, a device) is left out, and its URI added to ``others``."""
     fs, path = filesystem(root)
-    found = fs.find(path, detail=True)
-    return sorted(
-        (_info(fs, p, d) for p, d in found.items() if d.get("type") != "directory"),
-        key=lambda f: f.uri,
-    )
+    return _regular(fs, fs.find(path, detail=True), others)
 
 
-def glob_files(pattern: str) -> list[FileInfo]:
-    """Files matching a glob (``**`` recurses), sorted by URI."""
+def glob_files(pattern: str, *, others: list[str] | None = None) -> list[FileInfo]:
+    """Regular files matching a glob (``**`` recurses), sorted by URI; other matches that are not
+    folders go to ``others``, as in :func:`find_files`."""
     fs, path = filesystem(pattern)
-    found = fs.glob(path, detail=True)
-    return sorted(
-        (_info(fs, p, d) for p, d in found.items() if d.get("type") != "directory"),
-        key=lambda f: f.uri,
-    )
+    return _regular(fs, fs.glob(path, detail=True), others)
+
+
+def is_regular_file(uri: str) -> bool:
+    """Whether ``uri`` is a regular file (object-store objects always are)."""
+    fs, path = filesystem(uri)
+    return fs.info(path).get("type") == "file"
 
 
 def file_info(uri: str) -> FileInfo:
@@ -246,14 +321,36 @@ def _swap_local(path: str, staging: str, tag: str) -> None:
 
 
 def _swap_remote(fs: fsspec.AbstractFileSystem, path: str, staging: str) -> None:
-    old = {p for p, d in fs.find(path, detail=True).items() if d.get("type") != "directory"}
-    new = set()
-    for staged in fs.find(staging):
-        target = path + staged[len(staging) :]
-        fs.mv(staged, target)
-        new.add(target)
-    stale = sorted(old - new)
+    old = [
+        to_uri(fs, p) for p, d in fs.find(path, detail=True).items() if d.get("type") != "directory"
+    ]
+    swap_in(to_uri(fs, path), to_uri(fs, staging), replaces=old)
+
+
+def swap_in(target: str, staging: str, *, replaces: Iterable[str]) -> list[str]:
+    """Moves every file below ``staging`` to the same place below ``target``, then removes the
+    ``replaces`` files that no new file took the place of, then the staging folder; returns the
+    new files' URIs.
+
+    The old files stay whole and readable until every new file is in place (for a moment, both
+    are there). This is the swap of :func:`staged_output` on an object store, and of a feature
+    table replaced by ``--overwrite`` (whose folder also holds its lease, so it cannot be renamed).
+    """
+    fs, path = filesystem(target)
+    _, staged_root = filesystem(staging)
+    path, staged_root = path.rstrip("/"), staged_root.rstrip("/")
+    moved = []
+    for staged in sorted(fs.find(staged_root)):
+        dest = path + staged[len(staged_root) :]
+        if is_local(target):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(staged, dest)
+        else:  # a server-side copy (rewrite); the staged objects are removed with their folder
+            fs.copy(staged, dest)
+        moved.append(dest)
+    stale = sorted({filesystem(uri)[1] for uri in replaces} - set(moved))
     if stale:
         fs.rm(stale)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
+    if fs.exists(staged_root):
+        fs.rm(staged_root, recursive=True)
+    return [to_uri(fs, p) for p in moved]

@@ -148,10 +148,13 @@ def diff(
     listed = row >= 0
     safe_row = np.where(listed, row, 0)
     kind = np.asarray(copies["kind"].combine_chunks())
-    matches = np.empty(m, bool)
+    matches = np.zeros(m, bool)
     sizes = np.asarray(images["file_size"].combine_chunks())
     versions = images["file_version"]
-    for start in range(0, m, _BLOCK):  # in blocks: the listed versions are taken per block
+    # Nothing listed (an empty listing allowed with --allow-empty): no copy matches, none is kept.
+    for start in range(
+        0, m if images.num_rows else 0, _BLOCK
+    ):  # in blocks: the listed versions are taken per block
         block = slice(start, start + _BLOCK)
         rows = pa.array(safe_row[block], mask=~listed[block])
         matches[block] = _signal_matches(
@@ -166,7 +169,7 @@ def diff(
     rank = kind.astype(np.int64) * m + np.arange(m, dtype=np.int64)
     best = np.full(images.num_rows, np.iinfo(np.int64).max, np.int64)
     np.minimum.at(best, row[candidate], rank[candidate])
-    keep = candidate & (rank == best[safe_row])
+    keep = candidate & (rank == best[safe_row]) if images.num_rows else candidate
     stale = listed & ~keep
     unlisted = ~listed
     remove = (stale | unlisted) if prune else stale

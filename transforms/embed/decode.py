@@ -13,6 +13,9 @@ from transforms.image_rows import ImageRef
 from transforms.images import ImageError, Target, load_images
 from transforms.table import error_row
 
+#: Seconds one image's read may take (``--read-timeout``) before it becomes an error row.
+DEFAULT_READ_TIMEOUT_S = 60.0
+
 
 class Decoded(NamedTuple):
     """The key that travels with an image's pixels through inference."""
@@ -23,13 +26,16 @@ class Decoded(NamedTuple):
 
 
 def read_and_decode(
-    ref: ImageRef, targets: Sequence[Target], max_pixels: int
+    ref: ImageRef,
+    targets: Sequence[Target],
+    max_pixels: int,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
 ) -> list[tuple[Decoded, np.ndarray]] | dict[str, Any]:
-    """The file read once and decoded for every target: ``(Decoded, uint8 pixels)`` per target,
-    or the image's error row."""
+    """The file read once (within ``read_timeout_s``) and decoded for every target:
+    ``(Decoded, uint8 pixels)`` per target, or the image's error row."""
     try:
-        data = storage.read_bytes(ref.uri)
-    except Exception as exc:  # missing, permission, network: all become error rows
+        data = storage.read_bytes(ref.uri, timeout=read_timeout_s)
+    except Exception as exc:  # missing, not a file, timed out, network: all become error rows
         return error_row(ref, "read", f"{type(exc).__name__}: {exc}")
     try:
         images = load_images(data, targets, max_pixels=max_pixels)

@@ -1,0 +1,338 @@
+"""The front door: nothing lost. An overwrite that fails keeps the old table, a stopped run gives
+its table back, a strange file never hangs a run, and an empty listing is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import write_image_tree
+from fakes import MeanColorHandler, run_extract
+from fsspec.implementations.local import LocalFileSystem
+from test_gcs import BUCKET, gcs_emulator  # noqa: F401 (a fixture)
+
+from pipeline import cli
+from pipeline import extract as extract_job
+from pipeline.config import parse_args
+from transforms import lease as leases
+from transforms import plan as plans
+from transforms import storage, table
+
+
+def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+class BrokenModelHandler(MeanColorHandler):
+    """A model that cannot load (bad weights, a crash in the worker)."""
+
+    def load_model(self):
+        raise RuntimeError("the weights file is damaged")
+
+
+# --- 1. --overwrite is safe ---
+
+
+def test_a_failed_overwrite_leaves_the_old_table_byte_identical(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=2)
+    out = tmp_path / "t"
+    run_extract(str(images), out, chunk_size=3)
+    before = snapshot(out)
+    assert any(name.startswith("features-") for name in before)
+
+    with pytest.raises(Exception, match="damaged"):
+        run_extract(str(images), out, handler=BrokenModelHandler(), overwrite=True, chunk_size=3)
+    assert snapshot(out) == before  # every file, the same bytes, nothing added
+    assert table.read_table(str(out)).num_rows == 8
+
+
+def test_a_successful_overwrite_replaces_every_old_shard(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=2)
+    out = tmp_path / "t"
+    first = run_extract(str(images), out, chunk_size=3)
+    old_files = set(first["feature_files"]) | set(first["error_files"])
+
+    second = run_extract(str(images), out, overwrite=True, chunk_size=5)
+    new_id = second["run"]["run_id"]
+    shards = table.shard_files(str(out)) + table.shard_files(str(out), table.ERRORS)
+    assert shards and not old_files & set(shards)
+    assert all(f"-{new_id}-" in os.path.basename(f) for f in shards)
+    assert sorted(second["feature_files"]) == table.shard_files(str(out))
+    assert table.read_table(str(out)).num_rows == 8
+    assert table.read_summary(str(out))["run"]["run_id"] == new_id
+    leftovers = {p.name for p in out.iterdir()} - {os.path.basename(f) for f in shards}
+    assert leftovers == {table.SUMMARY_FILE, table.ERRORS_DIR}
+
+
+def _bucket_snapshot(uri: str) -> dict[str, bytes]:
+    fs, path = storage.filesystem(uri)
+    fs.invalidate_cache()
+    return {p[len(path) :]: fs.cat_file(p) for p in sorted(fs.find(path))}
+
+
+def test_an_overwrite_on_a_bucket_is_safe_too(gcs_emulator, tmp_path):  # noqa: F811
+    local = tmp_path / "images"
+    write_image_tree(local, per_class=1)
+    fs, _ = storage.filesystem(gcs_emulator)
+    fs.put(str(local), f"{BUCKET}/safe-images", recursive=True)
+    images, out = f"{gcs_emulator}/safe-images", f"{gcs_emulator}/safe-table"
+    first = run_extract(images, out, chunk_size=2)
+    before = _bucket_snapshot(out)
+    assert any(name.startswith("/features-") for name in before)
+
+    with pytest.raises(Exception, match="damaged"):
+        run_extract(images, out, handler=BrokenModelHandler(), overwrite=True, chunk_size=2)
+    assert _bucket_snapshot(out) == before
+
+    second = run_extract(images, out, overwrite=True, chunk_size=3)
+    shards = table.shard_files(out) + table.shard_files(out, table.ERRORS)
+    assert shards and not set(first["feature_files"]) & set(shards)
+    assert all(f"-{second['run']['run_id']}-" in f for f in shards)
+    assert table.read_table(out).num_rows == 4
+    after = _bucket_snapshot(out)
+    assert not [name for name in after if name.startswith(("/_staging", "/_plans", "/_LEASE"))]
+
+
+# --- 2. SIGTERM is Ctrl-C ---
+
+SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_and_gives_its_table_back(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
+    out = tmp_path / "t"
+    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.extract", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not table.shard_files(str(out)):  # mid-run: planned, and a chunk committed
+            assert job.poll() is None, "the job ended before it could be stopped"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+        job.wait()
+    assert job.returncode == 143
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before it was stopped"
+    assert not (out / leases.LEASE_FILE).exists()
+    assert not (out / plans.PLANS_DIR).exists()
+
+    # The table is free at once: the next run neither waits nor needs --break-lease.
+    summary = extract_job.run([*argv, "--mode", "incremental"])
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (120, 120, 0)
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "line"),
+    [
+        (signal.SIGTERM, 143, "stopped by SIGTERM"),
+        (signal.SIGHUP, 129, "stopped by SIGHUP"),
+        (signal.SIGINT, 130, "interrupted"),
+    ],
+)
+def test_a_stop_signal_is_one_line_and_its_conventional_status(signum, status, line, capsys):
+    cleaned = []
+
+    def job(argv):
+        try:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the signal arrives here
+        finally:
+            cleaned.append(True)  # clean-up (the lease, the plan) runs as for Ctrl-C
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        cli.run_main(job, [])
+    assert stopped.value.code == status and cleaned == [True]
+    assert capsys.readouterr().err == line + "\n"
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers are put back
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _hold(out: pathlib.Path, *, host: str, pid: int) -> None:
+    """A lease on ``out`` recorded as held by ``pid`` on ``host``, renewed just now."""
+    leases.acquire(str(out), "20261201T000000aaaa")
+    record = json.loads((out / leases.LEASE_FILE).read_text())
+    record.update(host=host, pid=pid)
+    (out / leases.LEASE_FILE).write_text(json.dumps(record))
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    out = tmp_path / "t"
+    pid = _dead_pid()
+    _hold(out, host=socket.gethostname(), pid=pid)
+    with caplog.at_level(logging.WARNING, logger="transforms.lease"):
+        lease = leases.acquire(str(out), "20261201T000001bbbb")
+    lease.check()
+    assert f"(pid {pid}) is no longer running on this host" in caplog.text
+
+
+@pytest.mark.parametrize("holder", ["a live process here", "a process on another host"])
+def test_a_lease_of_a_live_process_or_another_host_is_respected(holder, tmp_path):
+    out = tmp_path / "t"
+    if holder == "a live process here":
+        _hold(out, host=socket.gethostname(), pid=os.getpid())
+    else:
+        _hold(out, host=socket.gethostname() + "-elsewhere", pid=_dead_pid())
+    with pytest.raises(leases.LeaseHeld, match="20261201T000000aaaa"):
+        leases.acquire(str(out), "20261201T000001bbbb")
+
+
+def test_a_dead_launcher_whose_workers_still_beat_is_respected(tmp_path):
+    out = tmp_path / "t"
+    _hold(out, host=socket.gethostname(), pid=_dead_pid())
+    beat = {"time": time.time(), "host": "worker-7", "pid": 12}  # a worker on another machine
+    (out / "_LEASE.20261201T000000aaaa.heartbeat").write_text(json.dumps(beat))
+    with pytest.raises(leases.LeaseHeld):
+        leases.acquire(str(out), "20261201T000001bbbb")
+
+
+# --- 3. Nothing hangs on a strange file ---
+
+
+def _with_fifo(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)  # 4 images
+    fifo = images / "train" / "cats" / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it blocks until someone writes: it must never be read
+    return images, fifo
+
+
+@pytest.mark.parametrize("how", ["folder", "glob"])
+def test_a_named_pipe_in_a_folder_or_glob_is_skipped_and_counted(how, tmp_path):
+    images, fifo = _with_fifo(tmp_path)
+    source = str(images) if how == "folder" else str(images / "**" / "*.*")
+    summary = run_extract(source, tmp_path / "t", read_timeout_s=2)
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (4, 4, 0)
+    assert summary["skipped"] == 1 and summary["skipped_examples"] == [str(fifo)]
+    assert summary["skipped_reasons"] == {"not a regular file": 1}
+
+
+def test_a_manifest_naming_a_named_pipe_gives_it_an_error_row(tmp_path):
+    images, fifo = _with_fifo(tmp_path)
+    others = sorted(str(p) for p in images.rglob("*.*") if p != fifo)
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([str(fifo), *others]) + "\n")
+    summary = run_extract(str(manifest), tmp_path / "t", read_timeout_s=2)
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (5, 4, 1)
+    errors = table.read_table(str(tmp_path / "t"), prefix=table.ERRORS).to_pylist()
+    assert [(e["uri"], e["stage"]) for e in errors] == [(str(fifo), "read")]
+    assert "not a regular file" in errors[0]["reason"]
+
+
+def test_a_read_that_never_ends_becomes_an_error_row_after_the_read_timeout(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)
+    stuck = str(images / "train" / "dogs" / "0.png")
+    release = threading.Event()
+    cat_file = LocalFileSystem.cat_file
+
+    def stalling(self, path, *args, **kwargs):
+        if path == stuck:  # a stalled network mount, a bucket that never answers
+            release.wait(60)
+        return cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", stalling)
+    try:
+        started = time.monotonic()
+        summary = run_extract(str(images), tmp_path / "t", read_timeout_s=1)
+        assert time.monotonic() - started < 50
+    finally:
+        release.set()
+    assert (summary["inputs"], summary["rows"], summary["errors"]) == (4, 3, 1)
+    (error,) = table.read_table(str(tmp_path / "t"), prefix=table.ERRORS).to_pylist()
+    assert (error["uri"], error["stage"]) == (stuck, "read")
+    assert "1 s" in error["reason"] and "--read-timeout" in error["reason"]
+
+
+def test_read_timeout_is_a_flag_with_its_default_in_help(capsys):
+    with pytest.raises(SystemExit):
+        extract_job.run(["--help"])
+    assert "--read-timeout" in capsys.readouterr().out
+    config, _ = parse_args(["--input", "x", "--output", "y"])
+    assert config.read_timeout_s == 60
+    config, _ = parse_args(["--input", "x", "--output", "y", "--read-timeout", "5"])
+    assert config.read_timeout_s == 5
+
+
+# --- 4. An empty listing is an error ---
+
+
+def _nothing_to_embed(tmp_path: pathlib.Path) -> pathlib.Path:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("no images here")
+    os.mkfifo(empty / "pipe.jpg")
+    return empty
+
+
+def test_an_empty_listing_is_one_line_and_exit_2_naming_the_skipped_files(tmp_path, capsys):
+    empty = _nothing_to_embed(tmp_path)
+    out = tmp_path / "t"
+    argv = ["--input", str(empty), "--output", str(out), *SMALL_REAL]
+    with pytest.raises(SystemExit) as refused:
+        extract_job.main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: no images listed") and str(empty) in err
+    assert "1 not a regular file" in err and "1 not an image" in err and "--allow-empty" in err
+    assert not table.shard_files(str(out))
+
+
+def test_allow_empty_writes_an_empty_table(tmp_path):
+    empty = _nothing_to_embed(tmp_path)
+    summary = run_extract(str(empty), tmp_path / "t", allow_empty=True)
+    assert (summary["inputs"], summary["rows"], summary["errors"], summary["skipped"]) == (
+        0,
+        0,
+        0,
+        2,
+    )
+    assert table.read_table(str(tmp_path / "t")).num_rows == 0
+
+
+def test_an_empty_listing_never_prunes_a_table(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1)
+    out = tmp_path / "t"
+    run_extract(str(images), out, mode="incremental")
+    before = snapshot(out)
+    empty = _nothing_to_embed(tmp_path)  # a bucket listed empty by mistake
+    with pytest.raises(ValueError, match="--prune .*--allow-empty"):
+        run_extract(str(empty), out, mode="incremental", prune=True)
+    assert snapshot(out) == before
+
+    # Said explicitly, the table follows its (empty) inputs.
+    summary = run_extract(str(empty), out, mode="incremental", prune=True, allow_empty=True)
+    assert summary["run"]["unlisted_rows_removed"] == 4
+    assert table.read_table(str(out)).num_rows == 0
