@@ -31,11 +31,12 @@ from pipeline.launch import TableRun, launch
 from transforms import model_io, storage, table
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names, preview
 from transforms.embed.handler import BackboneModelHandler
-from transforms.extract import ExtractFeatures, run_metadata
+from transforms.extract import ExtractFeatures
 from transforms.models import zero_shot
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.specs import PREDICTIONS
 from transforms.models.weights.check import check_weights
+from transforms.table_job import run_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,10 +25,11 @@ from transforms import plan as plans
 from transforms import startup, table
 from transforms.devices import check_models_fit
 from transforms.embed.handler import BackboneModelHandler
-from transforms.extract import ExtractFeatureTables, run_metadata, table_job
+from transforms.extract import ExtractFeatureTables
 from transforms.listing import describe_skipped
 from transforms.models.recipe import FeatureRecipe
 from transforms.models.weights.check import check_weights
+from transforms.table_job import run_metadata, table_job
 
 
 def model_handler(

@@ -290,7 +290,8 @@ def _embed_queries(args, out: str, recipe, beam_args) -> dict[str, Any]:
     """The query images' feature table, made with the base table's recipe."""
     from pipeline.launch import TableRun, launch  # Beam: only when there are images to embed
     from transforms.embed.handler import BackboneModelHandler
-    from transforms.extract import ExtractFeatures, run_metadata
+    from transforms.extract import ExtractFeatures
+    from transforms.table_job import run_metadata
 
     handler = BackboneModelHandler(recipe, batch_size=args.batch_size, cache_dir=args.cache_dir)
     metadata = run_metadata(handler)

@@ -81,7 +81,8 @@ def run_table(
     from conftest import local_pipeline
 
     from pipeline.launch import TableRun, launch
-    from transforms.extract import ExtractFeatures, run_metadata
+    from transforms.extract import ExtractFeatures
+    from transforms.table_job import run_metadata
 
     handler = handler or MeanColorHandler()
     metadata = run_metadata(handler)

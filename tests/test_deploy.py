@@ -28,7 +28,7 @@ from pipeline import launch
 from pipeline.config import parse_args
 from pipeline.extract import build, model_handler, run
 from pipeline.stage_weights import stage
-from transforms.extract import run_metadata
+from transforms.table_job import run_metadata
 
 DEPLOY = pathlib.Path(__file__).resolve().parent.parent / "deploy"
 IMAGE = "us-central1-docker.pkg.dev/my-project/ml/featurebeam:0.2.0"

@@ -14,9 +14,9 @@ from fakes import MeanColorHandler, add_bad_files, mean_color, run_extract
 from PIL import Image
 
 from transforms import table
-from transforms.extract import tool_version
 from transforms.images import load_image
 from transforms.listing import list_sources
+from transforms.table_job import tool_version
 
 
 def stages(out) -> list[tuple[str, str]]:

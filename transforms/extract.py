@@ -29,7 +29,6 @@ that compose their own graph with ``RunInference``.
 """
 
 import collections
-import dataclasses
 import logging
 import os
 import socket
@@ -40,14 +39,16 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms import devices, storage, table
+from transforms import devices, table
 from transforms import plan as plans
 from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S, read_and_decode
 from transforms.embed.handler import NAMESPACE, FeatureModelHandler
 from transforms.embed.model_cache import load_model_async
 from transforms.embed.progress import Progress
+from transforms.finalize import finalize, remove_stale
 from transforms.images import DEFAULT_MAX_PIXELS, Target
 from transforms.lease import Lease
+from transforms.table_job import TableJob, table_job
 
 _LOG = logging.getLogger(__name__)
 MODES = ("full", "incremental")
@@ -57,67 +58,8 @@ AUTO_DECODE_THREADS = 0
 DEFAULT_DECODE_THREADS = AUTO_DECODE_THREADS
 
 
-def tool_version() -> str:
-    """The installed package's version (``pyproject.toml`` is the one place it is written)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("featurebeam")
-    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
-        return "unknown"
-
-
-def run_metadata(
-    handler: FeatureModelHandler, extra: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The table metadata of a run: the handler's recipe, the tool version, and ``extra``."""
-    return {**handler.table_metadata(), "tool_version": tool_version(), **(extra or {})}
-
-
 #: Decoded pixels a worker thread may hold while its model loads (then two batches).
 PREFETCH_BYTES = 256 << 20
-
-
-@dataclasses.dataclass(frozen=True)
-class TableJob:
-    """One table a run writes: its plan, the handler that makes its vectors, its metadata and
-    row schema, how feature rows become written rows, and its lease.
-
-    Build it with :func:`table_job`. A multi-backbone run has one per backbone.
-    """
-
-    run: plans.RunPlan
-    handler: FeatureModelHandler
-    metadata: dict[str, str]
-    schema: pa.Schema
-    to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    lease: Lease | None = None
-    #: What the row shards are named for (``features``; ``predictions`` for classify).
-    prefix: str = table.FEATURES
-
-    @property
-    def target(self) -> Target:
-        """What this table needs from each image; tables that agree on it share the pixels."""
-        h = self.handler
-        return Target(tuple(h.input_size), h.resize, h.interpolation)
-
-
-def table_job(
-    run: plans.RunPlan,
-    handler: FeatureModelHandler,
-    metadata: dict[str, str],
-    *,
-    to_row: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-    schema: pa.Schema | None = None,
-    lease: Lease | None = None,
-    prefix: str = table.FEATURES,
-) -> TableJob:
-    """A :class:`TableJob`; ``schema`` is that of ``to_row``'s rows (default: feature rows),
-    with the table metadata added; ``prefix`` names its row shards (``table.ROW_PREFIXES``)."""
-    metadata = dict(metadata)
-    features = table.feature_schema(handler.feature_dim, metadata)
-    schema = features if schema is None else schema.with_metadata(features.metadata)
-    return TableJob(run, handler, metadata, schema, to_row, lease, prefix)
 
 
 class _EmbedChunk(beam.DoFn):
@@ -316,89 +258,6 @@ class _EmbedChunk(beam.DoFn):
             }
 
 
-def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
-    """The table's shards of ``prefix``; when there are none, writes an empty one first, because
-    readers (pyarrow, DuckDB, pandas) need at least one file to know the schema."""
-    files = table.shard_files(run.write_dir, prefix)
-    if files:
-        return files
-    uri = storage.join(
-        table.table_dir_for(run.write_dir, prefix),
-        table.shard_name(prefix, 0, 1, run_id=run.run_id),
-    )
-    table.write_parquet(uri, table.to_arrow([], schema))
-    return [uri]
-
-
-def _remove_stale(_, *, jobs: Sequence[TableJob]) -> dict[int, int]:
-    """Removes every table's stale copies (idempotent: a runner may run it more than once)."""
-    removed = {}
-    for i, job in enumerate(jobs):
-        if job.lease is not None:
-            job.lease.check()
-        removed[i] = plans.remove_stale_rows(job.run)
-        if removed[i]:
-            _LOG.info("%s: removed %d stale rows before embedding", job.run.output_dir, removed[i])
-    return removed
-
-
-def _finalize(element, *, jobs: Sequence[TableJob]):
-    index, results = element
-    job = jobs[index]
-    run, schema, metadata, lease = job.run, job.schema, job.metadata, job.lease
-    results = [r for r in results if "chunk" in r]
-    new_rows = sum(r["rows"] for r in results)
-    new_errors = sum(r["errors"] for r in results)
-    feature_files = _shards_or_empty_one(run, job.prefix, schema)
-    error_files = _shards_or_empty_one(run, table.ERRORS, table.ERROR_SCHEMA)
-    if run.staging_dir is not None:  # --overwrite: the new table is complete, swap it in
-        if lease is not None:
-            lease.check()  # never replace a table another run has taken over
-        plans.commit_staged(run)
-        feature_files = table.shard_files(run.output_dir, job.prefix)
-        error_files = table.shard_files(run.output_dir, table.ERRORS)
-    rows = run.kept_rows + new_rows
-    unlisted_kept = 0 if run.pruned else run.unlisted_rows
-    summary = {
-        "inputs": run.listed,
-        "rows": rows,
-        "errors": run.kept_errors + new_errors,
-        "skipped": run.skipped,
-        "skipped_examples": list(run.skipped_examples),
-        "skipped_reasons": dict(run.skipped_reasons),
-        "label_conflicts": run.label_conflicts,
-        "label_conflict_examples": list(run.label_conflict_examples),
-        "table_rows": rows + unlisted_kept,
-        "feature_files": feature_files,
-        "error_files": error_files,
-        "metadata": metadata,
-        "run": {
-            "run_id": run.run_id,
-            "chunks": run.num_chunks,
-            "embedded": run.to_embed,
-            # Read, decoded and embedded by this pass for every table it wrote (one backbone or
-            # several: then an image is counted once, however many tables it went to).
-            "pass_images": run.pass_images,
-            "new_images": run.new,
-            "changed_images": run.changed,
-            "new_rows": new_rows,
-            "new_errors": new_errors,
-            "kept_rows": run.kept_rows,
-            "kept_errors": run.kept_errors,
-            "stale_rows_removed": run.stale_rows,
-            "unlisted_rows_kept": unlisted_kept,
-            "unlisted_rows_removed": run.unlisted_rows if run.pruned else 0,
-            "unlisted_errors_removed": run.unlisted_errors if run.pruned else 0,
-            "workers": sorted({r["worker"] for r in results}),
-        },
-    }
-    table.write_summary(run.output_dir, summary)
-    plans.delete_plan(run)
-    if lease is not None:
-        lease.release()
-    return summary
-
-
 class ExtractFeatureTables(beam.PTransform):
     """Embeds planned runs' chunks into one or more tables and commits each (see the module
     docstring); the tables' plans must share their chunks (``plan.align_chunks``).
@@ -454,7 +313,7 @@ class ExtractFeatureTables(beam.PTransform):
         removed = (
             pbegin
             | "Start" >> beam.Create([None])
-            | "RemoveStaleRows" >> beam.Map(_remove_stale, jobs=jobs)
+            | "RemoveStaleRows" >> beam.Map(remove_stale, jobs=jobs)
         )
         results = (
             pbegin
@@ -471,7 +330,7 @@ class ExtractFeatureTables(beam.PTransform):
             | "AllChunks" >> beam.Flatten()
             | "ByTable" >> beam.Map(lambda r: (r["table"], r))
             | "Together" >> beam.GroupByKey()
-            | "Finalize" >> beam.Map(_finalize, jobs=jobs)
+            | "Finalize" >> beam.Map(finalize, jobs=jobs)
         )
 
 
