@@ -336,3 +336,25 @@ def test_an_empty_listing_never_prunes_a_table(tmp_path):
     summary = run_extract(str(empty), out, mode="incremental", prune=True, allow_empty=True)
     assert summary["run"]["unlisted_rows_removed"] == 4
     assert table.read_table(str(out)).num_rows == 0
+
+
+def test_a_retried_swap_keeps_the_new_table(tmp_path):
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=2)
+    out = tmp_path / "t"
+    run_extract(str(images), out, chunk_size=3)
+    second = run_extract(str(images), out, overwrite=True, chunk_size=5)
+    new = snapshot(out)
+    run_id = second["run"]["run_id"]
+    planned = plans.RunPlan(
+        run_id=run_id,
+        output_dir=str(out),
+        plan_uri=None,
+        num_chunks=2,
+        chunk_size=5,
+        listed=8,
+        to_embed=8,
+        staging_dir=str(out / plans.STAGING_DIR / run_id),
+    )
+    plans.commit_staged(planned)  # a runner retrying the last step, after the swap was done
+    assert snapshot(out) == new

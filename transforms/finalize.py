@@ -18,8 +18,14 @@ _LOG = logging.getLogger(__name__)
 
 def _shards_or_empty_one(run: plans.RunPlan, prefix: str, schema: pa.Schema) -> list[str]:
     """The table's shards of ``prefix``; when there are none, writes an empty one first, because
-    readers (pyarrow, DuckDB, pandas) need at least one file to know the schema."""
+    readers (pyarrow, DuckDB, pandas) need at least one file to know the schema. (An
+    ``--overwrite`` run's shards may be staged still, or already swapped in by an earlier attempt
+    of this step.)"""
     files = table.shard_files(run.write_dir, prefix)
+    if run.staging_dir is not None:
+        files += [
+            f for f in table.shard_files(run.output_dir, prefix) if table.shard_run(f) == run.run_id
+        ]
     if files:
         return files
     uri = storage.join(

@@ -446,11 +446,17 @@ def delete_plan(run: RunPlan) -> None:
 def commit_staged(run: RunPlan) -> None:
     """``--overwrite``, once every chunk is committed: the staged table replaces the old one. The
     new shards are moved into the table's folder first, and only then are the old shards (rows
-    and errors) removed, so the old table is complete until the new one is (``storage.swap_in``).
-    """
+    and errors of other runs) removed, so the old table is complete until the new one is
+    (``storage.swap_in``). Idempotent: a runner that retries the step, even after a swap that
+    was cut short, finishes it and never removes this run's own shards."""
     if run.staging_dir is None:
         return
-    old = [f for p in (table.FEATURES, table.ERRORS) for f in table.shard_files(run.output_dir, p)]
+    old = [
+        f
+        for p in (table.FEATURES, table.ERRORS)
+        for f in table.shard_files(run.output_dir, p)
+        if table.shard_run(f) != run.run_id
+    ]
     storage.swap_in(run.output_dir, run.staging_dir, replaces=old)
     _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
 

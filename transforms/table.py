@@ -147,6 +147,12 @@ def shard_name(prefix: str, index: int, count: int, *, run_id: str = "") -> str:
     return f"{prefix}-{run}{index:05d}-of-{count:05d}.parquet"
 
 
+def shard_run(uri: str) -> str | None:
+    """The run id in a shard's name (``features-RUN-00003-of-00010.parquet``), or None."""
+    match = _SHARD_RE.match(uri.rstrip("/").rsplit("/", 1)[-1])
+    return match["run"] if match else None
+
+
 def to_arrow(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     """Builds a table from row dicts, sorted by ``image_id``; vectors become fixed-size lists."""
     rows = sorted(rows, key=lambda r: r["image_id"])
