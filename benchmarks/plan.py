@@ -88,7 +88,7 @@ def measure_plan_data(args) -> dict:
 
 def measure_plan(args) -> dict:
     from pipeline.launch import TableRun
-    from transforms import listing
+    from transforms import listing, plan_files
     from transforms import plan as plans
 
     started = time.perf_counter()
@@ -102,7 +102,7 @@ def measure_plan(args) -> dict:
         chunk_size=TableRun.chunk_size,
     )
     plan_s = time.perf_counter() - started - listed_s
-    plans.write_plan(planned)
+    plan_files.write_plan(planned)
     write_s = time.perf_counter() - started - listed_s - plan_s
     run = planned.run
     return {

@@ -29,7 +29,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
 from pipeline import logs, runners
 from transforms import lease as leases
-from transforms import listing, startup, table
+from transforms import listing, plan_files, startup, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
@@ -247,7 +247,7 @@ def launch_tables(
         runs = [p.run for p in planned]
         try:
             for planned_table in planned:
-                plans.write_plan(planned_table)
+                plan_files.write_plan(planned_table)
             bar = logs.progress_enabled()
             Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
             try:
@@ -258,7 +258,7 @@ def launch_tables(
         except BaseException:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made new table
             for run in runs:
                 try:
-                    plans.discard(run)
+                    plan_files.discard(run)
                 except Exception as exc:  # never hide why the run ended; the next run cleans up
                     _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, exc)
             raise

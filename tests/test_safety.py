@@ -25,7 +25,7 @@ from pipeline import extract as extract_job
 from pipeline.config import parse_args
 from transforms import lease as leases
 from transforms import plan as plans
-from transforms import storage, table
+from transforms import plan_files, storage, table
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
@@ -356,5 +356,5 @@ def test_a_retried_swap_keeps_the_new_table(tmp_path):
         to_embed=8,
         staging_dir=str(out / plans.STAGING_DIR / run_id),
     )
-    plans.commit_staged(planned)  # a runner retrying the last step, after the swap was done
+    plan_files.commit_staged(planned)  # a runner retrying the last step, after the swap was done
     assert snapshot(out) == new

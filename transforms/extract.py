@@ -17,7 +17,7 @@ submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
   arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
   It renews the table's lease as it goes and checks it before committing;
 - ``Finalize`` runs once, after every chunk: an ``--overwrite`` run's table, written to its staging
-  folder, replaces the old one (``plan.commit_staged``); then it writes ``_SUMMARY.json``, removes
+  folder, replaces the old one (``plan_files.commit_staged``); then it writes ``_SUMMARY.json``, removes
   the plan and gives the lease back.
 
 We do not use ``RunInference`` here because a chunk must be embedded *and committed* by one worker
@@ -39,7 +39,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from transforms import devices, table
+from transforms import devices, plan_files, table
 from transforms import plan as plans
 from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S, read_and_decode
 from transforms.embed.handler import NAMESPACE, FeatureModelHandler
@@ -228,7 +228,7 @@ class _EmbedChunk(beam.DoFn):
         needs: dict[str, list[int]] = {}  # image_id -> the tables that embed it
         refs: dict[str, Any] = {}  # image_id -> ref, in plan order
         for i, job in enumerate(jobs):
-            for ref in plans.read_chunk(job.run.plan_uri, chunk):
+            for ref in plan_files.read_chunk(job.run.plan_uri, chunk):
                 needs.setdefault(ref.image_id, []).append(i)
                 refs.setdefault(ref.image_id, ref)
         if refs:
@@ -269,7 +269,7 @@ class ExtractFeatureTables(beam.PTransform):
 
     Args:
         jobs: the tables (:func:`table_job`); their plan files must be written
-            (``plan.write_plan``) before the pipeline runs.
+            (``plan_files.write_plan``) before the pipeline runs.
         decode_threads: decoding threads per worker process (:data:`AUTO_DECODE_THREADS`:
             sized from its cores and whether its model runs on a GPU, ``transforms.devices``).
         max_pixels: decompression-bomb guard.
@@ -339,7 +339,7 @@ class ExtractFeatures(beam.PTransform):
 
     Args:
         run: the planned run (``transforms.plan.plan_run(...).run``); its plan file must be
-            written (``plan.write_plan``) before the pipeline runs.
+            written (``plan_files.write_plan``) before the pipeline runs.
         model_handler: ``BackboneModelHandler`` in production; it says the input size, resize and
             metadata.
         metadata: the table metadata (:func:`run_metadata`).

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 
 from transforms import plan as plans
-from transforms import storage, table
+from transforms import plan_files, storage, table
 from transforms.table_job import TableJob
 
 _LOG = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def remove_stale(_, *, jobs: Sequence[TableJob]) -> dict[int, int]:
     for i, job in enumerate(jobs):
         if job.lease is not None:
             job.lease.check()
-        removed[i] = plans.remove_stale_rows(job.run)
+        removed[i] = plan_files.remove_stale_rows(job.run)
         if removed[i]:
             _LOG.info("%s: removed %d stale rows before embedding", job.run.output_dir, removed[i])
     return removed
@@ -62,7 +62,7 @@ def finalize(element: tuple[int, list[dict]], *, jobs: Sequence[TableJob]) -> di
     if run.staging_dir is not None:  # --overwrite: the new table is complete, swap it in
         if lease is not None:
             lease.check()  # never replace a table another run has taken over
-        plans.commit_staged(run)
+        plan_files.commit_staged(run)
         feature_files = table.shard_files(run.output_dir, job.prefix)
         error_files = table.shard_files(run.output_dir, table.ERRORS)
     rows = run.kept_rows + new_rows
@@ -101,7 +101,7 @@ def finalize(element: tuple[int, list[dict]], *, jobs: Sequence[TableJob]) -> di
         },
     }
     table.write_summary(run.output_dir, summary)
-    plans.delete_plan(run)
+    plan_files.delete_plan(run)
     if lease is not None:
         lease.release()
     return summary

@@ -15,14 +15,14 @@ into chunks and plan files.
 
 :func:`plan_run` only reads. What it decides is a :class:`Plan`: the small :class:`RunPlan` that the
 pipeline carries, and the work table (the chunks to embed, and the stale copies to remove) that
-:func:`write_plan` writes to ``_plans/plan-RUN.parquet`` when the run is submitted, not before: a
+:func:`transforms.plan_files.write_plan` writes to ``_plans/plan-RUN.parquet`` when the run is submitted, not before: a
 ``--plan-only`` run, a dry run or a graph translation changes nothing in the output folder.
 
 The images to embed are cut into chunks of ``chunk_size`` consecutive image ids. A chunk is the
 unit of work and of commit: one worker decodes and embeds it and writes its shard files atomically,
 so a run killed midway leaves only whole shards, and the next incremental run embeds just what is
 still missing (that is how a killed run is resumed). Stale copies are removed by the pipeline's
-first step (:func:`remove_stale_rows`), *before* any chunk can start, so at every moment each image
+first step (:func:`transforms.plan_files.remove_stale_rows`), *before* any chunk can start, so at every moment each image
 is in the table at most once.
 """
 
@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from transforms import storage, table, table_diff
-from transforms.image_rows import ImageRef, hex_ids, key_view, refs_from_table
+from transforms.image_rows import hex_ids, key_view
 from transforms.listing import Listing, describe_skipped
 from transforms.models.recipe import first_difference
 
@@ -338,144 +338,3 @@ def align_chunks(planned: Sequence[Plan]) -> list[Plan]:
         run = dataclasses.replace(p.run, num_chunks=num_chunks, pass_images=len(union))
         aligned.append(Plan(run, work))
     return aligned
-
-
-# --- what happens when the run is submitted and when it runs ---
-
-
-def plan_files(output_dir: str) -> list[str]:
-    folder = storage.join(output_dir, PLANS_DIR)
-    fs, path = storage.filesystem(folder)
-    if not fs.exists(path):
-        return []
-    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False) if p.endswith(".parquet")]
-
-
-def staging_dirs(output_dir: str) -> list[str]:
-    """The staging folders of ``--overwrite`` runs in the table's folder."""
-    folder = storage.join(output_dir, STAGING_DIR)
-    fs, path = storage.filesystem(folder)
-    if not fs.exists(path):
-        return []
-    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]
-
-
-def write_plan(plan: Plan) -> None:
-    """Writes the plan file; removes plan files and staging folders of earlier runs, which died
-    (the caller holds the table's lease, so no other run is live)."""
-    for dead in plan_files(plan.run.output_dir):
-        _LOG.warning("removing the plan of a run that did not finish: %s", dead)
-        fs, path = storage.filesystem(dead)
-        fs.rm(path)
-    for dead in staging_dirs(plan.run.output_dir):
-        _LOG.warning("removing the unfinished new table of an --overwrite run that died: %s", dead)
-        fs, path = storage.filesystem(dead)
-        fs.rm(path, recursive=True)
-    if plan.run.plan_uri is None:
-        return
-    # One row group per chunk (the removals follow the last one), so each worker reads only its own.
-    rows_per_group = max(1, min(plan.work.num_rows, plan.run.chunk_size))
-    buffer = pa.BufferOutputStream()
-    pq.write_table(plan.work, buffer, row_group_size=rows_per_group, compression="zstd")
-    data = buffer.getvalue().to_pybytes()
-    storage.makedirs(storage.join(plan.run.output_dir, PLANS_DIR))
-    storage.write_atomically(plan.run.plan_uri, lambda f: f.write(data))
-
-
-def read_chunk(plan_uri: str | None, chunk: int) -> list[ImageRef]:
-    """The refs of one chunk of a plan file (none for a run with nothing to embed)."""
-    if plan_uri is None:
-        return []
-    fs, path = storage.filesystem(plan_uri)
-    t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", chunk)])
-    return refs_from_table(t)
-
-
-def remove_stale_rows(run: RunPlan) -> int:
-    """Removes the stale copies the plan names (the pipeline's first step); returns rows removed."""
-    if run.plan_uri is None:
-        return 0
-    fs, path = storage.filesystem(run.plan_uri)
-    t = pq.read_table(path, filesystem=fs, filters=[("chunk", "=", REMOVAL)])
-    by_file: dict[str, set[str]] = {}
-    for image_id, stale_file in zip(
-        t["image_id"].to_pylist(), t["stale_file"].to_pylist(), strict=True
-    ):
-        by_file.setdefault(stale_file, set()).add(image_id)
-    return remove_rows(run.output_dir, by_file)
-
-
-def remove_rows(output_dir: str, files_and_ids: Mapping[str, set[str]]) -> int:
-    """Rewrites each shard of the table in ``output_dir`` in place, atomically, without the given
-    image ids; returns rows removed.
-
-    A shard left with no rows is deleted, unless it is the table's only feature shard (readers need
-    one file to know the schema).
-    """
-    removed = 0
-    feature_shards = len(table.shard_files(output_dir, table.FEATURES))
-    for uri, ids in sorted(files_and_ids.items()):
-        fs, path = storage.filesystem(uri)
-        if not fs.exists(path):  # already rewritten away by an earlier attempt of this step
-            continue
-        t = pq.read_table(path, filesystem=fs)
-        kept = t.filter(pc.invert(pc.is_in(t.column("image_id"), pa.array(sorted(ids)))))
-        removed += t.num_rows - kept.num_rows
-        is_errors = path.rsplit("/", 1)[-1].startswith(table.ERRORS)
-        if kept.num_rows == 0 and (is_errors or feature_shards > 1):
-            fs.rm(path)
-            if not is_errors:
-                feature_shards -= 1
-        elif kept.num_rows < t.num_rows:
-            table.write_parquet(uri, kept)
-    return removed
-
-
-def delete_plan(run: RunPlan) -> None:
-    """Removes the run's plan file (and the plans folder when it is empty)."""
-    if run.plan_uri is None:
-        return
-    fs, path = storage.filesystem(run.plan_uri)
-    if fs.exists(path):
-        fs.rm(path)
-    folder = path.rsplit("/", 1)[0]
-    if storage.is_local(run.plan_uri) and fs.exists(folder) and not fs.ls(folder):
-        fs.rmdir(folder)
-
-
-def commit_staged(run: RunPlan) -> None:
-    """``--overwrite``, once every chunk is committed: the staged table replaces the old one. The
-    new shards are moved into the table's folder first, and only then are the old shards (rows
-    and errors of other runs) removed, so the old table is complete until the new one is
-    (``storage.swap_in``). Idempotent: a runner that retries the step, even after a swap that
-    was cut short, finishes it and never removes this run's own shards."""
-    if run.staging_dir is None:
-        return
-    old = [
-        f
-        for p in (table.FEATURES, table.ERRORS)
-        for f in table.shard_files(run.output_dir, p)
-        if table.shard_run(f) != run.run_id
-    ]
-    storage.swap_in(run.output_dir, run.staging_dir, replaces=old)
-    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
-
-
-def discard(run: RunPlan) -> None:
-    """What a run that failed or was stopped leaves behind, removed: its plan file and its
-    staging folder (an ``--overwrite`` run's unfinished table). Shards it committed to the table
-    itself stay (an incremental run's, whole ones: the next run keeps them)."""
-    delete_plan(run)
-    if run.staging_dir is None:
-        return
-    fs, path = storage.filesystem(run.staging_dir)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
-
-
-def _remove_empty_folder(uri: str) -> None:
-    """Object stores have no empty folders; a local one is removed so the table looks as before."""
-    fs, path = storage.filesystem(uri)
-    if storage.is_local(uri) and fs.exists(path) and not fs.ls(path):
-        fs.rmdir(path)
