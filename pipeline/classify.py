@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import cli
+from pipeline import cli, recipe_flags
 from pipeline.launch import TableRun, launch
 from transforms import model_io, storage, table
 from transforms.classify import PREDICTION_SCHEMA, TopK, imagenet_class_names, preview
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=zero_shot.DEFAULT_PROMPT,
         help="the text for each label, {} standing for it (default: %(default)r)",
     )
-    cli.add_recipe_flags(parser)
+    recipe_flags.add_recipe_flags(parser)
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     cli.add_batch_size_flag(parser)
     parser.add_argument(
@@ -105,7 +105,7 @@ def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str],
                 raise ValueError(
                     "zero-shot scores the cls embedding: leave out --pooling/--l2-normalize"
                 )
-            recipe = FeatureRecipe.from_flags(**cli.recipe_flags(args))  # cls by default
+            recipe = FeatureRecipe.from_flags(**recipe_flags.given(args))  # cls by default
             zero_shot.check_zero_shot(recipe)
             handler = BackboneModelHandler(
                 recipe,
@@ -117,7 +117,7 @@ def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str],
         if args.head:
             report = model_io.read_head_report(args.head)
             recipe = model_io.head_recipe(report)
-            recipe.check_flags(**cli.recipe_flags(args))
+            recipe.check_flags(**recipe_flags.given(args))
             classes = report["classes"]
             handler = BackboneModelHandler(
                 recipe,
@@ -130,7 +130,7 @@ def _handler_and_classes(args, parser) -> tuple[BackboneModelHandler, list[str],
             return handler, classes, extra
         if args.layer not in (None, PREDICTIONS):
             parser.error(f"without --head the ImageNet top is used: --layer must be {PREDICTIONS}")
-        flags = {**cli.recipe_flags(args), "layer": PREDICTIONS, "pooling": None}
+        flags = {**recipe_flags.given(args), "layer": PREDICTIONS, "pooling": None}
         recipe = FeatureRecipe.from_flags(**flags)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

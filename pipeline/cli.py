@@ -1,15 +1,10 @@
 """What the jobs' command lines share: one ``main`` wrapper (:func:`run_main`), the parser with
-its verbosity flags (:func:`parser`), logging, underscore aliases, and the recipe flags.
+its verbosity flags (:func:`parser`), logging, underscore aliases, the flags several jobs take
+(the recipe flags are in ``pipeline.recipe_flags``) and plain-text tables.
 
 A user or environment error (:data:`USER_ERRORS`) ends a job with one line on stderr,
 ``error: <message>``, and exit status 2; ``-v`` adds the traceback. Any other exception is a bug of
-ours and shows its traceback.
-
-Every job that makes or serves vectors takes the same recipe flags (``--backbone``, ``--weights``,
-``--pooling``, ``--layer``, ``--image-size``, ``--resize``, ``--precision``). They default to
-"not given", so that a job serving a trained head can tell a flag the user typed (which must agree
-with the recorded recipe) from a default (which the recorded recipe replaces); the defaults
-themselves are stated once, in ``transforms.models.recipe``.
+ours and shows its traceback. SIGTERM and SIGHUP stop a job as Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -28,23 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from pipeline import logs
-from transforms.images import RESIZE_MODES
 from transforms.lease import LeaseHeld, LeaseLost
 from transforms.models import recipe as recipes
-from transforms.models.recipe import FeatureRecipe
-from transforms.models.specs import HUB_POOLINGS, POOLINGS, PRECISIONS, BackboneSpec
-
-RECIPE_FLAGS = (
-    "backbone",
-    "weights",
-    "pooling",
-    "layer",
-    "image_size",
-    "resize",
-    "precision",
-    "l2_normalize",
-)
-
 
 #: What a user or the user's environment got wrong, as the jobs raise it: a bad flag or
 #: combination of flags (ValueError); a file, folder or bucket that is missing, already there, not
@@ -314,125 +294,6 @@ def configure_logging(argv: Sequence[str] | None = None) -> None:
     """
     logs.setup(logs.verbosity_from(argv))
     atexit.register(gc.freeze)
-
-
-def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that make a :class:`FeatureRecipe`; each defaults to None ("not given")."""
-    group = parser.add_argument_group("feature recipe (what makes a vector)")
-    group.add_argument(
-        "--backbone",
-        default=None,
-        help="a registered backbone (see featurebeam backbones), or several comma-separated "
-        "(extract: one decode pass, one table per backbone) "
-        f"(default: {recipes.DEFAULT_BACKBONE})",
-    )
-    group.add_argument(
-        "--weights",
-        default=None,
-        help="CNNs: imagenet (Keras download + cache), none (seeded random init), sample "
-        "(offline real MobileNetV2 weights, see featurebeam sample-weights), or a local / gs:// path "
-        f"to a .weights.h5, .h5 or .keras file (default: {BackboneSpec.default_weights}). KerasHub "
-        "backbones: preset (the registry's KerasHub preset, downloaded; the default), none, a "
-        "kaggle:// or hf:// handle, or a local / gs:// directory in KerasHub preset or "
-        "Transformers format (config.json + model.safetensors)",
-    )
-    group.add_argument(
-        "--pooling",
-        default=None,
-        choices=tuple(dict.fromkeys((*POOLINGS, *HUB_POOLINGS))),
-        help="CNNs: avg or max over the last feature map (default avg). KerasHub backbones: cls "
-        "(class token / SigLIP's pooled output / CLIP's projected embedding; the default), avg "
-        "(mean of the patch tokens) or cls_avg (both concatenated)",
-    )
-    group.add_argument(
-        "--layer",
-        default=None,
-        help="use a named layer of the full classifier (e.g. VGG16 fc2) (default: none, the "
-        "pooled last feature map)",
-    )
-    group.add_argument(
-        "--image-size",
-        default=None,
-        help="square input side (default: the backbone's); with several backbones, one for all "
-        "or one each (224,160)",
-    )
-    group.add_argument(
-        "--resize",
-        default=None,
-        choices=RESIZE_MODES,
-        help="squash the whole image to the square input, or crop its centre first "
-        f"(default: the backbone's reference: {recipes.DEFAULT_RESIZE} for CNNs, SigLIP and ViT, "
-        "crop for DINOv2/v3 and CLIP)",
-    )
-    group.add_argument(
-        "--precision",
-        default=None,
-        choices=PRECISIONS,
-        help="bfloat16 runs the backbone in Keras mixed precision: faster on CPUs with bf16 "
-        "support and on GPUs for large convnets, slower for depthwise nets (MobileNet) "
-        f"(default: {recipes.DEFAULT_PRECISION})",
-    )
-    group.add_argument(
-        "--l2-normalize",
-        action="store_true",
-        default=None,
-        help="scale every vector to unit length (cosine retrieval)",
-    )
-
-
-def recipe_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe flags the user gave (None for those left out)."""
-    return {name: getattr(args, name, None) for name in RECIPE_FLAGS}
-
-
-def recipe_from_args(args: argparse.Namespace) -> FeatureRecipe:
-    """A recipe from the flags, defaults filled in.
-
-    Raises:
-        ValueError: a bad combination, or a weights file that does not exist.
-    """
-    return FeatureRecipe.from_flags(**recipe_flags(args))
-
-
-#: Recipe flags that may list one value per backbone (``--weights preset,imagenet``).
-PER_BACKBONE_FLAGS = ("weights", "pooling", "image_size")
-
-
-def recipes_from_args(args: argparse.Namespace) -> list[FeatureRecipe]:
-    """One recipe per ``--backbone`` in a comma-separated list (a multi-backbone run).
-
-    ``--weights``, ``--pooling`` and ``--image-size`` give one value for every backbone or one
-    each, in order;
-    the other recipe flags apply to every backbone (None: each backbone's default).
-
-    Raises:
-        ValueError: a repeated backbone, a list of the wrong length, or a bad recipe.
-    """
-    flags = recipe_flags(args)
-    backbones = [b.strip() for b in (flags["backbone"] or "").split(",") if b.strip()] or [None]
-    if len(backbones) == 1:
-        return [FeatureRecipe.from_flags(**{**flags, "backbone": backbones[0]})]
-    per_backbone = {}
-    for name in PER_BACKBONE_FLAGS:
-        values = [v.strip() for v in str(flags[name]).split(",")] if flags[name] else [None]
-        if len(values) not in (1, len(backbones)):
-            raise ValueError(
-                f"--{name} lists {len(values)} values for {len(backbones)} backbones: give one "
-                "for all, or one per backbone"
-            )
-        per_backbone[name] = values * len(backbones) if len(values) == 1 else values
-    if flags["layer"]:
-        raise ValueError("--layer names a layer of one backbone: not with several backbones")
-    recipes = [
-        FeatureRecipe.from_flags(
-            **{**flags, "backbone": backbone, **{k: v[i] for k, v in per_backbone.items()}}
-        )
-        for i, backbone in enumerate(backbones)
-    ]
-    names = [r.backbone for r in recipes]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--backbone lists a backbone twice: {','.join(names)}")
-    return recipes
 
 
 def add_batch_size_flag(parser: argparse.ArgumentParser) -> None:

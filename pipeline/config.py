@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline import cli
+from pipeline import cli, recipe_flags
 from pipeline.launch import TableRun
 from transforms import storage
 from transforms.embed.decode import DEFAULT_READ_TIMEOUT_S
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", help="output folder for the table (local or gs://); required unless --demo"
     )
-    cli.add_recipe_flags(parser)
+    recipe_flags.add_recipe_flags(parser)
     cli.add_batch_size_flag(parser)
     parser.add_argument(
         "--max-pixels",
@@ -277,7 +277,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ExtractConfig, list[str]]:
         )
         config = ExtractConfig(
             run=run,
-            recipes=tuple(cli.recipes_from_args(args)),
+            recipes=tuple(recipe_flags.recipes_from_args(args)),
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
             read_timeout_s=args.read_timeout,

@@ -19,7 +19,7 @@ PACKAGES = ("pipeline", "transforms", "benchmarks")
 BASE = ("transforms.storage", "transforms.images", "transforms.startup", "transforms.devices")
 #: What the jobs share; every other module of ``pipeline/`` is a job, and jobs never import jobs.
 JOB_SHARED = ("pipeline.cli", "pipeline.config", "pipeline.launch", "pipeline.runners")
-JOB_SHARED += ("pipeline.logs", "pipeline.console")
+JOB_SHARED += ("pipeline.logs", "pipeline.console", "pipeline.recipe_flags")
 
 
 def _modules() -> dict[str, pathlib.Path]:
