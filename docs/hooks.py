@@ -72,7 +72,10 @@ def command_page(name: str) -> str:
 
     module_name, parser = parser_for(name)
     os.environ.setdefault("COLUMNS", "100")
-    usage = parser.format_usage().strip().removeprefix("usage: ")
+    usage = "\n".join(  # without argparse's "usage: ", and its indent under it
+        line.removeprefix(" " * len("usage: "))
+        for line in parser.format_usage().strip().removeprefix("usage: ").splitlines()
+    )
     what = console.COMMANDS[name][1]
     as_module = "python -m benchmarks" if name == "bench" else f"python -m {module_name}"
     lines = [

@@ -21,8 +21,10 @@ against its command's parser, so a renamed flag fails even in a block that needs
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
+import importlib.util
 import os
 import re
 import shlex
@@ -382,3 +384,32 @@ def test_readme_keeps_the_two_commands_and_the_download():
     ]
     assert "https://download.pytorch.org/tutorial/hymenoptera_data.zip" in readme
     assert len(readme.splitlines()) <= 160, "the README is a quick start; the rest goes in docs/"
+
+
+# -- the generated pages ------------------------------------------------------------------------
+
+
+def _hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_pages_follow_the_code():
+    """The site's backbone table has a row per registry entry and each command page every flag."""
+    from pipeline import console
+    from transforms.models.registry import BACKBONES
+
+    hooks = _hooks()
+    table = hooks.backbones_table()
+    assert all(f"| `{name}` |" in table for name in BACKBONES)
+    assert len(table.splitlines()) == len(BACKBONES) + 2
+    for name in console.COMMANDS:
+        page = hooks.command_page(name)
+        parser = parser_of(name)
+        shown = [
+            a for a in parser._actions if a.help != argparse.SUPPRESS
+        ]  # hidden: not documented
+        flags = [o for a in shown for o in a.option_strings if o.startswith("--")]
+        assert all(f"`{flag}`" in page for flag in flags), name
