@@ -322,7 +322,7 @@ def test_dinov2_vectors_equal_transformers_pytorch(tmp_path):
     """Our vectors against Hugging Face Transformers (PyTorch) on the same checkpoint and pixels.
 
     torch + transformers are not project dependencies: point FEATUREBEAM_TORCH_PYTHON at a
-    Python that has them (see README, "Modern backbones")."""
+    Python that has them (see docs/backbones/kerashub.md, "What is checked, and how")."""
     python = os.environ.get("FEATUREBEAM_TORCH_PYTHON")
     if not python or not shutil.which(python):
         pytest.skip("set FEATUREBEAM_TORCH_PYTHON to a Python with torch + transformers")
