@@ -305,7 +305,7 @@ def test_an_empty_listing_is_one_line_and_exit_2_naming_the_skipped_files(tmp_pa
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: no images listed") and str(empty) in err
-    assert "1 not a regular file" in err and "1 not an image" in err and "--allow-empty" in err
+    assert "not a regular file: 1" in err and "not an image: 1" in err and "--allow-empty" in err
     assert not table.shard_files(str(out))
 
 

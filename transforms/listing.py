@@ -249,8 +249,8 @@ def _by_reason(skipped: dict[str, str]) -> dict[str, list[str]]:
 
 
 def describe_skipped(reasons: Sequence[tuple[str, int]]) -> str:
-    """``"3 not an image, 1 not a regular file"`` (``"none"`` when nothing was skipped)."""
-    return ", ".join(f"{n} {why}" for why, n in reasons) or "none"
+    """``"not an image: 3, not a regular file: 1"`` (``"none"`` when nothing was skipped)."""
+    return ", ".join(f"{why}: {n}" for why, n in reasons) or "none"
 
 
 def _first_of_each(images: pa.Table) -> tuple[pa.Table, list[str]]:
