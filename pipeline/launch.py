@@ -5,12 +5,14 @@ Shared by the jobs that write tables (``extract``, ``classify``). The order matt
 1. the inputs are checked;
 2. ``--plan-only`` and Beam's ``--dry_run`` plan and stop there (a dry run also builds and
    translates the graph): nothing in the output folder is created, changed or removed;
-3. otherwise the table's lease is taken (one writer per table), the run is planned under it, the
-   plan file is written, and the pipeline runs; its first step removes stale rows, its last
-   writes the summary and gives the lease back. An ``--overwrite`` run writes its new table to a
-   staging folder, and that last step swaps it in: the old table stays complete until then.
-   When the run fails or is stopped, the launcher removes its plan file and staging folder and
-   gives the lease back: an overwritten table is left exactly as it was.
+3. otherwise the table's lease is taken (one writer per table), an ``--overwrite`` run that died
+   there is settled (``plan_files.settle``), the run is planned under the lease, the plan file
+   is written, and the pipeline runs; its first step removes stale rows, its last writes the
+   summary and gives the lease back. An ``--overwrite`` run writes its new table to a staging
+   folder, and that last step moves it in, writes the summary and only then removes the old
+   shards. When the run fails or is stopped, the launcher removes its plan file and settles its
+   staging: before its summary was written the overwritten table is left exactly as it was,
+   after it the new table is completed.
 
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
 later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
@@ -243,6 +245,7 @@ def launch_tables(
             )
             stack.enter_context(leases.holding(lease))
             held.append(lease)
+            plan_files.settle_dead_runs(spec.output)  # before the table is read for planning
         planned = plan_tables(specs, metadatas, run_id)
         runs = [p.run for p in planned]
         try:

@@ -338,11 +338,97 @@ def test_an_empty_listing_never_prunes_a_table(tmp_path):
     assert table.read_table(str(out)).num_rows == 0
 
 
-def test_a_retried_swap_keeps_the_new_table(tmp_path):
+def _overwritten(tmp_path):
+    """A table of 8 images (3 shards), its snapshot, and the images."""
     images = tmp_path / "images"
     write_image_tree(images, per_class=2)
     out = tmp_path / "t"
     run_extract(str(images), out, chunk_size=3)
+    return images, out, snapshot(out)
+
+
+def test_an_overwrite_that_fails_after_staging_chunks_leaves_the_old_table(tmp_path, monkeypatch):
+    images, out, before = _overwritten(tmp_path)
+    written = []
+    original = table.write_parquet
+
+    def full_disk_after_one_shard(uri, rows):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(uri)
+        return original(uri, rows)
+
+    monkeypatch.setattr(table, "write_parquet", full_disk_after_one_shard)
+    with pytest.raises(Exception, match="No space left"):
+        run_extract(str(images), out, overwrite=True, chunk_size=3)
+    assert plans.STAGING_DIR in written[0]  # a chunk was committed to the staging folder
+    assert snapshot(out) == before  # and is gone with it; the old table as it was
+
+
+def _moves_into_the_table(monkeypatch, *, allowed: int):
+    """Cuts ``--overwrite``'s move of staged shards into the table after ``allowed`` files."""
+    original, moved = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        if plans.STAGING_DIR in str(src) and plans.STAGING_DIR not in str(dst):
+            if len(moved) == allowed:
+                raise OSError(5, "Input/output error")
+            moved.append(dst)
+        return original(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(storage.os, "replace", replace)
+    return moved
+
+
+def test_a_swap_cut_short_before_the_summary_is_rolled_back(tmp_path, monkeypatch):
+    images, out, before = _overwritten(tmp_path)
+    moved = _moves_into_the_table(monkeypatch, allowed=2)
+    with pytest.raises(Exception, match="Input/output error"):
+        run_extract(str(images), out, overwrite=True, chunk_size=2)
+    assert len(moved) == 2  # two new shards were in the table beside the old ones
+    assert snapshot(out) == before
+
+
+def test_a_swap_cut_short_after_the_summary_is_completed(tmp_path, monkeypatch):
+    images, out, _ = _overwritten(tmp_path)
+    original, calls = plan_files._remove_other_runs, []
+
+    def fails_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        return original(*args)
+
+    monkeypatch.setattr(plan_files, "_remove_other_runs", fails_once)
+    with pytest.raises(Exception, match="Input/output error"):
+        run_extract(str(images), out, overwrite=True, chunk_size=5)
+    run_id = table.read_summary(str(out))["run"]["run_id"]
+    shards = table.shard_files(str(out)) + table.shard_files(str(out), table.ERRORS)
+    assert shards and {table.shard_run(f) for f in shards} == {run_id}
+    assert table.read_table(str(out)).num_rows == 8
+    assert not (out / plans.STAGING_DIR).exists()
+
+
+def test_an_overwrite_that_died_mid_swap_is_settled_by_the_next_run(tmp_path, monkeypatch):
+    """kill -9 in the middle of the swap: nothing cleaned up. The next run settles it before
+    it plans, so it plans against the old table, whole, and not a mix of two."""
+    images, out, before = _overwritten(tmp_path)
+    _moves_into_the_table(monkeypatch, allowed=2)  # the (empty) error shard, a row shard
+    monkeypatch.setattr(plan_files, "discard", lambda run: None)  # the process died
+    with pytest.raises(Exception, match="Input/output error"):
+        run_extract(str(images), out, overwrite=True, chunk_size=2)
+    monkeypatch.undo()
+    runs = {table.shard_run(f) for f in table.shard_files(str(out))}
+    assert len(runs) == 2  # mixed: the old shards and a new one
+    summary = run_extract(str(images), out, mode="incremental", chunk_size=3)
+    assert summary["run"]["embedded"] == 0 and summary["rows"] == 8
+    assert snapshot(out) == {**before, table.SUMMARY_FILE: snapshot(out)[table.SUMMARY_FILE]}
+
+
+def test_a_retried_swap_keeps_the_new_table(tmp_path):
+    """A runner that runs the last step again after it finished (or the launcher settling a run
+    that had finished) changes nothing."""
+    images, out, _ = _overwritten(tmp_path)
     second = run_extract(str(images), out, overwrite=True, chunk_size=5)
     new = snapshot(out)
     run_id = second["run"]["run_id"]
@@ -356,5 +442,8 @@ def test_a_retried_swap_keeps_the_new_table(tmp_path):
         to_embed=8,
         staging_dir=str(out / plans.STAGING_DIR / run_id),
     )
-    plan_files.commit_staged(planned)  # a runner retrying the last step, after the swap was done
+    files, errors = plan_files.move_staged_in(planned, table.FEATURES)
+    assert sorted(files) == sorted(second["feature_files"])
+    plan_files.remove_replaced(planned)
+    assert plan_files.settle(str(out), run_id) == "completed"
     assert snapshot(out) == new

@@ -62,9 +62,7 @@ def finalize(element: tuple[int, list[dict]], *, jobs: Sequence[TableJob]) -> di
     if run.staging_dir is not None:  # --overwrite: the new table is complete, swap it in
         if lease is not None:
             lease.check()  # never replace a table another run has taken over
-        plan_files.commit_staged(run)
-        feature_files = table.shard_files(run.output_dir, job.prefix)
-        error_files = table.shard_files(run.output_dir, table.ERRORS)
+        feature_files, error_files = plan_files.move_staged_in(run, job.prefix)
     rows = run.kept_rows + new_rows
     unlisted_kept = 0 if run.pruned else run.unlisted_rows
     summary = {
@@ -100,7 +98,11 @@ def finalize(element: tuple[int, list[dict]], *, jobs: Sequence[TableJob]) -> di
             "workers": sorted({r["worker"] for r in results}),
         },
     }
+    # An --overwrite run's point of no return: a run stopped before it is rolled back, after it
+    # rolled forward (plan_files.settle).
     table.write_summary(run.output_dir, summary)
+    if run.staging_dir is not None:
+        plan_files.remove_replaced(run)
     plan_files.delete_plan(run)
     if lease is not None:
         lease.release()

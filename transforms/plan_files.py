@@ -38,16 +38,12 @@ def staging_dirs(output_dir: str) -> list[str]:
 
 
 def write_plan(plan: Plan) -> None:
-    """Writes the plan file; removes plan files and staging folders of earlier runs, which died
-    (the caller holds the table's lease, so no other run is live)."""
+    """Writes the plan file; removes plan files of earlier runs, which died (the caller holds the
+    table's lease, so no other run is live)."""
     for dead in plan_files(plan.run.output_dir):
         _LOG.warning("removing the plan of a run that did not finish: %s", dead)
         fs, path = storage.filesystem(dead)
         fs.rm(path)
-    for dead in staging_dirs(plan.run.output_dir):
-        _LOG.warning("removing the unfinished new table of an --overwrite run that died: %s", dead)
-        fs, path = storage.filesystem(dead)
-        fs.rm(path, recursive=True)
     if plan.run.plan_uri is None:
         return
     # One row group per chunk (the removals follow the last one), so each worker reads only its own.
@@ -120,35 +116,85 @@ def delete_plan(run: RunPlan) -> None:
         fs.rmdir(folder)
 
 
-def commit_staged(run: RunPlan) -> None:
-    """``--overwrite``, once every chunk is committed: the staged table replaces the old one. The
-    new shards are moved into the table's folder first, and only then are the old shards (rows
-    and errors of other runs) removed, so the old table is complete until the new one is
-    (``storage.swap_in``). Idempotent: a runner that retries the step, even after a swap that
-    was cut short, finishes it and never removes this run's own shards."""
-    if run.staging_dir is None:
-        return
-    old = [
-        f
-        for p in (table.FEATURES, table.ERRORS)
-        for f in table.shard_files(run.output_dir, p)
-        if table.shard_run(f) != run.run_id
-    ]
-    storage.swap_in(run.output_dir, run.staging_dir, replaces=old)
-    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
+def move_staged_in(run: RunPlan, prefix: str) -> tuple[list[str], list[str]]:
+    """``--overwrite``, once every chunk is committed, first half: the staged shards move into the
+    table's folder, beside the old ones (which stay whole and readable); returns this run's row
+    and error shards there. Idempotent: a retry moves what is still staged."""
+    storage.move_in(run.output_dir, run.staging_dir)
+    return tuple(
+        [f for f in table.shard_files(run.output_dir, p) if table.shard_run(f) == run.run_id]
+        for p in (prefix, table.ERRORS)
+    )
+
+
+def remove_replaced(run: RunPlan) -> None:
+    """``--overwrite``, second half, once the new ``_SUMMARY.json`` is written (from then on the
+    new table is the table): the old shards (of other runs) and the staging folder go."""
+    _remove_other_runs(run.output_dir, run.run_id)
+    _remove_staging(run.output_dir, run.run_id)
+
+
+def settle(output_dir: str, run_id: str) -> str:
+    """An ``--overwrite`` run that stopped on the way (failed, killed or stopped): settled so
+    that the folder holds one whole table again. Before its summary was written, the run is
+    rolled back: its shards leave the table folder, which is the old table again, byte for byte.
+    After, it is rolled forward: the old shards go. Returns what was done."""
+    try:
+        written = table.read_summary(output_dir).get("run", {}).get("run_id") == run_id
+    except (FileNotFoundError, table.CorruptFile):
+        written = False
+    if written:
+        _remove_other_runs(output_dir, run_id)
+    else:
+        for prefix in (table.FEATURES, table.ERRORS):
+            mine = [
+                f for f in table.shard_files(output_dir, prefix) if table.shard_run(f) == run_id
+            ]
+            if mine:
+                fs, _ = storage.filesystem(mine[0])
+                fs.rm([storage.filesystem(f)[1] for f in mine])
+    _remove_staging(output_dir, run_id)
+    return "completed" if written else "rolled back"
+
+
+def settle_dead_runs(output_dir: str) -> None:
+    """Settles (:func:`settle`) every ``--overwrite`` run that died in this table without a
+    word (``kill -9``, a lost machine). The caller holds the table's lease, so no other run is
+    live; this runs before the table is read for planning, which must see one whole table."""
+    for dead in staging_dirs(output_dir):
+        run_id = dead.rstrip("/").rsplit("/", 1)[-1]
+        done = settle(output_dir, run_id)
+        _LOG.warning("an --overwrite run that did not finish (%s): %s", run_id, done)
 
 
 def discard(run: RunPlan) -> None:
-    """What a run that failed or was stopped leaves behind, removed: its plan file and its
-    staging folder (an ``--overwrite`` run's unfinished table). Shards it committed to the table
-    itself stay (an incremental run's, whole ones: the next run keeps them)."""
+    """What a run that failed or was stopped leaves behind, removed: its plan file, and for an
+    ``--overwrite`` run its staging folder and any shards it had moved in (:func:`settle`).
+    Shards an incremental run committed to the table itself stay (whole ones: the next run
+    keeps them)."""
     delete_plan(run)
-    if run.staging_dir is None:
-        return
-    fs, path = storage.filesystem(run.staging_dir)
+    if run.staging_dir is not None:
+        settle(run.output_dir, run.run_id)
+
+
+def _remove_other_runs(output_dir: str, run_id: str) -> None:
+    old = [
+        f
+        for prefix in (table.FEATURES, table.ERRORS)
+        for f in table.shard_files(output_dir, prefix)
+        if table.shard_run(f) != run_id
+    ]
+    if old:
+        fs, _ = storage.filesystem(output_dir)
+        fs.rm([storage.filesystem(f)[1] for f in old])
+
+
+def _remove_staging(output_dir: str, run_id: str) -> None:
+    staging = storage.join(output_dir, STAGING_DIR, run_id)
+    fs, path = storage.filesystem(staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    _remove_empty_folder(storage.join(run.output_dir, STAGING_DIR))
+    _remove_empty_folder(storage.join(output_dir, STAGING_DIR))
 
 
 def _remove_empty_folder(uri: str) -> None:

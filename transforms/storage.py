@@ -327,19 +327,16 @@ def _swap_remote(fs: fsspec.AbstractFileSystem, path: str, staging: str) -> None
     swap_in(to_uri(fs, path), to_uri(fs, staging), replaces=old)
 
 
-def swap_in(target: str, staging: str, *, replaces: Iterable[str]) -> list[str]:
-    """Moves every file below ``staging`` to the same place below ``target``, then removes the
-    ``replaces`` files that no new file took the place of, then the staging folder; returns the
-    new files' URIs.
-
-    The old files stay whole and readable until every new file is in place (for a moment, both
-    are there). This is the swap of :func:`staged_output` on an object store, and of a feature
-    table replaced by ``--overwrite`` (whose folder also holds its lease, so it cannot be renamed).
-    """
+def move_in(target: str, staging: str) -> list[str]:
+    """Moves (on an object store: copies, server-side) every file below ``staging`` to the same
+    place below ``target``; returns the new files' URIs. Files already moved are not there to
+    move again, so a retry finishes what an earlier attempt began."""
     fs, path = filesystem(target)
     _, staged_root = filesystem(staging)
     path, staged_root = path.rstrip("/"), staged_root.rstrip("/")
     moved = []
+    if not fs.exists(staged_root):
+        return moved
     for staged in sorted(fs.find(staged_root)):
         dest = path + staged[len(staged_root) :]
         if is_local(target):
@@ -347,10 +344,24 @@ def swap_in(target: str, staging: str, *, replaces: Iterable[str]) -> list[str]:
             os.replace(staged, dest)
         else:  # a server-side copy (rewrite); the staged objects are removed with their folder
             fs.copy(staged, dest)
-        moved.append(dest)
-    stale = sorted({filesystem(uri)[1] for uri in replaces} - set(moved))
+        moved.append(to_uri(fs, dest))
+    return moved
+
+
+def swap_in(target: str, staging: str, *, replaces: Iterable[str]) -> list[str]:
+    """Moves every file below ``staging`` to the same place below ``target`` (:func:`move_in`),
+    then removes the ``replaces`` files that no new file took the place of, then the staging
+    folder; returns the new files' URIs.
+
+    The old files stay whole and readable until every new file is in place (for a moment, both
+    are there). This is the swap of :func:`staged_output` on an object store.
+    """
+    fs, _ = filesystem(target)
+    moved = move_in(target, staging)
+    stale = sorted({filesystem(uri)[1] for uri in replaces} - {filesystem(u)[1] for u in moved})
     if stale:
         fs.rm(stale)
+    _, staged_root = filesystem(staging)
     if fs.exists(staged_root):
         fs.rm(staged_root, recursive=True)
-    return [to_uri(fs, p) for p in moved]
+    return moved
