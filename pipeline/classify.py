@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace a table already in --output"
     )
     parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="accept inputs that list no image (by default an error): write an empty table",
+    )
+    parser.add_argument(
         "--cache-dir",
         default=None,
         help="worker cache for remote weight files (default: $FEATUREBEAM_CACHE or ~/.cache/featurebeam)",
@@ -167,7 +172,12 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
         )
 
     summary = launch(
-        TableRun(inputs=tuple(args.input), output=args.output, overwrite=args.overwrite),
+        TableRun(
+            inputs=tuple(args.input),
+            output=args.output,
+            overwrite=args.overwrite,
+            allow_empty=args.allow_empty,
+        ),
         metadata=metadata,
         build=build,
         beam_args=beam_args,

@@ -55,8 +55,11 @@ class Stopped(KeyboardInterrupt):
     that everything that cleans up after Ctrl-C (the lease, the plan file) does so for it too."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)  # the number, so that it pickles (Beam may carry it)
         self.signum = signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
 from pipeline import logs, runners
 from transforms import lease as leases
-from transforms import listing, plan_files, startup, table
+from transforms import listing, plan_files, startup, storage, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
@@ -56,6 +56,9 @@ class TableRun:
     break_lease: bool = False
     lease_expiry_s: float = leases.DEFAULT_EXPIRY_S
     allow_empty: bool = False
+    #: For messages: the flag that named ``inputs``, and whether the job offers ``--allow-empty``.
+    input_flag: str = "--input"
+    offers_allow_empty: bool = True
 
     def __post_init__(self):
         if not self.inputs:
@@ -86,16 +89,18 @@ def check_not_empty(spec: TableRun, found: listing.Listing) -> None:
     """
     if found.images.num_rows or spec.allow_empty:
         return
-    inputs = ", ".join(spec.inputs)
+    inputs, flag = ", ".join(spec.inputs), spec.input_flag
     skipped = f"{found.skipped} files skipped: {listing.describe_skipped(found.skipped_reasons)}"
     if spec.prune:
         advice = (
             f"with --prune this would remove every row of {spec.output}, so nothing was changed; "
-            "check --input, or pass --allow-empty if the inputs really are empty"
+            f"check {flag}, or pass --allow-empty if the inputs really are empty"
         )
+    elif spec.offers_allow_empty:
+        advice = f"check {flag}, or pass --allow-empty to write an empty table"
     else:
-        advice = "check --input, or pass --allow-empty to write an empty table"
-    raise EmptyListing(f"no images listed from --input {inputs} ({skipped}); {advice}")
+        advice = f"check {flag}"
+    raise EmptyListing(f"no images listed from {flag} {inputs} ({skipped}); {advice}")
 
 
 #: ``build(pipeline, run_plan, lease)`` adds the job's graph for a planned run.
@@ -237,6 +242,39 @@ def launch_tables(
             )
         return results
     run_id = run_id or plans.new_run_id()
+    new_outputs = [spec.output for spec in specs if not storage.exists(spec.output)]
+    try:
+        return _run_tables(
+            specs,
+            metadatas,
+            build=build,
+            beam_args=beam_args,
+            test_pipeline=test_pipeline,
+            run_id=run_id,
+        )
+    except BaseException:
+        for output in new_outputs:  # a refused or failed run on a new output leaves no folder
+            _remove_if_empty(output)
+        raise
+
+
+def _remove_if_empty(output: str) -> None:
+    fs, path = storage.filesystem(output)
+    with contextlib.suppress(OSError):
+        if fs.exists(path) and not fs.find(path):
+            fs.rm(path, recursive=True)
+
+
+def _run_tables(
+    specs: Sequence[TableRun],
+    metadatas: Sequence[dict[str, str]],
+    *,
+    build: BuildTables,
+    beam_args: Sequence[str],
+    test_pipeline: beam.Pipeline | None,
+    run_id: str,
+) -> list[dict[str, Any]]:
+    """:func:`launch_tables` from the lease on."""
     with contextlib.ExitStack() as stack:
         held = []
         for spec in specs:  # one writer per table; a held one releases those taken before it

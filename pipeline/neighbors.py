@@ -306,6 +306,8 @@ def _embed_queries(args, out: str, recipe, beam_args) -> dict[str, Any]:
             inputs=tuple(args.query),
             output=storage.join(out, layout.QUERY_DIR),
             overwrite=True,
+            input_flag="--query",
+            offers_allow_empty=False,
         ),
         metadata=metadata,
         build=build,

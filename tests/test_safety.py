@@ -178,11 +178,14 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _hold(out: pathlib.Path, *, host: str, pid: int) -> None:
-    """A lease on ``out`` recorded as held by ``pid`` on ``host``, renewed just now."""
+def _hold(out: pathlib.Path, *, host: str, pid: int, machine: str | None = "here") -> None:
+    """A lease on ``out`` recorded as held by ``pid`` on ``host`` (``machine``: this boot and
+    pid namespace, another, or not recorded), renewed just now."""
     leases.acquire(str(out), "20261201T000000aaaa")
     record = json.loads((out / leases.LEASE_FILE).read_text())
     record.update(host=host, pid=pid)
+    if machine != "here":
+        record["machine"] = machine
     (out / leases.LEASE_FILE).write_text(json.dumps(record))
 
 
@@ -196,13 +199,26 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, 
     assert f"(pid {pid}) is no longer running on this host" in caplog.text
 
 
-@pytest.mark.parametrize("holder", ["a live process here", "a process on another host"])
+@pytest.mark.parametrize(
+    "holder",
+    [
+        "a live process here",
+        "a process on another host",
+        "another container or boot with this host name",
+        "a lease that does not say where it ran",
+    ],
+)
 def test_a_lease_of_a_live_process_or_another_host_is_respected(holder, tmp_path):
     out = tmp_path / "t"
+    here = socket.gethostname()
     if holder == "a live process here":
-        _hold(out, host=socket.gethostname(), pid=os.getpid())
-    else:
-        _hold(out, host=socket.gethostname() + "-elsewhere", pid=_dead_pid())
+        _hold(out, host=here, pid=os.getpid())
+    elif holder == "a process on another host":
+        _hold(out, host=here + "-elsewhere", pid=_dead_pid())
+    elif holder == "a lease that does not say where it ran":
+        _hold(out, host=here, pid=_dead_pid(), machine=None)
+    else:  # a dead pid here says nothing about a process in another pid namespace
+        _hold(out, host=here, pid=_dead_pid(), machine="another-boot:4026531836")
     with pytest.raises(leases.LeaseHeld, match="20261201T000000aaaa"):
         leases.acquire(str(out), "20261201T000001bbbb")
 
@@ -306,7 +322,33 @@ def test_an_empty_listing_is_one_line_and_exit_2_naming_the_skipped_files(tmp_pa
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: no images listed") and str(empty) in err
     assert "not a regular file: 1" in err and "not an image: 1" in err and "--allow-empty" in err
-    assert not table.shard_files(str(out))
+    assert not out.exists()  # a refused run on a new output leaves no folder behind
+
+
+def test_an_empty_query_names_neighbors_own_flag(tmp_path, capsys):
+    from pipeline import neighbors as neighbors_job
+
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=1, size=(32, 32))
+    features = tmp_path / "features"
+    extract_job.main(["--input", str(images), "--output", str(features), *SMALL_REAL])
+    capsys.readouterr()
+    empty = _nothing_to_embed(tmp_path)
+    argv = ["--features", str(features), "--output", str(tmp_path / "nn"), "--k", "2"]
+    argv += ["--query", str(empty)]
+    with pytest.raises(SystemExit) as refused:
+        neighbors_job.main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "no images listed from --query" in err and "check --query" in err
+    assert "--allow-empty" not in err and "--input" not in err
+
+
+def test_stopped_pickles_and_names_its_signal():
+    import pickle
+
+    stopped = pickle.loads(pickle.dumps(cli.Stopped(signal.SIGTERM)))
+    assert (stopped.signum, str(stopped)) == (signal.SIGTERM, "SIGTERM")
 
 
 def test_allow_empty_writes_an_empty_table(tmp_path):

@@ -16,9 +16,9 @@ submitted; ``ExtractFeatures.expand()`` only wires. The graph is::
   per worker process (``embed.model_cache.load_model_async``), in the background when the first chunk
   arrives, and images keep decoding while it loads; a run with nothing to embed never loads it.
   It renews the table's lease as it goes and checks it before committing;
-- ``Finalize`` runs once, after every chunk: an ``--overwrite`` run's table, written to its staging
-  folder, replaces the old one (``plan_files.commit_staged``); then it writes ``_SUMMARY.json``, removes
-  the plan and gives the lease back.
+- ``Finalize`` runs once, after every chunk (``transforms.finalize``): an ``--overwrite`` run's
+  table, written to its staging folder, moves in beside the old one; then it writes
+  ``_SUMMARY.json``, the old shards go, and it removes the plan and gives the lease back.
 
 We do not use ``RunInference`` here because a chunk must be embedded *and committed* by one worker
 for runs to be resumable: ``RunInference`` followed by a grouped write puts a shuffle between the

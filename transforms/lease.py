@@ -12,8 +12,10 @@ submitting). A lease whose newest heartbeat is older than its expiry belongs to 
 ``kill -9``, a lost VM): the next run takes it over with a warning; ``--break-lease`` takes it over
 at once. A lease whose holder ran on this same host and whose processes (the lease's pid, and the
 pid of its newest heartbeat) are no longer alive is taken over at once too, with a warning saying
-so: a run killed with ``kill -9`` on this machine does not block the table for the expiry. Taking over is exclusive too: under an ``flock`` on a local disk, and on GCS by deleting
-exactly the dead lease's generation (``ifGenerationMatch``) before creating a new one.
+so: a run killed with ``kill -9`` on this machine does not block the table for the expiry ("this
+host": the same name, boot and pid namespace, so a container that shares the host's name is not
+judged from here). Taking over is exclusive too: under an ``flock`` on a local disk, and on GCS by
+deleting exactly the dead lease's generation (``ifGenerationMatch``) before creating a new one.
 
 Workers check the lease before they commit a chunk, so a run whose lease was taken over stops
 instead of writing next to the new holder. Clocks of the machines involved are assumed to agree
@@ -76,7 +78,7 @@ class Lease:
 
     def renew(self) -> None:
         """Records that this run is alive."""
-        beat = json.dumps({"time": time.time(), "host": socket.gethostname(), "pid": os.getpid()})
+        beat = json.dumps({"time": time.time(), **_whoami()})
         storage.write_atomically(self.heartbeat_uri(), lambda f: f.write(beat.encode()))
 
     def renew_if_due(self) -> None:
@@ -137,7 +139,7 @@ def read_lease(output_dir: str) -> dict[str, Any] | None:
     with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
         beat = json.loads(storage.read_bytes(heartbeat))
         latest = max(latest, float(beat["time"]))
-        lease["heartbeat"] = {"host": beat.get("host"), "pid": beat.get("pid")}
+        lease["heartbeat"] = {k: beat.get(k) for k in ("host", "pid", "machine")}
     lease["age_s"] = max(0.0, time.time() - latest)
     return lease
 
@@ -147,6 +149,22 @@ def describe(lease: dict[str, Any]) -> str:
         f"run {lease['run_id']} on {lease.get('host', '?')} (pid {lease.get('pid', '?')}), "
         f"last renewed {lease['age_s']:.0f} s ago"
     )
+
+
+def _machine() -> str | None:
+    """This kernel's boot and this process's pid namespace (Linux), or None. A host name alone
+    does not say that a pid means the same process: containers with the host's network (and so
+    its name) and cloned machines share names but not process tables."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _whoami() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "machine": _machine()}
 
 
 def _pid_gone(pid: Any) -> bool:
@@ -167,14 +185,17 @@ def _pid_gone(pid: Any) -> bool:
 
 
 def holder_gone(lease: dict[str, Any]) -> bool:
-    """Whether the run holding ``lease`` is known to be dead: it ran on this host, and neither the
-    lease's process nor the one that wrote its newest heartbeat is alive. A holder on another
-    host (a Dataflow worker, another machine) is never judged from here: its lease expires."""
-    here = socket.gethostname()
-    holders = [(lease.get("host"), lease.get("pid"))]
-    if lease.get("heartbeat"):
-        holders.append((lease["heartbeat"].get("host"), lease["heartbeat"].get("pid")))
-    return all(host == here and _pid_gone(pid) for host, pid in holders)
+    """Whether the run holding ``lease`` is known to be dead: it ran on this host (same name,
+    same boot, same pid namespace), and neither the lease's process nor the one that wrote its
+    newest heartbeat is alive. A holder elsewhere (a Dataflow worker, another machine or
+    container), or one that did not record where it ran, is never judged from here: its lease
+    expires."""
+    here, machine = socket.gethostname(), _machine()
+    holders = [lease, *([lease["heartbeat"]] if lease.get("heartbeat") else [])]
+    return machine is not None and all(
+        h.get("host") == here and h.get("machine") == machine and _pid_gone(h.get("pid"))
+        for h in holders
+    )
 
 
 def _create_exclusive(uri: str, data: bytes) -> bool:
@@ -251,8 +272,7 @@ def acquire(
     storage.makedirs(output_dir)
     record = {
         "run_id": run_id,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
+        **_whoami(),
         "acquired": time.time(),
         "expiry_s": expiry_s,
     }

@@ -11,19 +11,20 @@ version: generation/etag on object stores, mtime on local disks, or what a manif
 The comparison is columnar (``transforms.table_diff``): the listing and the existing table's
 ``image_id``/``file_size``/``file_version`` columns are Arrow arrays compared by 16-byte key, so a
 10-million-row table is diffed without a Python object per row. This module cuts what it decides
-into chunks and plan files.
+into chunks; ``transforms.plan_files`` writes and reads them.
 
 :func:`plan_run` only reads. What it decides is a :class:`Plan`: the small :class:`RunPlan` that the
 pipeline carries, and the work table (the chunks to embed, and the stale copies to remove) that
-:func:`transforms.plan_files.write_plan` writes to ``_plans/plan-RUN.parquet`` when the run is submitted, not before: a
-``--plan-only`` run, a dry run or a graph translation changes nothing in the output folder.
+``plan_files.write_plan`` writes to ``_plans/plan-RUN.parquet`` when the run is submitted, not
+before: a ``--plan-only`` run, a dry run or a graph translation changes nothing in the output
+folder.
 
 The images to embed are cut into chunks of ``chunk_size`` consecutive image ids. A chunk is the
 unit of work and of commit: one worker decodes and embeds it and writes its shard files atomically,
 so a run killed midway leaves only whole shards, and the next incremental run embeds just what is
 still missing (that is how a killed run is resumed). Stale copies are removed by the pipeline's
-first step (:func:`transforms.plan_files.remove_stale_rows`), *before* any chunk can start, so at every moment each image
-is in the table at most once.
+first step (``plan_files.remove_stale_rows``), *before* any chunk can start, so at every moment
+each image is in the table at most once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ _LOG = logging.getLogger(__name__)
 
 PLANS_DIR = "_plans"
 #: Where an ``--overwrite`` run writes its new table (``_staging/RUN/``) until it is complete; the
-#: old table stays whole and readable beside it, and is replaced only then (:func:`commit_staged`).
+#: old table stays whole and readable beside it, and is replaced only then (``plan_files``).
 STAGING_DIR = "_staging"
 #: The chunk number of plan rows that name a stale copy to remove (``stale_file``).
 REMOVAL = -1
@@ -150,7 +151,7 @@ class RunPlan:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """A :class:`RunPlan` plus its work table (:data:`PLAN_SCHEMA`), which stays on the launcher
-    until :func:`write_plan`."""
+    until ``plan_files.write_plan``."""
 
     run: RunPlan
     work: pa.Table
