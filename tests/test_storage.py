@@ -81,3 +81,29 @@ def test_listing_and_reading_local_files(tmp_path):
     assert storage.read_bytes(str(tmp_path / "a" / "x.png")) == b"12345"
     assert storage.is_dir(str(tmp_path / "a")) and not storage.is_dir(str(tmp_path / "y.jpg"))
     assert storage.exists(str(tmp_path / "y.jpg")) and not storage.exists(str(tmp_path / "z"))
+
+
+def test_stalled_reads_are_bounded_and_counted_back(monkeypatch):
+    """A storage that stops answering: each read is abandoned after its timeout, and once
+    MAX_STALLED_READS are stalled a read fails at once (no more threads); they are counted back
+    as they return."""
+    import threading
+    import time
+
+    release = threading.Event()
+    monkeypatch.setattr(storage, "MAX_STALLED_READS", 3)
+    monkeypatch.setattr(storage, "_read_whole", lambda uri: release.wait() and b"late")
+    for _ in range(3):
+        with pytest.raises(storage.ReadTimeout, match="within 0.05 s"):
+            storage.read_bytes("/stalled", timeout=0.05)
+    assert storage.stalled_reads() == 3
+    started = time.monotonic()
+    with pytest.raises(storage.ReadTimeout, match="3 earlier reads .* still stalled"):
+        storage.read_bytes("/stalled", timeout=5)
+    assert time.monotonic() - started < 1  # at once, not after the timeout
+    release.set()
+    deadline = time.monotonic() + 5
+    while storage.stalled_reads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert storage.stalled_reads() == 0
+    assert storage.read_bytes("/stalled", timeout=1) == b"late"

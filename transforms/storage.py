@@ -107,6 +107,19 @@ def _read_whole(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+#: Reads abandoned after their timeout that have not returned yet, in this process; once there
+#: are this many, a read fails at once rather than adding one more stalled thread (a dead mount
+#: then makes error rows quickly, and the threads stay bounded).
+MAX_STALLED_READS = 32
+_stalled_lock = threading.Lock()
+_stalled = [0]
+
+
+def stalled_reads() -> int:
+    """Abandoned reads (:func:`read_bytes` past its timeout) that have not returned yet."""
+    return _stalled[0]
+
+
 def read_bytes(uri: str, *, timeout: float | None = None) -> bytes:
     """The content of a regular file (a local named pipe, socket or device is refused rather than
     read: opening a pipe blocks forever).
@@ -118,6 +131,12 @@ def read_bytes(uri: str, *, timeout: float | None = None) -> bytes:
     """
     if timeout is None:
         return _read_whole(uri)
+    with _stalled_lock:
+        if _stalled[0] >= MAX_STALLED_READS:
+            raise ReadTimeout(
+                f"not read: {_stalled[0]} earlier reads of this process are still stalled past "
+                "--read-timeout (the storage is not answering)"
+            )
     done = threading.Event()
     outcome: dict[str, object] = {}
 
@@ -127,11 +146,18 @@ def read_bytes(uri: str, *, timeout: float | None = None) -> bytes:
         except BaseException as exc:  # handed to the caller
             outcome["error"] = exc
         finally:
-            done.set()
+            with _stalled_lock:
+                done.set()
+                if outcome.get("abandoned"):
+                    _stalled[0] -= 1
 
     threading.Thread(target=read, name="read", daemon=True).start()
     if not done.wait(timeout):
-        raise ReadTimeout(f"no complete read within {timeout:g} s (--read-timeout)")
+        with _stalled_lock:
+            if not done.is_set():  # still reading: abandoned to its thread
+                outcome["abandoned"] = True
+                _stalled[0] += 1
+                raise ReadTimeout(f"no complete read within {timeout:g} s (--read-timeout)")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["data"]
