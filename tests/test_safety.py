@@ -293,7 +293,9 @@ def test_a_read_that_never_ends_becomes_an_error_row_after_the_read_timeout(tmp_
 def test_read_timeout_is_a_flag_with_its_default_in_help(capsys):
     with pytest.raises(SystemExit):
         extract_job.run(["--help"])
-    assert "--read-timeout" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
+    described = help_text[help_text.index("--read-timeout SECONDS an image") :]
+    assert "(default: 60.0)" in described[: described.index(" --", 20)]
     config, _ = parse_args(["--input", "x", "--output", "y"])
     assert config.read_timeout_s == 60
     config, _ = parse_args(["--input", "x", "--output", "y", "--read-timeout", "5"])
