@@ -142,11 +142,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"table:  {out}/features-*.parquet ({len(summary['feature_files'])} shard(s), "
         f"{summary.get('table_rows', summary['rows'])} rows)",
         f"errors: {out}/_errors/errors-*.parquet",
-        "read it:",
+        *_read_it(out),
+    ]
+    return "\n".join(lines + _listing_notes(summary))
+
+
+def _read_it(out: str, title: str = "read it:") -> list[str]:
+    return [
+        title,
         f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
         f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
     ]
-    return "\n".join(lines + _listing_notes(summary))
 
 
 def _skipped(summary: dict[str, Any]) -> str:
@@ -211,9 +217,7 @@ def format_tables(result: dict[str, Any]) -> str:
     out = first["output"]
     lines += [
         "errors: <table>/_errors/errors-*.parquet; rows + errors = inputs in every table",
-        "read it (one table per backbone):",
-        f"  pandas: pd.read_parquet('{out}')   # the vectors are in the 'feature' column",
-        f"  duckdb: SELECT uri, label, len(feature) FROM '{out}/features-*.parquet' LIMIT 5",
+        *_read_it(out, "read it (one table per backbone):"),
     ]
     return "\n".join(lines)
 
