@@ -166,6 +166,12 @@ def test_one_plan_line_one_summary_and_progress_counting_images(
     assert counted == {"total": [14], "done": 13, "errors": 1}
     printed = capsys.readouterr().out
     assert "embedded 14 images" in printed
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("backbone "))
+    rows = {r.split()[0]: r.split() for r in lines[header + 1 : header + 3]}
+    # rows, errors, new rows, new errors, kept: each table gained what it lacked
+    assert rows["mobilenet_v2"][-7:-2] == ["13", "1", "1", "0", "12"]
+    assert rows["mobilenet_v3_small"][-7:-2] == ["13", "1", "13", "1", "0"]
 
 
 def test_plan_only_prints_one_plan_with_a_row_per_backbone(image_tree, tmp_path, capsys):
@@ -183,3 +189,31 @@ def test_plan_only_prints_one_plan_with_a_row_per_backbone(image_tree, tmp_path,
         "mobilenet_v3_small",
     ]
     assert not out.exists()
+
+
+def test_an_image_one_table_fails_is_counted_once_as_an_error(image_tree, tmp_path, monkeypatch):
+    """One backbone's batches fail (error rows in its table), the other's succeed: each image
+    advances the progress once, as an error; the summary row of each table says what it holds."""
+    from transforms.embed.handler import BackboneModelHandler
+    from transforms.embed.progress import Progress
+
+    original = BackboneModelHandler.run_inference
+
+    def run_inference(self, batch, model, inference_args=None):
+        if self.recipe.backbone == "mobilenet_v3_small":
+            raise RuntimeError("out of memory")
+        return original(self, batch, model, inference_args)
+
+    counted = {"done": 0, "errors": 0}
+
+    def add(*, done=0, errors=0):
+        counted["done"] += done
+        counted["errors"] += errors
+
+    monkeypatch.setattr(BackboneModelHandler, "run_inference", run_inference)
+    monkeypatch.setattr(Progress, "add", classmethod(lambda cls, **kw: add(**kw)))
+    summary = run(["--input", str(image_tree), "--output", str(tmp_path / "o"), *TWO_CNNS])
+    first, second = summary["tables"]
+    assert (first["rows"], first["errors"], second["rows"], second["errors"]) == (12, 0, 0, 12)
+    assert counted == {"done": 0, "errors": 12}
+    assert {s["run"]["pass_images"] for s in summary["tables"]} == {12}
