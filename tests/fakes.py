@@ -1,10 +1,11 @@
 """A fake backbone for fast graph tests (the vector is the image's per-channel mean / 255), a
-helper that runs a table job on it exactly as the jobs do (lease, plan, pipeline), and a folder
-of one bad file per failure."""
+helper that runs a table job on it exactly as the jobs do (lease, plan, pipeline), a folder of
+one bad file per failure, and a real job stopped or killed mid-run."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 from conftest import encode
@@ -128,3 +129,46 @@ def add_bad_files(root):
 
 def run_extract(sources, output, **kwargs):
     return run_table(sources, output, **kwargs)
+
+
+#: A real backbone, small and fast enough to run 120 images in a few seconds.
+SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
+
+
+def interrupt_real_job(tmp_path, *, signum: int, shards: int = 1) -> tuple[list[str], Any, str]:
+    """Starts a real ``python -m pipeline.extract`` over 120 images in chunks of 8 into
+    ``tmp_path / "t"``, sends it ``signum`` once ``shards`` shards are committed (mid-run), and
+    waits for it to end; returns its flags, the process and its stderr."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_image_tree
+
+    from transforms import table
+
+    images = tmp_path / "images"
+    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
+    out = tmp_path / "t"
+    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.extract", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(table.shard_files(str(out))) < shards:  # planned, and chunks committed
+            assert job.poll() is None, "the job ended before it could be stopped"
+            assert time.monotonic() < deadline, "no shard was committed in time"
+            time.sleep(0.02)
+        job.send_signal(signum)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.send_signal(signals.SIGKILL)
+        job.wait()
+    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before it was stopped"
+    return argv, job, err

@@ -6,14 +6,11 @@ import collections
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import encode, gradient, write_image_tree
-from fakes import MeanColorHandler, add_bad_files, run_extract, run_table
+from conftest import encode, gradient
+from fakes import MeanColorHandler, add_bad_files, interrupt_real_job, run_extract, run_table
 
 from pipeline.extract import run
 from transforms import listing, table
@@ -105,31 +102,10 @@ def test_full_mode_refuses_an_existing_table(image_tree, tmp_path):
         run_extract(str(image_tree), out)
 
 
-SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
-
-
 @pytest.mark.slow
 def test_a_run_killed_midway_is_finished_by_the_next_run(tmp_path, caplog):
-    images = tmp_path / "images"
-    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
-    out = tmp_path / "t"
-    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.extract", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while len(table.shard_files(str(out))) < 2:
-            assert job.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no shard was committed in time"
-            time.sleep(0.02)
-        job.send_signal(signal.SIGKILL)
-    finally:
-        job.kill()
-        job.wait()
-    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before the kill"
+    argv, job, _ = interrupt_real_job(tmp_path, signum=signal.SIGKILL, shards=2)
+    images, out = tmp_path / "images", tmp_path / "t"
 
     committed = table.shard_files(str(out))
     before = {f: os.path.getmtime(f) for f in committed}

@@ -10,13 +10,12 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 from conftest import write_image_tree
-from fakes import MeanColorHandler, run_extract
+from fakes import SMALL_REAL, MeanColorHandler, interrupt_real_job, run_extract
 from fsspec.implementations.local import LocalFileSystem
 from test_gcs import BUCKET, gcs_emulator  # noqa: F401 (a fixture)
 
@@ -109,35 +108,13 @@ def test_an_overwrite_on_a_bucket_is_safe_too(gcs_emulator, tmp_path):  # noqa: 
 
 # --- 2. SIGTERM is Ctrl-C ---
 
-SMALL_REAL = ["--backbone", "resnet50", "--weights", "none", "--image-size", "128"]
-
 
 @pytest.mark.slow
 def test_sigterm_stops_a_run_and_gives_its_table_back(tmp_path):
-    images = tmp_path / "images"
-    write_image_tree(images, per_class=30, size=(64, 48))  # 120 images
+    argv, job, err = interrupt_real_job(tmp_path, signum=signal.SIGTERM)
     out = tmp_path / "t"
-    argv = ["--input", str(images), "--output", str(out), *SMALL_REAL, "--chunk-size", "8"]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.extract", *argv],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not table.shard_files(str(out)):  # mid-run: planned, and a chunk committed
-            assert job.poll() is None, "the job ended before it could be stopped"
-            assert time.monotonic() < deadline, "no shard was committed in time"
-            time.sleep(0.02)
-        job.send_signal(signal.SIGTERM)
-        _, err = job.communicate(timeout=120)
-    finally:
-        job.kill()
-        job.wait()
     assert job.returncode == 143
     assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
-    assert not (out / table.SUMMARY_FILE).exists(), "the job finished before it was stopped"
     assert not (out / leases.LEASE_FILE).exists()
     assert not (out / plans.PLANS_DIR).exists()
 
