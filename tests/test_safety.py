@@ -468,3 +468,26 @@ def test_a_retried_swap_keeps_the_new_table(tmp_path):
     plan_files.remove_replaced(planned)
     assert plan_files.settle(str(out), run_id) == "completed"
     assert snapshot(out) == new
+
+
+def test_symbolic_links_are_followed_and_a_dangling_one_is_an_error_row(tmp_path):
+    """A dataset of links (to photos elsewhere, as many are) is its photos; a dangling link is
+    an error row that says why, never a skip."""
+    photos = tmp_path / "photos"
+    write_image_tree(photos, per_class=1)  # 4 images
+    links = tmp_path / "links" / "train"
+    links.mkdir(parents=True)
+    for i, photo in enumerate(sorted(photos.rglob("*.png"))):
+        (links / f"{i}.png").symlink_to(photo)
+    (links / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "links" / "more").symlink_to(photos, target_is_directory=True)
+    summary = run_extract(str(tmp_path / "links"), tmp_path / "t")
+    assert (summary["rows"], summary["skipped"]) == (4, 1)  # the folder link: counted, not walked
+    assert summary["skipped_reasons"] == {"not a regular file": 1}
+    assert summary["errors"] == 1 and summary["inputs"] == 5
+    errors = table.read_table(str(tmp_path / "t"), prefix=table.ERRORS).to_pylist()
+    assert errors[0]["uri"].endswith("gone.png") and errors[0]["stage"] == "read"
+    info = storage.file_info(str(links / "0.png"))
+    assert (
+        info.size == sorted(photos.rglob("*.png"))[0].stat().st_size
+    )  # the photo's, not the link's

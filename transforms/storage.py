@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import IO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 _LOCAL_PROTOCOLS = ("file", "local")
 
@@ -175,13 +176,33 @@ def _info(fs: fsspec.AbstractFileSystem, path: str, detail: dict) -> FileInfo:
     return FileInfo(uri=to_uri(fs, path), size=int(detail.get("size") or 0), version=str(version))
 
 
+def _followed(fs: fsspec.AbstractFileSystem, path: str, detail: dict) -> dict:
+    """A local listing entry with its symbolic link followed. fsspec describes a link itself
+    (type ``other``, the link's own size and mtime); a link to a regular file is that file (its
+    size and mtime are the change signal), and a dangling link a file whose read will say why it
+    fails (an error row, not a silent skip). A link to a folder is not followed (fsspec's walk
+    does not follow them, which keeps a link cycle from running forever): it stays ``other``, so
+    it is counted with the skipped files rather than left out without a word."""
+    if not (detail.get("islink") and isinstance(fs, LocalFileSystem)):
+        return detail
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {**detail, "type": "file"}
+    if stat.S_ISREG(st.st_mode):
+        return {**detail, "type": "file", "size": st.st_size, "mtime": st.st_mtime}
+    return detail
+
+
 def _regular(
     fs: fsspec.AbstractFileSystem, found: dict, others: list[str] | None
 ) -> list[FileInfo]:
-    """The regular files of a listing, sorted by URI; the URIs of the rest that are not folders
-    (named pipes, sockets, devices: fsspec's ``other``) go to ``others``."""
+    """The regular files of a listing (symbolic links followed), sorted by URI; the URIs of the
+    rest that are not folders (named pipes, sockets, devices: fsspec's ``other``) go to
+    ``others``."""
     files = []
     for p, d in found.items():
+        d = _followed(fs, p, d)
         kind = d.get("type")
         if kind == "file":
             files.append(_info(fs, p, d))
@@ -207,14 +228,14 @@ def glob_files(pattern: str, *, others: list[str] | None = None) -> list[FileInf
 
 
 def is_regular_file(uri: str) -> bool:
-    """Whether ``uri`` is a regular file (object-store objects always are)."""
+    """Whether ``uri`` is a regular file, or a link to one (object-store objects always are)."""
     fs, path = filesystem(uri)
-    return fs.info(path).get("type") == "file"
+    return _followed(fs, path, fs.info(path)).get("type") == "file"
 
 
 def file_info(uri: str) -> FileInfo:
     fs, path = filesystem(uri)
-    return _info(fs, path, fs.info(path))
+    return _info(fs, path, _followed(fs, path, fs.info(path)))
 
 
 def write_atomically(uri: str, write: Callable[[IO], None]) -> None:
