@@ -254,15 +254,9 @@ def launch_tables(
         )
     except BaseException:
         for output in new_outputs:  # a refused or failed run on a new output leaves no folder
-            _remove_if_empty(output)
+            with contextlib.suppress(OSError):  # never hide why the run ended
+                storage.remove_if_empty(output)
         raise
-
-
-def _remove_if_empty(output: str) -> None:
-    fs, path = storage.filesystem(output)
-    with contextlib.suppress(OSError):
-        if fs.exists(path) and not fs.find(path):
-            fs.rm(path, recursive=True)
 
 
 def _run_tables(

@@ -412,7 +412,7 @@ def test_a_swap_cut_short_before_the_summary_is_rolled_back(tmp_path, monkeypatc
 
 def test_a_swap_cut_short_after_the_summary_is_completed(tmp_path, monkeypatch):
     images, out, _ = _overwritten(tmp_path)
-    original, calls = plan_files._remove_other_runs, []
+    original, calls = plan_files._remove, []
 
     def fails_once(*args):
         calls.append(args)
@@ -420,7 +420,7 @@ def test_a_swap_cut_short_after_the_summary_is_completed(tmp_path, monkeypatch):
             raise OSError(5, "Input/output error")
         return original(*args)
 
-    monkeypatch.setattr(plan_files, "_remove_other_runs", fails_once)
+    monkeypatch.setattr(plan_files, "_remove", fails_once)  # removing the old shards
     with pytest.raises(Exception, match="Input/output error"):
         run_extract(str(images), out, overwrite=True, chunk_size=5)
     run_id = table.read_summary(str(out))["run"]["run_id"]

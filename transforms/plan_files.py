@@ -20,21 +20,21 @@ from transforms.plan import PLANS_DIR, REMOVAL, STAGING_DIR, Plan, RunPlan
 _LOG = logging.getLogger(__name__)
 
 
-def plan_files(output_dir: str) -> list[str]:
-    folder = storage.join(output_dir, PLANS_DIR)
-    fs, path = storage.filesystem(folder)
+def _entries(output_dir: str, folder: str) -> list[str]:
+    """What ``output_dir/folder`` holds (nothing when it is not there)."""
+    fs, path = storage.filesystem(storage.join(output_dir, folder))
     if not fs.exists(path):
         return []
-    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False) if p.endswith(".parquet")]
+    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]
+
+
+def plan_files(output_dir: str) -> list[str]:
+    return [uri for uri in _entries(output_dir, PLANS_DIR) if uri.endswith(".parquet")]
 
 
 def staging_dirs(output_dir: str) -> list[str]:
     """The staging folders of ``--overwrite`` runs in the table's folder."""
-    folder = storage.join(output_dir, STAGING_DIR)
-    fs, path = storage.filesystem(folder)
-    if not fs.exists(path):
-        return []
-    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]
+    return _entries(output_dir, STAGING_DIR)
 
 
 def write_plan(plan: Plan) -> None:
@@ -111,9 +111,7 @@ def delete_plan(run: RunPlan) -> None:
     fs, path = storage.filesystem(run.plan_uri)
     if fs.exists(path):
         fs.rm(path)
-    folder = path.rsplit("/", 1)[0]
-    if storage.is_local(run.plan_uri) and fs.exists(folder) and not fs.ls(folder):
-        fs.rmdir(folder)
+    storage.remove_if_empty(storage.join(run.output_dir, PLANS_DIR))
 
 
 def move_staged_in(run: RunPlan, prefix: str) -> tuple[list[str], list[str]]:
@@ -122,7 +120,7 @@ def move_staged_in(run: RunPlan, prefix: str) -> tuple[list[str], list[str]]:
     and error shards there. Idempotent: a retry moves what is still staged."""
     storage.move_in(run.output_dir, run.staging_dir)
     return tuple(
-        [f for f in table.shard_files(run.output_dir, p) if table.shard_run(f) == run.run_id]
+        _shards(run.output_dir, run.run_id, mine=True, prefixes=(p,))
         for p in (prefix, table.ERRORS)
     )
 
@@ -130,7 +128,7 @@ def move_staged_in(run: RunPlan, prefix: str) -> tuple[list[str], list[str]]:
 def remove_replaced(run: RunPlan) -> None:
     """``--overwrite``, second half, once the new ``_SUMMARY.json`` is written (from then on the
     new table is the table): the old shards (of other runs) and the staging folder go."""
-    _remove_other_runs(run.output_dir, run.run_id)
+    _remove(_shards(run.output_dir, run.run_id, mine=False))
     _remove_staging(run.output_dir, run.run_id)
 
 
@@ -143,16 +141,8 @@ def settle(output_dir: str, run_id: str) -> str:
         written = table.read_summary(output_dir).get("run", {}).get("run_id") == run_id
     except (FileNotFoundError, table.CorruptFile):
         written = False
-    if written:
-        _remove_other_runs(output_dir, run_id)
-    else:
-        for prefix in (table.FEATURES, table.ERRORS):
-            mine = [
-                f for f in table.shard_files(output_dir, prefix) if table.shard_run(f) == run_id
-            ]
-            if mine:
-                fs, _ = storage.filesystem(mine[0])
-                fs.rm([storage.filesystem(f)[1] for f in mine])
+    # Forward: the old shards go; back: this run's shards go.
+    _remove(_shards(output_dir, run_id, mine=not written))
     _remove_staging(output_dir, run_id)
     return "completed" if written else "rolled back"
 
@@ -177,28 +167,34 @@ def discard(run: RunPlan) -> None:
         settle(run.output_dir, run.run_id)
 
 
-def _remove_other_runs(output_dir: str, run_id: str) -> None:
-    old = [
+def _shards(
+    output_dir: str,
+    run_id: str,
+    *,
+    mine: bool,
+    prefixes: tuple[str, ...] = (table.FEATURES, table.ERRORS),
+) -> list[str]:
+    """The table's shards (row and error shards) of run ``run_id`` (``mine``), or of every other
+    run."""
+    return [
         f
-        for prefix in (table.FEATURES, table.ERRORS)
+        for prefix in prefixes
         for f in table.shard_files(output_dir, prefix)
-        if table.shard_run(f) != run_id
+        if (table.shard_run(f) == run_id) == mine
     ]
-    if old:
-        fs, _ = storage.filesystem(output_dir)
-        fs.rm([storage.filesystem(f)[1] for f in old])
+
+
+def _remove(files: list[str]) -> None:
+    if files:
+        fs, _ = storage.filesystem(files[0])
+        fs.rm([storage.filesystem(f)[1] for f in files])
 
 
 def _remove_staging(output_dir: str, run_id: str) -> None:
+    """The run's staging folder, and the staging root once it is empty (so that the table
+    folder looks as it did)."""
     staging = storage.join(output_dir, STAGING_DIR, run_id)
     fs, path = storage.filesystem(staging)
     if fs.exists(path):
         fs.rm(path, recursive=True)
-    _remove_empty_folder(storage.join(output_dir, STAGING_DIR))
-
-
-def _remove_empty_folder(uri: str) -> None:
-    """Object stores have no empty folders; a local one is removed so the table looks as before."""
-    fs, path = storage.filesystem(uri)
-    if storage.is_local(uri) and fs.exists(path) and not fs.ls(path):
-        fs.rmdir(path)
+    storage.remove_if_empty(storage.join(output_dir, STAGING_DIR))

@@ -164,6 +164,16 @@ def read_bytes(uri: str, *, timeout: float | None = None) -> bytes:
     return outcome["data"]
 
 
+def remove_if_empty(uri: str) -> None:
+    """Removes a local folder that holds no file (empty folders inside it go too); object
+    stores have no empty folders, so there is nothing to do there."""
+    if not is_local(uri):
+        return
+    fs, path = filesystem(uri)
+    if fs.exists(path) and fs.isdir(path) and not fs.find(path):
+        fs.rm(path, recursive=True)
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     fs.makedirs(path, exist_ok=True)

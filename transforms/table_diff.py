@@ -152,9 +152,8 @@ def diff(
     sizes = np.asarray(images["file_size"].combine_chunks())
     versions = images["file_version"]
     # Nothing listed (an empty listing allowed with --allow-empty): no copy matches, none is kept.
-    for start in range(
-        0, m if images.num_rows else 0, _BLOCK
-    ):  # in blocks: the listed versions are taken per block
+    compared = m if images.num_rows else 0
+    for start in range(0, compared, _BLOCK):  # in blocks: the listed versions are taken per block
         block = slice(start, start + _BLOCK)
         rows = pa.array(safe_row[block], mask=~listed[block])
         matches[block] = _signal_matches(
