@@ -68,14 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_flags.add_recipe_flags(parser)
     parser.add_argument("--top-k", type=int, default=5, help="predictions kept per image")
     cli.add_batch_size_flag(parser)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a table already in --output"
-    )
-    parser.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="accept inputs that list no image (by default an error): write an empty table",
-    )
+    cli.add_overwrite_flag(parser, "table")
+    cli.add_allow_empty_flag(parser)
     parser.add_argument(
         "--cache-dir",
         default=None,

@@ -318,6 +318,17 @@ def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "folder") ->
     )
 
 
+def add_allow_empty_flag(parser: argparse.ArgumentParser, *, prune: bool = False) -> None:
+    """``--allow-empty``: inputs that list no image are an error unless it is given
+    (``launch.check_not_empty``)."""
+    also = ", or with --mode incremental --prune remove every row" if prune else ""
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help=f"accept inputs that list no image (by default an error): write an empty table{also}",
+    )
+
+
 def underscore_aliases(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
     """Accepts ``--batch_size`` for our ``--batch-size`` (Beam's own flags use underscores, and
     Dataflow flex-template parameter names cannot hold dashes). Beam's flags are left alone."""

@@ -203,18 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="TensorFlow threads per worker process (default: all cores for one process, "
         "an equal share when --direct_num_workers processes share the machine)",
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing table; the old one stays whole and readable until the new one "
-        "is complete",
-    )
-    parser.add_argument(
-        "--allow-empty",
-        action="store_true",
-        help="accept inputs that list no image (by default an error): write an empty table, or "
-        "with --mode incremental --prune remove every row",
-    )
+    cli.add_overwrite_flag(parser, "table")
+    cli.add_allow_empty_flag(parser, prune=True)
     parser.add_argument(
         "--break-lease",
         action="store_true",
