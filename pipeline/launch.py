@@ -90,7 +90,11 @@ def check_not_empty(spec: TableRun, found: listing.Listing) -> None:
     if found.images.num_rows or spec.allow_empty:
         return
     inputs, flag = ", ".join(spec.inputs), spec.input_flag
-    skipped = f"{found.skipped} files skipped: {listing.describe_skipped(found.skipped_reasons)}"
+    skipped = (
+        f"{found.skipped} files skipped: {listing.describe_skipped(found.skipped_reasons)}"
+        if found.skipped
+        else "no file at all"
+    )
     if spec.prune:
         advice = (
             f"with --prune this would remove every row of {spec.output}, so nothing was changed; "

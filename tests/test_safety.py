@@ -491,3 +491,12 @@ def test_symbolic_links_are_followed_and_a_dangling_one_is_an_error_row(tmp_path
     assert (
         info.size == sorted(photos.rglob("*.png"))[0].stat().st_size
     )  # the photo's, not the link's
+
+
+def test_an_empty_folder_is_named_as_holding_no_file(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["--input", str(tmp_path / "empty"), "--output", str(tmp_path / "t"), *SMALL_REAL]
+    with pytest.raises(SystemExit):
+        extract_job.main(argv)
+    err = capsys.readouterr().err
+    assert f"no images listed from --input {tmp_path / 'empty'} (no file at all)" in err, err
