@@ -114,11 +114,17 @@ def command_page(name: str) -> str:
     return "\n".join(lines)
 
 
+def page_file(name: str) -> str:
+    """A command's page: ``commands/NAME.md``, except ``featurebeam index``'s, as the folder's
+    own ``index.md`` is this overview."""
+    return "commands/index-command.md" if name == "index" else f"commands/{name}.md"
+
+
 def commands_index() -> str:
     from pipeline import console
 
     rows = [
-        f"| [`featurebeam {name}`]({name}.md) | {_cell(what)} |"
+        f"| [`featurebeam {name}`]({page_file(name).removeprefix('commands/')}) | {_cell(what)} |"
         for name, (_, what) in console.COMMANDS.items()
     ]
     return "\n".join(["| command | what it does |", "|---|---|", *rows])
@@ -145,7 +151,7 @@ def on_files(files, config):
     from pipeline import console
 
     for name in console.COMMANDS:
-        files.append(File.generated(config, f"commands/{name}.md", content=command_page(name)))
+        files.append(File.generated(config, page_file(name), content=command_page(name)))
     return files
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "stage-weights": ("pipeline.stage_weights", "copy a backbone's weights to a bucket"),
     "sample-weights": ("pipeline.sample_weights", "prepare the offline real MobileNetV2"),
     "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
+    "index": ("pipeline.index", "build or update a table's search index, in place"),
     "report": ("pipeline.report", "a self-contained HTML page to look at a feature table"),
     "bench": ("benchmarks.bench", "throughput and memory benchmark"),
 }

@@ -66,6 +66,14 @@ _ROWS_SCHEMA = pa.schema(
     ]
 )
 _SIGNAL = ("image_id", "file_size", "file_version")
+#: Candidates faiss finds per neighbour wanted, re-ranked on the stored vectors
+#: (``neighbors.FaissIndex.REFINE``, measured there).
+REFINE = neighbors.FaissIndex.REFINE
+#: A filter that allows at most this many rows is searched exactly among them.
+EXACT_SUBSET_ROWS = 20_000
+#: The faiss index is retrained once the rows added and removed since it was trained exceed this
+#: fraction of the rows it was trained on, or the table doubled or halved since.
+DRIFT_FRACTION = 0.5
 #: How many times an update starts over when the table changed while it read it.
 DEFAULT_RETRIES = 3
 _COPY_ROWS = 65_536
@@ -77,11 +85,11 @@ def default_dir(features_dir: str) -> str:
     return storage.join(features_dir.rstrip("/"), DEFAULT_DIRNAME)
 
 
-class TableChanged(RuntimeError):
+class TableChanged(ValueError):
     """The table changed while the index read it, every time it tried."""
 
 
-class IndexBusy(RuntimeError):
+class IndexBusy(ValueError):
     """Another process is updating the same index."""
 
 
@@ -140,6 +148,14 @@ class SearchIndex:
         ids = np.asarray(rows.column("image_id").to_pylist(), dtype="S")
         self._id_order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[self._id_order]
+        self._faiss = None
+        if self.kind == "faiss":
+            import faiss
+
+            self._faiss = faiss.read_index(os.path.join(index_dir, manifest["files"]["faiss"]))
+            ivf = faiss.extract_index_ivf(self._faiss)
+            ivf.nprobe = min(neighbors.DEFAULT_NPROBE, ivf.nlist)
+            self._nprobe = ivf.nprobe
 
     @classmethod
     def open(cls, index_dir: str) -> SearchIndex:
@@ -209,7 +225,10 @@ class SearchIndex:
             allowed = np.asarray(allowed, dtype=bool)
             if allowed.shape != (len(self),):
                 raise ValueError(f"allowed must be a mask of {len(self)} positions")
-        return self._exact(neighbors.normalize(queries), k, allowed)
+        queries = neighbors.normalize(queries)
+        if self._faiss is None:
+            return self._exact(queries, k, allowed)
+        return self._approximate(queries, k, allowed)
 
     def _exact(self, queries, k, allowed):
         n_rows = len(self)
@@ -222,6 +241,57 @@ class SearchIndex:
 
         positions, sims = neighbors.exact_search(queries, batches, k, allowed=allowed)
         return _padded(sims, positions)
+
+    def _approximate(self, queries, k, allowed):
+        """faiss finds ``REFINE x k`` candidates in the probed cells (only allowed ones: an
+        ``IDSelectorBitmap`` over the rows' keys), re-ranked on the stored vectors, so the
+        similarities are exact. A mask of few rows is searched exactly among them; a query whose
+        probed cells held fewer than k candidates, exactly over all allowed rows."""
+        import faiss
+
+        if len(self) == 0:
+            return _empty(len(queries), k)
+        params = faiss.SearchParametersIVF(nprobe=self._nprobe)
+        available = len(self)
+        if allowed is not None:
+            available = int(allowed.sum())
+            if available <= EXACT_SUBSET_ROWS:
+                return self._subset(queries, k, np.flatnonzero(allowed))
+            bits = np.zeros(int(self._keys[-1]) + 1, dtype=bool)
+            bits[self._keys[allowed]] = True
+            bitmap = np.packbits(bits, bitorder="little")
+            params.sel = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bitmap))
+        want = min(k * REFINE, available)
+        _, keys = self._faiss.search(np.ascontiguousarray(queries), want, params=params)
+        sims, positions = _empty(len(queries), k)
+        short = []
+        for i, row in enumerate(keys):
+            found = np.sort(np.searchsorted(self._keys, row[row >= 0]))
+            if len(found) < min(k, available):
+                short.append(i)
+                continue
+            top_sims, top = _top(np.asarray(self._vectors[found]) @ queries[i], k)
+            sims[i, : len(top)], positions[i, : len(top)] = top_sims, found[top]
+        if short:
+            sims[short], positions[short] = self._exact(queries[short], k, allowed)
+        return sims, positions
+
+    def _subset(self, queries, k, positions):
+        if len(positions) == 0:
+            return _empty(len(queries), k)
+        vectors = np.asarray(self._vectors[positions])
+        sims, out = _empty(len(queries), k)
+        for i, q in enumerate(queries):
+            top_sims, top = _top(vectors @ q, k)
+            sims[i, : len(top)], out[i, : len(top)] = top_sims, positions[top]
+        return sims, out
+
+
+def _top(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of one query's similarities, best first (ties: the earlier row first)."""
+    part = np.argpartition(-sims, k - 1)[:k] if len(sims) > k else np.arange(len(sims))
+    order = np.lexsort((part, -sims[part]))
+    return sims[part[order]], part[order]
 
 
 def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +412,7 @@ def build_or_update(
     features_dir: str,
     index_dir: str | None = None,
     *,
-    kind: str = "auto",
+    kind: str | None = None,
     rebuild: bool = False,
     retries: int = DEFAULT_RETRIES,
 ) -> IndexUpdate:
@@ -354,8 +424,9 @@ def build_or_update(
     Args:
         features_dir: the feature table folder.
         index_dir: the index folder (a local one); default :func:`default_dir`.
-        kind: ``exact``, ``faiss``, or ``auto`` (faiss past ``neighbors.AUTO_INDEX_ROWS`` rows;
-            an existing index keeps its kind unless the table crosses that size).
+        kind: ``exact``, ``faiss``, or ``auto`` (faiss past ``neighbors.AUTO_INDEX_ROWS`` rows,
+            switching when an update crosses that size); None: the existing index's choice
+            (``auto`` for a new one). Another choice than the index's rebuilds it.
         rebuild: build from the whole table whatever is there.
         retries: times to start over when the table changes during the update.
 
@@ -365,10 +436,8 @@ def build_or_update(
         TableChanged: the table kept changing while it was read.
         IndexBusy: another process is updating this index.
     """
-    if kind not in KINDS:
+    if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
-    if kind == "faiss":
-        raise ValueError("the faiss index is not available yet; use --kind exact")
     index_dir = index_dir or default_dir(features_dir)
     if not storage.is_local(index_dir):
         raise ValueError(
@@ -433,8 +502,8 @@ def _rebuild_reason(old, metadata, dim, kind, rebuild) -> str | None:
         )
     if int(old["dim"]) != dim:
         return f"the vectors are {dim}-d now, {old['dim']}-d before"
-    if kind != "auto" and kind != old["kind"]:
-        return f"asked for a {kind} index; this one is {old['kind']}"
+    if kind is not None and kind != old.get("requested", old["kind"]):
+        return f"asked for a {kind} index; this one was built as {old.get('requested')}"
     return None
 
 
@@ -477,12 +546,17 @@ def _build(index_dir, shards, metadata, dim, kind, old, reason):
         with tables.reading(s.uri), fs.open(path, "rb") as f:
             counts.append(pq.ParquetFile(f).metadata.num_rows)
     total = sum(counts)
-    chosen = neighbors.choose_index(kind, total)
-    if chosen == "faiss":
-        chosen = "exact"  # the faiss index is not available yet
+    requested = kind or (old.get("requested", "auto") if old else "auto")
     manifest = _new_manifest(
-        old, metadata=metadata, dim=dim, kind=chosen, shards=shards, rows=total, next_key=total
+        old,
+        metadata=metadata,
+        dim=dim,
+        kind=neighbors.choose_index(requested, total),
+        shards=shards,
+        rows=total,
+        next_key=total,
     )
+    manifest["requested"] = requested
     writer = _Writer(os.path.join(index_dir, manifest["files"]["vectors"]), total, dim)
     parts = []
     for s in shards:
@@ -493,6 +567,8 @@ def _build(index_dir, shards, metadata, dim, kind, old, reason):
     rows = _with_keys(pa.concat_tables(parts) if parts else _ROWS_SCHEMA.empty_table(), 0)
     _check_unique(rows)
     _write_rows(index_dir, manifest, rows)
+    if manifest["kind"] == "faiss":
+        _train_faiss(index_dir, manifest, rows, reason="built" if old is None else "rebuilt")
     action = "built" if old is None else "rebuilt"
     _record(manifest, action, added=total, removed=int(old["rows"]) if old else 0, reason=reason)
     return manifest, action, total, int(old["rows"]) if old else 0, reason
@@ -543,9 +619,11 @@ def _update(index_dir, shards, old):
         rows=total,
         next_key=int(old["next_key"]) + added,
     )
+    manifest["requested"] = old.get("requested", old["kind"])
     manifest["trained"] = old.get("trained")
     if added == 0 and removed == 0:  # shards rewritten without a change to their rows
         manifest["files"] = dict(files)
+        manifest["history"] = list(old.get("history", []))
         manifest["generation"] = int(old["generation"])
         return manifest, "unchanged", 0, 0, ""
     vectors = np.load(os.path.join(index_dir, files["vectors"]), mmap_mode="r")
@@ -565,8 +643,125 @@ def _update(index_dir, shards, old):
     rows = pa.concat_tables([kept_rows, fresh_rows.select(_ROWS_SCHEMA.names)])
     _check_unique(rows)
     _write_rows(index_dir, manifest, rows)
-    _record(manifest, "updated", added=added, removed=removed, reason="")
-    return manifest, "updated", added, removed, ""
+    removed_keys = np.setdiff1d(
+        old_rows.column("key").to_numpy(), kept_rows.column("key").to_numpy()
+    )
+    reason = _refit(index_dir, old, manifest, rows, removed_keys, added)
+    _record(manifest, "updated", added=added, removed=removed, reason=reason)
+    return manifest, "updated", added, removed, reason
+
+
+def _faiss_tag(manifest) -> str:
+    return manifest["files"]["vectors"].removeprefix("vectors-").removesuffix(".npy")
+
+
+def _vectors_of(index_dir, manifest) -> np.ndarray:
+    return np.load(os.path.join(index_dir, manifest["files"]["vectors"]), mmap_mode="r")
+
+
+def _train_faiss(index_dir, manifest, rows, *, reason: str) -> None:
+    """Trains a new inverted file on a sample of the stored vectors (39 per cell, as
+    ``neighbors.FaissIndex``) and adds every row under its key; records when and why."""
+    import faiss
+
+    start = time.monotonic()
+    vectors = _vectors_of(index_dir, manifest)
+    n, dim = vectors.shape
+    cells = neighbors.cells_for(n)
+    index = faiss.index_factory(
+        dim, f"IVF{cells},PQ{neighbors.pq_parts(dim)}x4fs", faiss.METRIC_INNER_PRODUCT
+    )
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = 10
+    ivf.cp.seed = 0
+    sample = np.sort(np.random.default_rng(0).choice(n, size=min(39 * cells, n), replace=False))
+    index.train(np.ascontiguousarray(vectors[sample]))
+    keys = rows.column("key").to_numpy()
+    for i in range(0, n, _COPY_ROWS):
+        index.add_with_ids(
+            np.ascontiguousarray(vectors[i : i + _COPY_ROWS]), keys[i : i + _COPY_ROWS]
+        )
+    manifest["files"]["faiss"] = f"faiss-{_faiss_tag(manifest)}.index"
+    _write_faiss(index_dir, manifest, index)
+    manifest["trained"] = {
+        "at": _now(),
+        "reason": reason,
+        "rows": n,
+        "training_rows": len(sample),
+        "cells": cells,
+        "changed": 0,
+        "seconds": round(time.monotonic() - start, 3),
+    }
+
+
+def _write_faiss(index_dir, manifest, index) -> None:
+    import faiss
+
+    path = os.path.join(index_dir, manifest["files"]["faiss"])
+    tmp = os.path.join(index_dir, f".{manifest['files']['faiss']}.{uuid.uuid4().hex}.tmp")
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _drift(trained: dict[str, Any], rows: int, changed: int) -> str | None:
+    """Why an inverted file trained on ``trained["rows"]`` rows no longer fits, or None."""
+    then = int(trained["rows"])
+    if rows > 2 * then:
+        return f"the table more than doubled since training ({then:,} rows then, {rows:,} now)"
+    if rows * 2 < then:
+        return (
+            f"the table shrank to less than half since training ({then:,} rows then, {rows:,} now)"
+        )
+    if changed > DRIFT_FRACTION * then:
+        return (
+            f"{changed:,} rows were added or removed since training, more than "
+            f"{DRIFT_FRACTION:.0%} of the {then:,} it was trained on"
+        )
+    return None
+
+
+def _refit(index_dir, old, manifest, rows, removed_keys: np.ndarray, added: int) -> str:
+    """After an update: the kind ``auto`` picks for the new size, and the faiss index updated in
+    place (its removed keys removed, the new rows added), or retrained when it drifted. Returns
+    why it was (re)trained or changed kind ('' when neither)."""
+    import faiss
+
+    total = manifest["rows"]
+    manifest["kind"] = neighbors.choose_index(manifest["requested"], total)
+    if manifest["kind"] == "exact":
+        manifest["trained"] = None
+        if old["kind"] == "exact":
+            return ""
+        return f"the table shrank to {total:,} rows: exact search at up to {neighbors.AUTO_INDEX_ROWS:,}"
+    if old["kind"] != "faiss":
+        reason = (
+            f"the table grew past {neighbors.AUTO_INDEX_ROWS:,} rows ({total:,}): a faiss index now"
+        )
+        _train_faiss(index_dir, manifest, rows, reason=reason)
+        return reason
+    trained = dict(old["trained"])
+    changed = int(trained.get("changed", 0)) + len(removed_keys) + added
+    drift = _drift(trained, total, changed)
+    if drift is not None:
+        _train_faiss(index_dir, manifest, rows, reason=drift)
+        return f"retrained: {drift}"
+    index = faiss.read_index(os.path.join(index_dir, old["files"]["faiss"]))
+    if len(removed_keys):
+        index.remove_ids(faiss.IDSelectorBatch(removed_keys.astype(np.int64)))
+    if added:
+        vectors = _vectors_of(index_dir, manifest)
+        keys = rows.column("key").to_numpy()
+        for i in range(total - added, total, _COPY_ROWS):
+            j = min(i + _COPY_ROWS, total)
+            index.add_with_ids(np.ascontiguousarray(vectors[i:j]), keys[i:j])
+    manifest["files"]["faiss"] = f"faiss-{_faiss_tag(manifest)}.index"
+    _write_faiss(index_dir, manifest, index)
+    manifest["trained"] = {**trained, "changed": changed}
+    return ""
 
 
 def _signal_in(rows: pa.Table, among: pa.Table) -> np.ndarray:
