@@ -266,7 +266,7 @@ class SearchIndex:
         sims, positions = _empty(len(queries), k)
         short = []
         for i, row in enumerate(keys):
-            found = np.sort(np.searchsorted(self._keys, row[row >= 0]))
+            found = self._positions_of(row[row >= 0])
             if len(found) < min(k, available):
                 short.append(i)
                 continue
@@ -275,6 +275,11 @@ class SearchIndex:
         if short:
             sims[short], positions[short] = self._exact(queries[short], k, allowed)
         return sims, positions
+
+    def _positions_of(self, keys: np.ndarray) -> np.ndarray:
+        """The positions of the rows with these keys (sorted; keys of no row are left out)."""
+        at = np.minimum(np.searchsorted(self._keys, keys), max(len(self._keys) - 1, 0))
+        return np.sort(at[self._keys[at] == keys])
 
     def _subset(self, queries, k, positions):
         if len(positions) == 0:
