@@ -358,3 +358,15 @@ def test_the_index_is_a_pyarrow_table_and_numpy_array_on_disk(small_table):
         "features-A-00000-of-00002.parquet",
         "features-A-00001-of-00002.parquet",
     }
+
+
+def test_faiss_on_too_few_rows_is_exact_until_the_table_grows(tmp_path):
+    out = tmp_path / "t"
+    out.mkdir()
+    write_shard(out, "features-A-00000-of-00001.parquet", range(40), clustered(40))
+    done = index.build_or_update(str(out), kind="faiss")
+    assert done.kind == "exact" and "too few to train a faiss index" in done.reason
+    assert index.SearchIndex.open(str(out / "_index")).search(clustered(1), 3)[1].min() >= 0
+    write_shard(out, "features-B-00000-of-00001.parquet", range(40, 400), clustered(360, seed=2))
+    done = index.build_or_update(str(out))  # still asked for faiss: trained now
+    assert (done.action, done.kind) == ("updated", "faiss") and "grew past 256 rows" in done.reason

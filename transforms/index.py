@@ -74,6 +74,9 @@ EXACT_SUBSET_ROWS = 20_000
 #: The faiss index is retrained once the rows added and removed since it was trained exceed this
 #: fraction of the rows it was trained on, or the table doubled or halved since.
 DRIFT_FRACTION = 0.5
+#: Fewer rows than this are searched exactly whatever kind was asked for: the 4-bit product
+#: quantiser's k-means wants 16 points per centroid to train on (faiss warns below 39).
+MIN_FAISS_ROWS = 256
 #: How many times an update starts over when the table changed while it read it.
 DEFAULT_RETRIES = 3
 _COPY_ROWS = 65_536
@@ -556,12 +559,17 @@ def _build(index_dir, shards, metadata, dim, kind, old, reason):
         old,
         metadata=metadata,
         dim=dim,
-        kind=neighbors.choose_index(requested, total),
+        kind=_kind_for(requested, total),
         shards=shards,
         rows=total,
         next_key=total,
     )
     manifest["requested"] = requested
+    if requested == "faiss" and manifest["kind"] == "exact":
+        few = (
+            f"{total:,} rows are too few to train a faiss index on: exact below {MIN_FAISS_ROWS:,}"
+        )
+        reason = f"{reason}; {few}" if reason else few
     writer = _Writer(os.path.join(index_dir, manifest["files"]["vectors"]), total, dim)
     parts = []
     for s in shards:
@@ -656,6 +664,13 @@ def _update(index_dir, shards, old):
     return manifest, "updated", added, removed, reason
 
 
+def _kind_for(requested: str, rows: int) -> str:
+    """The kind an index of ``rows`` rows is: ``requested`` (``auto`` picked by size), exact
+    below :data:`MIN_FAISS_ROWS`."""
+    kind = neighbors.choose_index(requested, rows)
+    return "exact" if rows < MIN_FAISS_ROWS else kind
+
+
 def _faiss_tag(manifest) -> str:
     return manifest["files"]["vectors"].removeprefix("vectors-").removesuffix(".npy")
 
@@ -736,16 +751,15 @@ def _refit(index_dir, old, manifest, rows, removed_keys: np.ndarray, added: int)
     import faiss
 
     total = manifest["rows"]
-    manifest["kind"] = neighbors.choose_index(manifest["requested"], total)
+    manifest["kind"] = _kind_for(manifest["requested"], total)
+    limit = neighbors.AUTO_INDEX_ROWS if manifest["requested"] == "auto" else MIN_FAISS_ROWS
     if manifest["kind"] == "exact":
         manifest["trained"] = None
         if old["kind"] == "exact":
             return ""
-        return f"the table shrank to {total:,} rows: exact search at up to {neighbors.AUTO_INDEX_ROWS:,}"
+        return f"the table shrank to {total:,} rows: exact search below {limit:,}"
     if old["kind"] != "faiss":
-        reason = (
-            f"the table grew past {neighbors.AUTO_INDEX_ROWS:,} rows ({total:,}): a faiss index now"
-        )
+        reason = f"the table grew past {limit:,} rows ({total:,}): a faiss index now"
         _train_faiss(index_dir, manifest, rows, reason=reason)
         return reason
     trained = dict(old["trained"])
