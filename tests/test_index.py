@@ -1,4 +1,4 @@
-"""The persisted index that follows a table: built, searched (exactly and through faiss, with
+"""transforms.index, index_update and index_files: the persisted index that follows a table: built, searched (exactly and through faiss, with
 filters), and updated in place after real incremental runs, as a fresh build would be."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import encode, gradient
 from fakes import run_extract
 
 from pipeline import index as index_job
-from transforms import index, neighbors
+from transforms import index, index_files, index_update, neighbors
 from transforms import table as tables
 
 META = {"backbone": "synthetic", "weights_fingerprint": "none", "feature_dim": "16"}
@@ -153,12 +153,12 @@ def test_after_real_incremental_runs_the_update_equals_a_fresh_build(image_tree,
     run_extract(str(image_tree), out, mode="incremental", prune=True, chunk_size=3)
 
     read = []
-    real = index._shard_columns
-    index._shard_columns = lambda s, **kw: read.append(s.uri) or real(s, **kw)
+    real = index_update._shard_columns
+    index_update._shard_columns = lambda s, **kw: read.append(s.uri) or real(s, **kw)
     try:
         done = index.build_or_update(str(out))
     finally:
-        index._shard_columns = real
+        index_update._shard_columns = real
     assert (done.action, done.added, done.removed, done.rows) == ("updated", 4, 2, 14)
     untouched = {
         f for f in tables.shard_files(str(out)) if shards_before.get(f) == os.stat(f).st_mtime_ns
@@ -270,7 +270,7 @@ def test_an_interrupted_update_leaves_the_previous_index_usable(small_table, mon
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # killed after the new vectors, before the new rows and manifest
 
-    monkeypatch.setattr(index, "_write_rows", crash)
+    monkeypatch.setattr(index_files, "write_rows", crash)
     with pytest.raises(KeyboardInterrupt):
         index.build_or_update(out)
     assert len(os.listdir(index_dir)) > len(before)  # a half-written generation lies there
@@ -283,25 +283,28 @@ def test_an_interrupted_update_leaves_the_previous_index_usable(small_table, mon
 
 def test_a_table_that_changes_during_the_update_is_retried_then_refused(small_table, monkeypatch):
     out, _ = small_table
-    real = index._table_state
+    real = index_update._table_state
     calls = []
 
     def changing(folder):
         shards, metadata, dim = real(folder)
         calls.append(1)
         return (
-            [*shards[:-1], index._Shard(shards[-1].name, shards[-1].uri, 1, str(len(calls)))],
+            [
+                *shards[:-1],
+                index_update._Shard(shards[-1].name, shards[-1].uri, 1, str(len(calls))),
+            ],
             metadata,
             dim,
         )
 
-    monkeypatch.setattr(index, "_table_state", changing)
+    monkeypatch.setattr(index_update, "_table_state", changing)
     with pytest.raises(index.TableChanged, match="changed while its index was being updated"):
         index.build_or_update(out, retries=2)
     assert len(calls) == 4
     with pytest.raises(FileNotFoundError):
         index.SearchIndex.open(index.default_dir(out))  # nothing committed
-    assert not [n for n in os.listdir(index.default_dir(out)) if index._is_generation_file(n)]
+    assert not [n for n in os.listdir(index.default_dir(out)) if index_files.is_generation_file(n)]
 
 
 def test_an_image_twice_in_the_table_is_refused(small_table):
@@ -315,7 +318,7 @@ def test_one_updater_at_a_time(small_table):
     out, _ = small_table
     index.build_or_update(out)
     busy = pytest.raises(index.IndexBusy, match="being updated by another process")
-    with index._locked(index.default_dir(out)), busy:
+    with index_files.locked(index.default_dir(out)), busy:
         index.build_or_update(out)
 
 
@@ -370,3 +373,35 @@ def test_faiss_on_too_few_rows_is_exact_until_the_table_grows(tmp_path):
     write_shard(out, "features-B-00000-of-00001.parquet", range(40, 400), clustered(360, seed=2))
     done = index.build_or_update(str(out))  # still asked for faiss: trained now
     assert (done.action, done.kind) == ("updated", "faiss") and "grew past 256 rows" in done.reason
+
+
+@pytest.mark.parametrize("kind", ["exact", "faiss"])
+def test_missing_index_files_are_named_and_the_next_update_rebuilds(small_table, kind):
+    out, _ = small_table
+    index.build_or_update(out, kind=kind)
+    index_dir = index.default_dir(out)
+    manifest = index.read_manifest(index_dir)
+    lost = manifest["files"][kind == "faiss" and "faiss" or "rows"]
+    os.remove(os.path.join(index_dir, lost))
+    with pytest.raises(FileNotFoundError, match=f"{lost} is missing; rebuild"):
+        index.SearchIndex.open(index_dir)
+    done = index.build_or_update(out)
+    assert (done.action, done.kind) == ("rebuilt", kind) and lost in done.reason
+    assert len(index.SearchIndex.open(index_dir)) == 300
+
+
+def test_opening_follows_an_update_that_commits_meanwhile(small_table, monkeypatch):
+    out, _ = small_table
+    index.build_or_update(out)
+    index_dir = index.default_dir(out)
+    write_shard(out, "features-B-00000-of-00001.parquet", range(300, 310), clustered(10, seed=8))
+    real = index.SearchIndex._open_generation
+    calls = []
+
+    def update_first(index_dir, manifest):
+        if not calls:  # the update commits (and removes this generation) before the files are read
+            calls.append(index.build_or_update(out))
+        return real(index_dir, manifest)
+
+    monkeypatch.setattr(index.SearchIndex, "_open_generation", staticmethod(update_first))
+    assert len(index.SearchIndex.open(index_dir)) == 310 and calls[0].added == 10
