@@ -231,7 +231,7 @@ def _rebuild_reason(index_dir, old, metadata, dim, kind, rebuild) -> str | None:
     if int(old["dim"]) != dim:
         return f"the vectors are {dim}-d now, {old['dim']}-d before"
     if kind is not None and kind != old.get("requested", old["kind"]):
-        return f"asked for a {kind} index; this one was built as {old.get('requested')}"
+        return f"asked for --kind {kind}; this index was built with --kind {old.get('requested', old['kind'])}"
     return None
 
 
