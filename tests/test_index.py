@@ -53,8 +53,8 @@ def ids_of(ix: index.SearchIndex, positions: np.ndarray) -> list[list[str | None
     return [[ids[p] if p >= 0 else None for p in row] for row in positions]
 
 
-def recall_at_10(ix, queries, allowed=None) -> float:
-    _, found = ix.search(queries, 10, allowed=allowed)
+def recall_at_10(ix, queries, allowed=None, **search) -> float:
+    _, found = ix.search(queries, 10, allowed=allowed, **search)
     _, truth = ix._exact(neighbors.normalize(queries), 10, allowed)
     return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth, strict=True)]))
 
@@ -211,6 +211,9 @@ def test_faiss_keeps_recall_after_adds_and_removes(tmp_path):
     assert recall_at_10(ix, queries) >= 0.95
     train = np.asarray(ix.rows.column("split").to_pylist()) == "train"
     assert recall_at_10(ix, queries, train) >= 0.95
+    assert recall_at_10(ix, queries, nprobe=1) < 0.95  # one cell searched: neighbours missed
+    with pytest.raises(ValueError, match="nprobe must be >= 1"):
+        ix.search(queries, 10, nprobe=0)
     gone = f"{9000:032x}"
     with pytest.raises(KeyError):
         ix.position_of(gone)

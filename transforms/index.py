@@ -84,8 +84,8 @@ class SearchIndex:
                 raise FileNotFoundError(2, "No such file", path)
             self._faiss = faiss.read_index(path)
             ivf = faiss.extract_index_ivf(self._faiss)
-            ivf.nprobe = min(neighbors.DEFAULT_NPROBE, ivf.nlist)
-            self._nprobe = ivf.nprobe
+            self._cells = ivf.nlist
+            self._nprobe = min(neighbors.DEFAULT_NPROBE, ivf.nlist)
 
     @classmethod
     def open(cls, index_dir: str) -> SearchIndex:
@@ -149,7 +149,12 @@ class SearchIndex:
         return np.array(self._vectors[position], dtype=np.float32)
 
     def search(
-        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        nprobe: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k most similar rows of each query, best first.
 
@@ -157,6 +162,9 @@ class SearchIndex:
             queries: ``(n, dim)`` float32 (normalised here).
             k: neighbours per query (>= 1).
             allowed: a boolean mask over positions; only those rows are found.
+            nprobe: a faiss index's cells searched per query (default
+                ``neighbors.DEFAULT_NPROBE``, 16): more finds more of the true neighbours in
+                tables whose vectors cluster weakly, for more time. Ignored by an exact index.
 
         Returns:
             ``(similarities float32 (n, k) cosine, positions int64 (n, k))``, padded with
@@ -174,7 +182,9 @@ class SearchIndex:
         queries = neighbors.normalize(queries)
         if self._faiss is None:
             return self._exact(queries, k, allowed)
-        return self._approximate(queries, k, allowed)
+        if nprobe is not None and nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+        return self._approximate(queries, k, allowed, nprobe or self._nprobe)
 
     def _exact(self, queries, k, allowed):
         n_rows = len(self)
@@ -188,7 +198,7 @@ class SearchIndex:
         positions, sims = neighbors.exact_search(queries, batches, k, allowed=allowed)
         return _padded(sims, positions)
 
-    def _approximate(self, queries, k, allowed):
+    def _approximate(self, queries, k, allowed, nprobe):
         """faiss finds ``REFINE x k`` candidates in the probed cells (only allowed ones: an
         ``IDSelectorBitmap`` over the rows' keys), re-ranked on the stored vectors, so the
         similarities are exact. A mask of few rows is searched exactly among them; a query whose
@@ -197,7 +207,7 @@ class SearchIndex:
 
         if len(self) == 0:
             return _empty(len(queries), k)
-        params = faiss.SearchParametersIVF(nprobe=self._nprobe)
+        params = faiss.SearchParametersIVF(nprobe=min(nprobe, self._cells))
         available = len(self)
         if allowed is not None:
             available = int(allowed.sum())
