@@ -27,21 +27,28 @@ _METADATA = {"backbone": "synthetic", "feature_dim": str(DIM), "weights_fingerpr
 
 
 def measure_nn_data(args) -> dict:
+    n = args.count
+    out = Path(args.work) / f"nn-{n}"
+    started = time.perf_counter()
+    shards = write_table(out, n, _METADATA)
+    return {"table": str(out), "shards": shards, "synth_s": time.perf_counter() - started}
+
+
+def write_table(out: Path, n: int, metadata: dict[str, str]) -> int:
+    """Writes the synthetic ``n``-row table (see the module) into ``out`` in the job's shards,
+    with ``metadata`` as its recipe; returns the number of shards."""
     import numpy as np
     import pyarrow as pa
 
     from transforms import table
     from transforms.extract import DEFAULT_CHUNK_SIZE
 
-    n = args.count
-    out = Path(args.work) / f"nn-{n}"
     out.mkdir(parents=True)
-    started = time.perf_counter()
     rng = np.random.default_rng(0)
     shared = 0.8 * rng.standard_normal(DIM, dtype=np.float32)
     groups = rng.standard_normal((GROUPS, DIM), dtype=np.float32)
     subgroups = 0.7 * rng.standard_normal((GROUPS * SUBGROUPS, DIM), dtype=np.float32)
-    schema = table.feature_schema(DIM, _METADATA)
+    schema = table.feature_schema(DIM, metadata)
     shards = -(-n // DEFAULT_CHUNK_SIZE)
     for s in range(shards):
         lo, hi = s * DEFAULT_CHUNK_SIZE, min(n, (s + 1) * DEFAULT_CHUNK_SIZE)
@@ -67,7 +74,7 @@ def measure_nn_data(args) -> dict:
         )
         name = table.shard_name(table.FEATURES, s, shards, run_id="20260101T000000beef")
         table.write_parquet(str(out / name), piece)
-    return {"table": str(out), "shards": shards, "synth_s": time.perf_counter() - started}
+    return shards
 
 
 def measure_nn(args) -> dict:
