@@ -174,7 +174,7 @@ def format_history(result: dict[str, Any]) -> str:
     rows, notes = [], []
     for r in result["runs"]:
         counts = r.get("counts") or {}
-        started = (r.get("started") or "-").replace("T", " ").removesuffix("Z")
+        started = (r.get("started") or "-").replace("T", " ")[:19]  # to the second
         rows.append(
             (
                 r["run_id"],

@@ -50,13 +50,15 @@ HEARTBEAT_S = 60.0
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Now in UTC, ISO 8601 to the millisecond (``2026-12-03T20:10:15.123Z``): records sort by
+    it as text."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def record_uri(output_dir: str, run_id: str) -> str:
