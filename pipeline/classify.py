@@ -176,6 +176,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline=None) -> dict[str, Any]
         build=build,
         beam_args=beam_args,
         test_pipeline=test_pipeline,
+        command="classify",
     )
     summary.update(seconds=time.monotonic() - started, output=args.output)
     summary["preview"] = preview(args.output)

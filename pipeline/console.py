@@ -24,6 +24,7 @@ COMMANDS = {
     "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
     "index": ("pipeline.index", "build or update a table's search index, in place"),
     "report": ("pipeline.report", "a self-contained HTML page to look at a feature table"),
+    "runs": ("pipeline.runs", "a table's run history and freshness"),
     "bench": ("benchmarks.bench", "throughput and memory benchmark"),
 }
 

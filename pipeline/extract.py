@@ -98,6 +98,7 @@ def run(
         ),
         beam_args=beam_args,
         test_pipeline=test_pipeline,
+        command="extract",
     )
     seconds = time.monotonic() - started
     for summary, spec, recipe in zip(summaries, specs, config.recipes, strict=True):

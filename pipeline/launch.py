@@ -14,6 +14,10 @@ Shared by the jobs that write tables (``extract``, ``classify``). The order matt
    staging: before its summary was written the overwritten table is left exactly as it was,
    after it the new table is completed.
 
+A planned run leaves a record in the table's history (``transforms.history``, ``_RUNS/``): written
+``running`` before the plan file, its heartbeat refreshed while the launcher waits, marked
+``succeeded`` by the pipeline's last step, ``failed`` or ``stopped`` here.
+
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
 later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
 """
@@ -30,8 +34,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
 
 from pipeline import logs, runners
+from transforms import history, listing, plan_files, startup, storage, table
 from transforms import lease as leases
-from transforms import listing, plan_files, startup, storage, table
 from transforms import plan as plans
 from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
@@ -185,6 +189,7 @@ def launch(
     beam_args: Sequence[str],
     test_pipeline: beam.Pipeline | None = None,
     run_id: str | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Runs (or only plans) a table-writing job; returns the table summary, or the plan.
 
@@ -202,6 +207,7 @@ def launch(
         beam_args=beam_args,
         test_pipeline=test_pipeline,
         run_id=run_id,
+        command=command,
     )[0]
 
 
@@ -213,6 +219,7 @@ def launch_tables(
     beam_args: Sequence[str],
     test_pipeline: beam.Pipeline | None = None,
     run_id: str | None = None,
+    command: str | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`launch` for several tables over the same inputs written by one pipeline (a
     multi-backbone run): one listing, a lease and a plan per table, shared chunks; returns each
@@ -255,6 +262,7 @@ def launch_tables(
             beam_args=beam_args,
             test_pipeline=test_pipeline,
             run_id=run_id,
+            command=command,
         )
     except BaseException:
         for output in new_outputs:  # a refused or failed run on a new output leaves no folder
@@ -271,6 +279,7 @@ def _run_tables(
     beam_args: Sequence[str],
     test_pipeline: beam.Pipeline | None,
     run_id: str,
+    command: str | None,
 ) -> list[dict[str, Any]]:
     """:func:`launch_tables` from the lease on."""
     with contextlib.ExitStack() as stack:
@@ -285,20 +294,44 @@ def _run_tables(
         planned = plan_tables(specs, metadatas, run_id)
         runs = [p.run for p in planned]
         try:
-            for planned_table in planned:
-                plan_files.write_plan(planned_table)
-            bar = logs.progress_enabled()
-            Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
-            try:
-                with logs.around_bar(bar):  # log lines print above the bar, not through it
-                    runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
-            finally:
-                Progress.finish()
-        except BaseException:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made new table
+            for run, spec, metadata in zip(runs, specs, metadatas, strict=True):
+                history.start(
+                    run,
+                    metadata=metadata,
+                    command=command,
+                    mode=spec.mode,
+                    inputs=spec.inputs,
+                    runner=runners.runner_name(beam_args),
+                    listing_flags={
+                        "include_all_files": spec.include_all_files,
+                        "stat_manifest": spec.stat_manifest,
+                    },
+                )
+            with history.beating(runs):  # stopped before the record's last word, below
+                for planned_table in planned:
+                    plan_files.write_plan(planned_table)
+                bar = logs.progress_enabled()
+                Progress.start(runs[0].pass_images, bar=bar)  # images, however many tables
+                try:
+                    with logs.around_bar(bar):  # log lines print above the bar, not through it
+                        runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
+                finally:
+                    Progress.finish()
+        except BaseException as exc:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made table
             for run in runs:
                 try:
                     plan_files.discard(run)
-                except Exception as exc:  # never hide why the run ended; the next run cleans up
-                    _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, exc)
+                except Exception as error:  # never hide why the run ended; the next run cleans up
+                    _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, error)
+                try:
+                    history.ended(run.output_dir, run.run_id, exc)
+                except Exception as error:  # the same: the run's own error is what matters
+                    _LOG.warning("could not record how run %s ended: %s", run.run_id, error)
             raise
-    return [table.read_summary(spec.output) for spec in specs]
+    summaries = [table.read_summary(spec.output) for spec in specs]
+    for run, summary in zip(runs, summaries, strict=True):
+        try:  # also written by the pipeline's last step; again here, after the heartbeat stopped
+            history.succeeded(run.output_dir, run.run_id, summary)
+        except Exception as error:  # the table is committed: a run that succeeded says so
+            _LOG.warning("could not record run %s as succeeded: %s", run.run_id, error)
+    return summaries

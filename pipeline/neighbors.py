@@ -312,6 +312,7 @@ def _embed_queries(args, out: str, recipe, beam_args) -> dict[str, Any]:
         metadata=metadata,
         build=build,
         beam_args=beam_args,
+        command="neighbors",
     )
 
 

@@ -113,6 +113,12 @@ def _runner_name(options: PipelineOptions) -> str:
     return name.lower() if isinstance(name, str) else ""
 
 
+def runner_name(beam_args: Sequence[str]) -> str:
+    """The runner a run's flags choose, as named there (``direct`` when they name none)."""
+    name = pipeline_options(beam_flags(beam_args)).view_as(StandardOptions).runner
+    return str(name or "direct")
+
+
 def _split_local_workers(beam_args: Sequence[str]) -> tuple[list[str], str | None]:
     """Beam's flags without our ``--dask_local_workers`` (Beam does not know it), and its value."""
     args = list(beam_args)

@@ -77,7 +77,8 @@ def test_extract_features_writes_a_reconciled_table(image_tree, tmp_path):
     assert summary["inputs"] == summary["rows"] + summary["errors"]
     assert summary["run"]["chunks"] == 3
     names = sorted(os.listdir(out))
-    assert names[:2] == ["_SUMMARY.json", "_errors"]
+    assert names[:3] == ["_RUNS", "_SUMMARY.json", "_errors"]
+    names = names[1:]
     assert all(
         n.startswith("features-20261129T000000abcd-0000") and n.endswith("-of-00003.parquet")
         for n in names[2:]

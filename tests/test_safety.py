@@ -22,15 +22,18 @@ from test_gcs import BUCKET, gcs_emulator  # noqa: F401 (a fixture)
 from pipeline import cli
 from pipeline import extract as extract_job
 from pipeline.config import parse_args
+from transforms import history, plan_files, storage, table
 from transforms import lease as leases
 from transforms import plan as plans
-from transforms import plan_files, storage, table
 
 
 def snapshot(folder: pathlib.Path) -> dict[str, bytes]:
-    """Every file below ``folder`` (relative path -> bytes)."""
+    """Every file below ``folder`` (relative path -> bytes), but the run history (``_RUNS/``,
+    which gains a record for every run that was planned: test_history)."""
     return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).parts[0] != history.RUNS_DIR
     }
 
 
@@ -74,13 +77,17 @@ def test_a_successful_overwrite_replaces_every_old_shard(tmp_path):
     assert table.read_table(str(out)).num_rows == 8
     assert table.read_summary(str(out))["run"]["run_id"] == new_id
     leftovers = {p.name for p in out.iterdir()} - {os.path.basename(f) for f in shards}
-    assert leftovers == {table.SUMMARY_FILE, table.ERRORS_DIR}
+    assert leftovers == {table.SUMMARY_FILE, table.ERRORS_DIR, history.RUNS_DIR}
 
 
 def _bucket_snapshot(uri: str) -> dict[str, bytes]:
     fs, path = storage.filesystem(uri)
     fs.invalidate_cache()
-    return {p[len(path) :]: fs.cat_file(p) for p in sorted(fs.find(path))}
+    return {
+        p[len(path) :]: fs.cat_file(p)
+        for p in sorted(fs.find(path))
+        if not p[len(path) :].startswith(f"/{history.RUNS_DIR}/")
+    }
 
 
 def test_an_overwrite_on_a_bucket_is_safe_too(gcs_emulator, tmp_path):  # noqa: F811
@@ -96,6 +103,7 @@ def test_an_overwrite_on_a_bucket_is_safe_too(gcs_emulator, tmp_path):  # noqa: 
     with pytest.raises(Exception, match="damaged"):
         run_extract(images, out, handler=BrokenModelHandler(), overwrite=True, chunk_size=2)
     assert _bucket_snapshot(out) == before
+    assert [r["status"] for r in history.read_records(out)] == [history.FAILED, history.SUCCEEDED]
 
     second = run_extract(images, out, overwrite=True, chunk_size=3)
     shards = table.shard_files(out) + table.shard_files(out, table.ERRORS)

@@ -1,6 +1,7 @@
 """The two steps around a run's chunks, once per run: :func:`remove_stale` before any chunk
 (the stale copies the plan names), :func:`finalize` after every chunk (an ``--overwrite`` run's
-staged table swapped in, ``_SUMMARY.json`` written, the plan removed, the lease given back)."""
+staged table swapped in, ``_SUMMARY.json`` written, the run's history record marked succeeded,
+the plan removed, the lease given back)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
+from transforms import history, plan_files, storage, table
 from transforms import plan as plans
-from transforms import plan_files, storage, table
 from transforms.table_job import TableJob
 
 _LOG = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def finalize(element: tuple[int, list[dict]], *, jobs: Sequence[TableJob]) -> di
     table.write_summary(run.output_dir, summary)
     if run.staging_dir is not None:
         plan_files.remove_replaced(run)
+    # Here, on the worker, so that the history is right when the launcher does not wait.
+    history.succeeded(run.output_dir, run.run_id, summary)
     plan_files.delete_plan(run)
     if lease is not None:
         lease.release()
