@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_search_by_id_equals_exact_cosine_search_best_first_without_itself(clien
 
 def test_an_uploaded_table_image_finds_itself_first_with_similarity_one(client, features):
     row = rows(features)[5]
-    data = open(row["uri"].removeprefix("file://"), "rb").read()
+    data = pathlib.Path(row["uri"].removeprefix("file://")).read_bytes()
     results = client.post("/api/search", files={"image": ("a.png", data, "image/png")}).json()[
         "results"
     ]
@@ -106,7 +107,7 @@ def test_filters_on_label_and_split_and_k(client, features):
     got = client.get(f"/api/search?image_id={row['image_id']}&k=2&label=cats&split=val").json()
     assert len(got["results"]) == 2
     assert all((r["label"], r["split"]) == ("cats", "val") for r in got["results"])
-    data = open(row["uri"].removeprefix("file://"), "rb").read()
+    data = pathlib.Path(row["uri"].removeprefix("file://")).read_bytes()
     upload = client.post(
         "/api/search", files={"image": ("a.png", data)}, data={"k": "3", "label": "dogs"}
     ).json()["results"]
