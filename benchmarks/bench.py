@@ -34,7 +34,8 @@ with torch + transformers is given (``--torch-python`` or ``FEATUREBEAM_TORCH_PY
 not project dependencies); otherwise that row says it was skipped.
 
 ``plan`` and ``neighbors``: the planner and all-rows k-NN on synthetic tables of up to 10M and 1M
-rows (``benchmarks.plan``, ``benchmarks.neighbors``).
+rows (``benchmarks.plan``, ``benchmarks.neighbors``). ``serve``: the search service's latency and
+throughput under a bounded load generator on 127.0.0.1 (``benchmarks.serve``).
 
 The input set is a temporary folder of ``--count`` symlinks cycling over the images (distinct
 URIs, so every one is embedded).
@@ -54,6 +55,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks import neighbors, plan
+from benchmarks import serve as service
 from pipeline import cli
 from transforms import startup
 from transforms.extract import DEFAULT_CHUNK_SIZE
@@ -376,6 +378,7 @@ MEASURES = {
     "nn": neighbors.measure_nn,
     "nn-recall": neighbors.measure_nn_recall,
     "nn-recall-sampled": neighbors.measure_nn_recall_sampled,
+    **service.MEASURES,
 }
 
 
@@ -540,6 +543,12 @@ def run_bench(args) -> None:
         print(f"\nwork folder (safe to delete): {work}")
         return
     source = Path(args.images)
+    if args.only == "serve":
+        work = Path(tempfile.mkdtemp(prefix="featurebeam-bench-"))
+        print(f"machine: {os.cpu_count()} cores; images: {source}")
+        _report_serve(args, source, work)
+        print(f"\nwork folder (safe to delete): {work}")
+        return
 
     def chunks_for(processes: int) -> int:
         # The job's default, or smaller so that every worker process gets a chunk.
@@ -711,6 +720,8 @@ def run_bench(args) -> None:
         plan.report(args.plan_sizes, _measure, work)
     if "neighbors" not in args.skip:
         neighbors.report(args.nn_sizes, args.nn_exact_max, _measure, work)
+    if "serve" not in args.skip:
+        _report_serve(args, source, work)
 
     if "quality" not in args.skip and (source / "train").is_dir() and (source / "val").is_dir():
         extra = {"large": large} if large else {}
@@ -739,6 +750,12 @@ def run_bench(args) -> None:
             f"{acc['float32']:.3f}, bfloat16 {acc['bfloat16']:.3f}"
         )
     print(f"\nwork folder (safe to delete): {work}")
+
+
+def _report_serve(args, source: Path, work: Path) -> None:
+    """The search service's section over the images of ``source`` (the uploaded photo is the
+    first of them in name order)."""
+    service.report(args, str(source), str(_image_files(source)[0]), _measure, work)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -788,15 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip",
         default="",
         type=lambda s: set(s.split(",")),
-        help="comma list of: bf16, memory, multi, hub, plan, neighbors, decode, quality "
+        help="comma list of: bf16, memory, multi, hub, plan, neighbors, serve, decode, quality "
         "(default: none skipped)",
     )
     parser.add_argument(
         "--only",
-        choices=("plan", "neighbors", "multi", "hub"),
+        choices=("plan", "neighbors", "multi", "hub", "serve"),
         default=None,
         help="run only this section (plan: the planner; neighbors: all-rows k-NN, exact and "
-        "faiss; multi: several backbones in one pass; hub: the KerasHub towers against PyTorch) "
+        "faiss; multi: several backbones in one pass; hub: the KerasHub towers against PyTorch; "
+        "serve: the search service's latency under load) "
         "(default: every section)",
     )
     parser.add_argument(
@@ -834,6 +852,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=100_000,
         help="time exact search up to this many rows; extrapolate past it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--serve-sizes",
+        default="10000,100000",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        help="table sizes of the search service section (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--serve-requests",
+        type=int,
+        default=2000,
+        help="by-id searches per table and index kind; uploads: a twentieth (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--serve-clients",
+        type=int,
+        default=4,
+        help="concurrent client connections of the load generator (default: %(default)s)",
     )
     # internal: one measurement in this process
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)

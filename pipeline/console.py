@@ -23,6 +23,7 @@ COMMANDS = {
     "sample-weights": ("pipeline.sample_weights", "prepare the offline real MobileNetV2"),
     "neighbors": ("pipeline.neighbors", "nearest neighbours, near-duplicates, k-NN accuracy"),
     "index": ("pipeline.index", "build or update a table's search index, in place"),
+    "serve": ("pipeline.serve", "search a table by image, id or words: API and page"),
     "report": ("pipeline.report", "a self-contained HTML page to look at a feature table"),
     "runs": ("pipeline.runs", "a table's run history and freshness"),
     "bench": ("benchmarks.bench", "throughput and memory benchmark"),

@@ -15,7 +15,7 @@ from benchmarks import bench
 def test_bench_runs_every_measurement(image_tree, capsys):
     bench.main(
         ["--images", str(image_tree), "--count", "12", "--backbones", "mobilenet_v2"]
-        + ["--weights", "none", "--skip", "memory,bf16,hub,neighbors", "--chunk-size", "4"]
+        + ["--weights", "none", "--skip", "memory,bf16,hub,neighbors,serve", "--chunk-size", "4"]
         + ["--plan-sizes", "2000", "--rounds", "1", "--large-count", "2"]
     )
     out = capsys.readouterr().out

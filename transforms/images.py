@@ -170,6 +170,16 @@ def load_images(
     return [results[target] for target in targets]
 
 
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Opens (reads the header of) an image as :func:`load_image` does, refusing decompression
+    bombs and images over ``max_pixels``; nothing is decoded yet.
+
+    Raises:
+        ImageError: not an image, an unreadable header, or too many pixels.
+    """
+    return _open(data, max_pixels)
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """Opens (reads the header of) an image, refusing decompression bombs."""
     try:

@@ -65,3 +65,24 @@ def build_zero_shot(recipe, prompts: list[str], *, local_dir: str | None = None)
     logits, _ = getattr(backbone, head_name)(features, text)
     probabilities = keras.layers.Activation(activation, dtype="float32")(logits)
     return images, keras.Model(features, probabilities, name=f"{spec.name}_zero_shot")
+
+
+def text_encoder(recipe, *, local_dir: str | None = None):
+    """``encode(texts) -> (n, dim) float32``: the preset's text tower, tokenized by its own
+    preprocessor, giving vectors in the space of the image tower's ``cls`` embedding (what a
+    ``--pooling cls`` table holds), for searching a table by words."""
+    import keras
+    import keras_hub
+
+    check_zero_shot(recipe)
+    spec: HubSpec = recipe.spec
+    preprocessor_class = ZERO_SHOT[spec.family][0]
+    source = preset_source(spec, recipe.weights, local_dir)
+    backbone = load_backbone(spec, recipe.weights, recipe.image_size, local_dir)
+    preprocessor = getattr(keras_hub.models, preprocessor_class).from_preset(source)
+
+    def encode(texts):
+        tokens = preprocessor({"prompts": list(texts), "images": None})["token_ids"]
+        return keras.ops.convert_to_numpy(backbone.get_text_embeddings(tokens)).astype("float32")
+
+    return encode
