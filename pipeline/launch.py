@@ -79,6 +79,11 @@ class TableRun:
             raise ValueError("--prune removes rows of an existing table: use --mode incremental")
 
 
+class RunIncomplete(OSError):
+    """The runner returned as if the pipeline had finished, but a table's last step never ran
+    (no summary of this run): e.g. a Dask client that lost its scheduler ends its wait quietly."""
+
+
 class EmptyListing(ValueError):
     """The inputs list no image (and ``--allow-empty`` was not given)."""
 
@@ -271,6 +276,24 @@ def launch_tables(
         raise
 
 
+def _check_committed(runs: Sequence[plans.RunPlan], beam_args: Sequence[str]) -> None:
+    """Raises :class:`RunIncomplete` unless every table's summary is this run's: a runner that
+    returns without running the last step must not pass for a finished run (nor an older run's
+    summary for this one's)."""
+    for run in runs:
+        try:
+            summary = table.read_summary(run.output_dir)
+        except FileNotFoundError:
+            summary = {}
+        if summary.get("run", {}).get("run_id") != run.run_id:
+            raise RunIncomplete(
+                f"run {run.run_id} ended without finishing {run.output_dir}: the "
+                f"{runners.runner_name(beam_args)} runner returned, but the table's last step "
+                "never ran (for Dask: was the scheduler lost?); the chunks it finished are kept: "
+                "rerun with --mode incremental to finish the table"
+            )
+
+
 def _run_tables(
     specs: Sequence[TableRun],
     metadatas: Sequence[dict[str, str]],
@@ -317,6 +340,7 @@ def _run_tables(
                         runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
                 finally:
                     Progress.finish()
+                _check_committed(runs, beam_args)
         except BaseException as exc:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made table
             for run in runs:
                 try:

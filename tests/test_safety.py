@@ -508,3 +508,28 @@ def test_an_empty_folder_is_named_as_holding_no_file(tmp_path, capsys):
         extract_job.main(argv)
     err = capsys.readouterr().err
     assert f"no images listed from --input {tmp_path / 'empty'} (no file at all)" in err, err
+
+
+def test_a_runner_that_returns_without_the_last_step_is_not_a_finished_run(
+    image_tree, tmp_path, monkeypatch
+):
+    """A runner that returns as if done but never ran the pipeline's last step (a Dask client
+    that lost its scheduler does): the run fails in one line naming the rerun, the lease is given
+    back, its plan removed, its record failed, and the previous run's summary is not taken for
+    this run's."""
+    from fakes import run_table
+
+    from pipeline import launch, runners
+
+    out = tmp_path / "out"
+    run_table(str(image_tree), str(out))
+    before = table.read_summary(str(out))
+    (image_tree / "extra.png").write_bytes((image_tree / "train" / "cats" / "0.png").read_bytes())
+    monkeypatch.setattr(runners, "run_graph", lambda *args, **kwargs: None)
+    with pytest.raises(launch.RunIncomplete, match="rerun with --mode incremental"):
+        run_table(str(image_tree), str(out), mode="incremental")
+    assert table.read_summary(str(out)) == before
+    assert not (out / "_LEASE").exists()
+    assert not list(out.glob("_plans/*"))
+    statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("_RUNS/*.json"))]
+    assert statuses == ["succeeded", "failed"]
