@@ -195,6 +195,53 @@ def start_local_dask_cluster(workers: int):
     return cluster
 
 
+class DaskClusterLost(ConnectionError):
+    """The Dask cluster lost the run: its scheduler went away, or a chunk's task killed every
+    worker it was tried on (``distributed``'s ``KilledWorker``)."""
+
+
+_RERUN = (
+    "the run's committed chunks are kept and its lease is given back; rerun with "
+    "--mode incremental to embed only the images not yet written"
+)
+
+
+def wait_for_dask(result, address: str) -> None:
+    """Waits for a DaskRunner run; a lost cluster raises :class:`DaskClusterLost`, one line.
+
+    A worker that dies mid-run is survived: the scheduler runs its tasks again on the others
+    (a chunk's shard names are fixed by the plan and written atomically, so a chunk run twice
+    leaves its rows once). A scheduler that dies is not: the client tries to reconnect for
+    ``distributed.comm.timeouts.connect`` (30 s by default), then closes and cancels every
+    task, and Beam's DaskRunner returns as if the run had finished. That, and a task that
+    killed ``distributed.scheduler.allowed-failures`` + 1 workers, end here.
+
+    Raises:
+        DaskClusterLost: naming the scheduler, what was lost, and that a rerun resumes.
+    """
+    from distributed import KilledWorker
+    from distributed.comm.core import CommClosedError
+
+    try:
+        result.wait_until_finish()
+    except KilledWorker as exc:
+        raise DaskClusterLost(
+            f"a task killed every Dask worker it ran on ({exc.args[0] if exc.args else exc}; "
+            f"out of memory?) on the cluster at {address}; {_RERUN}"
+        ) from exc
+    except (CommClosedError, OSError, TimeoutError) as exc:
+        raise DaskClusterLost(
+            f"lost the Dask scheduler at {address} mid-run ({type(exc).__name__}); {_RERUN}"
+        ) from exc
+    futures = result.futures if isinstance(result.futures, list | tuple) else [result.futures]
+    unfinished = sorted({f.status for f in futures if f.status != "finished"})
+    if unfinished:
+        raise DaskClusterLost(
+            f"lost the Dask scheduler at {address} mid-run (the run's tasks were "
+            f"{'/'.join(unfinished)}); {_RERUN}"
+        )
+
+
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return PipelineOptions(list(beam_args))
 
@@ -235,10 +282,13 @@ def run_graph(
         pipeline = beam.Pipeline(runner=choose_runner(options), options=options)
         build(pipeline)
         result = pipeline.run()
+        client = getattr(result, "client", None)  # the DaskRunner's; it outlives the run
         try:
-            result.wait_until_finish()
+            if client is None:
+                result.wait_until_finish()
+            else:
+                wait_for_dask(result, options.get_all_options().get("address") or "?")
         finally:
-            client = getattr(result, "client", None)  # the DaskRunner's; it outlives the run
             if client is not None:
                 client.close()
     finally:
