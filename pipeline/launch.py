@@ -15,7 +15,16 @@ Shared by the jobs that write tables (``extract``, ``classify``). The order matt
    after it the new table is completed.
 
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
-later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
+later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch:
+Dataflow's launcher runs its main file with ``--template_location=gs://.../job_object``, and
+Beam's DataflowRunner then writes the job there instead of creating it (``run()`` returns a result
+with no job; the launcher creates the job from that file once the main file has exited). That
+main file (``deploy/dataflow/main.py``) sets :data:`FLEX_LAUNCH_ENV`, which is what tells the
+flex launch from a classic template being built. A flex launch *submits and returns*: it takes
+the lease, settles dead runs, plans, writes the plan file and the job, and exits without waiting,
+leaving the lease held and the plan in place for the workers, which renew the lease as they embed
+and whose last step removes the plan and gives the lease back. A launch that fails before the job
+is written removes its plan and gives the lease back, as any failed run does.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +47,10 @@ from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 
 _LOG = logging.getLogger(__name__)
+
+#: Set to ``1`` by the flex template's main file (``deploy/dataflow/main.py``): a
+#: ``--template_location`` is then the launcher's job file, not a classic template.
+FLEX_LAUNCH_ENV = "FEATUREBEAM_FLEX_LAUNCH"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,11 +234,7 @@ def launch_tables(
     first = specs[0]
     listing.check_sources(first.inputs)
     options = runners.pipeline_options(runners.beam_flags(beam_args))
-    if options.view_as(GoogleCloudOptions).template_location:
-        raise ValueError(
-            "classic templates (--template_location) would run later with a plan made now; "
-            "use the flex template in deploy/dataflow, which plans when it is launched"
-        )
+    job_file = submits_only(options)
     dry_run = bool(options.view_as(TestOptions).dry_run)
     if first.plan_only or dry_run:
         planned = plan_tables(specs, metadatas)
@@ -255,12 +265,29 @@ def launch_tables(
             beam_args=beam_args,
             test_pipeline=test_pipeline,
             run_id=run_id,
+            job_file=job_file,
         )
     except BaseException:
         for output in new_outputs:  # a refused or failed run on a new output leaves no folder
             with contextlib.suppress(OSError):  # never hide why the run ended
                 storage.remove_if_empty(output)
         raise
+
+
+def submits_only(options) -> str | None:
+    """The job file a flex launch writes (``--template_location`` under
+    :data:`FLEX_LAUNCH_ENV`), or None for a run that is waited for.
+
+    Raises:
+        ValueError: a ``--template_location`` outside a flex launch (a classic template).
+    """
+    job_file = options.view_as(GoogleCloudOptions).template_location
+    if job_file and os.environ.get(FLEX_LAUNCH_ENV) != "1":
+        raise ValueError(
+            "classic templates (--template_location) would run later with a plan made now; "
+            "use the flex template in deploy/dataflow, which plans when it is launched"
+        )
+    return job_file or None
 
 
 def _run_tables(
@@ -271,15 +298,17 @@ def _run_tables(
     beam_args: Sequence[str],
     test_pipeline: beam.Pipeline | None,
     run_id: str,
+    job_file: str | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`launch_tables` from the lease on."""
+    """:func:`launch_tables` from the lease on. With ``job_file`` (a flex launch) the run is
+    submitted and not waited for: the lease stays held and the plan stays, for the workers."""
     with contextlib.ExitStack() as stack:
         held = []
         for spec in specs:  # one writer per table; a held one releases those taken before it
             lease = leases.acquire(
                 spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease
             )
-            stack.enter_context(leases.holding(lease))
+            stack.enter_context(leases.holding(lease, release=job_file is None))
             held.append(lease)
             plan_files.settle_dead_runs(spec.output)  # before the table is read for planning
         planned = plan_tables(specs, metadatas, run_id)
@@ -301,4 +330,9 @@ def _run_tables(
                 except Exception as exc:  # never hide why the run ended; the next run cleans up
                     _LOG.warning("could not remove run %s's plan or staging: %s", run.run_id, exc)
             raise
+    if job_file is not None:
+        return [
+            {"submitted": job_file, "plan": run, "lease": leases.describe(leases.read_lease(o))}
+            for run, o in zip(runs, [spec.output for spec in specs], strict=True)
+        ]
     return [table.read_summary(spec.output) for spec in specs]
