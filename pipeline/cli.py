@@ -181,7 +181,7 @@ class Parser(argparse.ArgumentParser):
     """
 
     def parse_known_args(self, args=None, namespace=None):
-        args = underscore_aliases(self, sys.argv[1:] if args is None else args)
+        args = spelled_out(self, sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):
@@ -204,9 +204,7 @@ def refuse_unknown(parser: argparse.ArgumentParser, argv: Sequence[str], *, beam
     for action in required:  # look for strangers first; argparse names missing flags later
         action.required = False
     try:
-        _, extras = argparse.ArgumentParser.parse_known_args(
-            parser, underscore_aliases(parser, argv)
-        )
+        _, extras = argparse.ArgumentParser.parse_known_args(parser, spelled_out(parser, argv))
     finally:
         for action in required:
             action.required = True
@@ -308,11 +306,65 @@ def add_batch_size_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The words an on/off flag takes after ``=`` (any case).
+TRUE_WORDS = ("true", "yes", "1", "on")
+FALSE_WORDS = ("false", "no", "0", "off")
+
+
+def switch_value(text: str) -> bool:
+    """``true``/``false`` (or yes/no, 1/0, on/off, any case) as a bool."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected true or false (or yes/no, 1/0, on/off), got {text!r}"
+    )
+
+
+class Switch(argparse.Action):
+    """An on/off flag: ``--prune`` (on), ``--prune=true``, ``--prune=false`` (off). Dataflow
+    template parameters and Airflow operators pass every flag as ``--name=value``, so the
+    ``=value`` form must work; the value is never taken from the next argument (a bare flag is
+    rewritten to ``--flag=true`` before parsing, :func:`spelled_out`), so ``--prune /some/path``
+    cannot swallow a path."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(
+            option_strings,
+            dest,
+            nargs="?",
+            const=True,
+            default=default,
+            type=switch_value,
+            required=required,
+            help=help,
+            metavar="true|false",
+        )
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+def spelled_out(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` as our parsers read it: underscore spellings as dashes
+    (:func:`underscore_aliases`), and a bare on/off flag (:class:`Switch`) as ``--flag=true``."""
+    switches = {o for a in parser._actions if isinstance(a, Switch) for o in a.option_strings}
+    out = []
+    for arg in underscore_aliases(parser, argv):
+        if arg == "--":  # what follows is not ours
+            out.extend(argv[len(out) :])
+            break
+        out.append(f"{arg}=true" if arg in switches else arg)
+    return out
+
+
 def add_overwrite_flag(parser: argparse.ArgumentParser, what: str = "folder") -> None:
     """``--overwrite``: the one rule for a job's output (``storage.staged_output``)."""
     parser.add_argument(
         "--overwrite",
-        action="store_true",
+        action=Switch,
         help=f"replace an output {what} that already holds results; the old results stay until "
         "the new ones are complete (default: refuse)",
     )
@@ -324,7 +376,7 @@ def add_allow_empty_flag(parser: argparse.ArgumentParser, *, prune: bool = False
     also = ", or with --mode incremental --prune remove every row" if prune else ""
     parser.add_argument(
         "--allow-empty",
-        action="store_true",
+        action=Switch,
         help=f"accept inputs that list no image (by default an error): write an empty table{also}",
     )
 

@@ -161,30 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--retry-errors",
-        action="store_true",
+        action=cli.Switch,
         help="incremental mode: also retry images whose earlier attempt is in _errors/",
     )
     parser.add_argument(
         "--prune",
-        action="store_true",
+        action=cli.Switch,
         help="incremental mode: remove the rows and error rows of images no longer listed "
         "(a dataset that deletes files)",
     )
     parser.add_argument(
         "--plan-only",
-        action="store_true",
+        action=cli.Switch,
         help="print what the run would do (listed, to embed, kept, stale, unlisted, skipped) "
         "and change nothing",
     )
     parser.add_argument(
         "--include-all-files",
-        action="store_true",
+        action=cli.Switch,
         help="list every file of a folder as an input, not only images (non-images then "
         "become error rows)",
     )
     parser.add_argument(
         "--stat-manifest",
-        action="store_true",
+        action=cli.Switch,
         help="stat the URIs of manifests without file_size/file_version columns, in parallel, "
         "so incremental runs notice changed files",
     )
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_allow_empty_flag(parser, prune=True)
     parser.add_argument(
         "--break-lease",
-        action="store_true",
+        action=cli.Switch,
         help="take the table over from a run that still holds its lease (use when that run "
         "is known to be dead)",
     )
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--demo",
-        action="store_true",
+        action=cli.Switch,
         help="embed scikit-image's sample photos with the offline real MobileNetV2 "
         "(--backbone mobilenet_v2 --weights sample) into ./out/demo unless given other flags",
     )

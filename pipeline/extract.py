@@ -227,9 +227,8 @@ def format_plans(plans_of: Sequence[dict[str, Any]]) -> str:
     """A multi-backbone ``--plan-only``: what the listing found once, then one row per table."""
     runs = [one["plan"] for one in plans_of]
     first = runs[0]
-    dry_run = plans_of[0]["dry_run"]
     lines = [
-        ("dry run" if dry_run else "plan only") + ", nothing was changed:",
+        _plan_heading(plans_of[0]),
         first.describe().splitlines()[0],
         f"to embed: {first.pass_images} images in {first.num_chunks} chunk(s) for "
         f"{len(runs)} backbones",
@@ -258,9 +257,19 @@ def format_plans(plans_of: Sequence[dict[str, Any]]) -> str:
     lines.append(cli.text_table(header, rows, right=set(range(1, 8))))
     lines.append(f"unlisted rows are {'removed (--prune)' if first.pruned else 'kept'}")
     for one in plans_of:
-        if one["lease"]:
+        if one["lease"] and not one.get("submitted"):
             lines.append(f"{one['plan'].output_dir} is being written now by {one['lease']}")
     return "\n".join(lines)
+
+
+def _plan_heading(summary: dict[str, Any]) -> str:
+    """What a summary that holds a plan is: a submitted job's, a dry run's or ``--plan-only``'s."""
+    if summary.get("submitted"):
+        return (
+            f"submitted: the job is written to {summary['submitted']}; its workers write the "
+            "table and give the lease back (this launch does not wait for them):"
+        )
+    return ("dry run" if summary["dry_run"] else "plan only") + ", nothing was changed:"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -278,9 +287,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _print_summary(summary: dict[str, Any]) -> None:
     if "plan" in summary:
-        print(("dry run" if summary["dry_run"] else "plan only") + ", nothing was changed:")
+        print(_plan_heading(summary))
         print(summary["plan"].describe())
-        if summary["lease"]:
+        if summary["lease"] and not summary.get("submitted"):
             print(f"the table is being written now by {summary['lease']}")
         return
     print(format_summary(summary))

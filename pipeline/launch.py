@@ -19,7 +19,16 @@ A planned run leaves a record in the table's history (``transforms.history``, ``
 ``succeeded`` by the pipeline's last step, ``failed`` or ``stopped`` here.
 
 Classic Dataflow templates (``--template_location``) are refused: a template built now would run
-later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch.
+later with a plan frozen at build time. The flex template (``deploy/dataflow``) plans at launch:
+Dataflow's launcher runs its main file with ``--template_location=gs://.../job_object``, and
+Beam's DataflowRunner then writes the job there instead of creating it (``run()`` returns a result
+with no job; the launcher creates the job from that file once the main file has exited). That
+main file (``deploy/dataflow/main.py``) sets :data:`FLEX_LAUNCH_ENV`, which is what tells the
+flex launch from a classic template being built. A flex launch *submits and returns*: it takes
+the lease, settles dead runs, plans, writes the plan file and the job, and exits without waiting,
+leaving the lease held and the plan in place for the workers, which renew the lease as they embed
+and whose last step removes the plan and gives the lease back. A launch that fails before the job
+is written removes its plan and gives the lease back, as any failed run does.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +51,10 @@ from transforms.embed.progress import Progress
 from transforms.extract import DEFAULT_CHUNK_SIZE, MODES
 
 _LOG = logging.getLogger(__name__)
+
+#: Set to ``1`` by the flex template's main file (``deploy/dataflow/main.py``): a
+#: ``--template_location`` is then the launcher's job file, not a classic template.
+FLEX_LAUNCH_ENV = "FEATUREBEAM_FLEX_LAUNCH"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +246,7 @@ def launch_tables(
     first = specs[0]
     listing.check_sources(first.inputs)
     options = runners.pipeline_options(runners.beam_flags(beam_args))
-    if options.view_as(GoogleCloudOptions).template_location:
-        raise ValueError(
-            "classic templates (--template_location) would run later with a plan made now; "
-            "use the flex template in deploy/dataflow, which plans when it is launched"
-        )
+    job_file = submits_only(options)
     dry_run = bool(options.view_as(TestOptions).dry_run)
     if first.plan_only or dry_run:
         planned = plan_tables(specs, metadatas)
@@ -268,6 +278,7 @@ def launch_tables(
             test_pipeline=test_pipeline,
             run_id=run_id,
             command=command,
+            job_file=job_file,
         )
     except BaseException:
         for output in new_outputs:  # a refused or failed run on a new output leaves no folder
@@ -294,6 +305,22 @@ def _check_committed(runs: Sequence[plans.RunPlan], beam_args: Sequence[str]) ->
             )
 
 
+def submits_only(options) -> str | None:
+    """The job file a flex launch writes (``--template_location`` under
+    :data:`FLEX_LAUNCH_ENV`), or None for a run that is waited for.
+
+    Raises:
+        ValueError: a ``--template_location`` outside a flex launch (a classic template).
+    """
+    job_file = options.view_as(GoogleCloudOptions).template_location
+    if job_file and os.environ.get(FLEX_LAUNCH_ENV) != "1":
+        raise ValueError(
+            "classic templates (--template_location) would run later with a plan made now; "
+            "use the flex template in deploy/dataflow, which plans when it is launched"
+        )
+    return job_file or None
+
+
 def _run_tables(
     specs: Sequence[TableRun],
     metadatas: Sequence[dict[str, str]],
@@ -303,15 +330,17 @@ def _run_tables(
     test_pipeline: beam.Pipeline | None,
     run_id: str,
     command: str | None,
+    job_file: str | None = None,
 ) -> list[dict[str, Any]]:
-    """:func:`launch_tables` from the lease on."""
+    """:func:`launch_tables` from the lease on. With ``job_file`` (a flex launch) the run is
+    submitted and not waited for: the lease stays held and the plan stays, for the workers."""
     with contextlib.ExitStack() as stack:
         held = []
         for spec in specs:  # one writer per table; a held one releases those taken before it
             lease = leases.acquire(
                 spec.output, run_id, expiry_s=spec.lease_expiry_s, break_lease=spec.break_lease
             )
-            stack.enter_context(leases.holding(lease))
+            stack.enter_context(leases.holding(lease, release=job_file is None))
             held.append(lease)
             plan_files.settle_dead_runs(spec.output)  # before the table is read for planning
         planned = plan_tables(specs, metadatas, run_id)
@@ -340,7 +369,8 @@ def _run_tables(
                         runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
                 finally:
                     Progress.finish()
-                _check_committed(runs, beam_args)
+                if job_file is None:  # a flex launch only wrote the job: nothing ran yet
+                    _check_committed(runs, beam_args)
         except BaseException as exc:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made table
             for run in runs:
                 try:
@@ -352,6 +382,11 @@ def _run_tables(
                 except Exception as error:  # the same: the run's own error is what matters
                     _LOG.warning("could not record how run %s ended: %s", run.run_id, error)
             raise
+    if job_file is not None:
+        return [
+            {"submitted": job_file, "plan": run, "lease": leases.describe(leases.read_lease(o))}
+            for run, o in zip(runs, [spec.output for spec in specs], strict=True)
+        ]
     summaries = [table.read_summary(spec.output) for spec in specs]
     for run, summary in zip(runs, summaries, strict=True):
         try:  # also written by the pipeline's last step; again here, after the heartbeat stopped

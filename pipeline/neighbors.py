@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"exact search, a faiss IVF index, or auto: faiss past "
         f"{neighbors.AUTO_INDEX_ROWS:,} rows (default)",
     )
-    search.add_argument("--exact", action="store_true", help="exact search at any size")
+    search.add_argument("--exact", action=cli.Switch, help="exact search at any size")
     parser.add_argument(
         "--duplicates",
         type=float,

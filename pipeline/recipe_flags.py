@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pipeline.cli import Switch
 from transforms.images import RESIZE_MODES
 from transforms.models import recipe as recipes
 from transforms.models.recipe import FeatureRecipe
@@ -86,7 +87,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--l2-normalize",
-        action="store_true",
+        action=Switch,
         default=None,
         help="scale every vector to unit length (cosine retrieval)",
     )

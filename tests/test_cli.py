@@ -124,3 +124,104 @@ def test_every_job_parser_has_its_name_and_the_verbosity_flags(module, capsys):
     assert parser.prog == f"python -m {module.removesuffix('.bench')}"
     flags = {o for action in parser._actions for o in action.option_strings}
     assert {"-q", "--quiet", "-v", "--verbose"} <= flags
+
+
+def _actions_of(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                yield from _actions_of(subparser)
+        else:
+            yield action
+
+
+def test_every_on_off_flag_takes_true_and_false():
+    """Template parameters and Airflow pass every flag as --name=value: a plain store_true
+    flag would refuse --prune=true. Every job's parser, every on/off flag."""
+    import pkgutil
+
+    import pipeline
+    from pipeline import config
+
+    parsers = {"extract": config.build_parser()}
+    for info in pkgutil.iter_modules(pipeline.__path__):
+        module = importlib.import_module(f"pipeline.{info.name}")
+        if hasattr(module, "build_parser"):
+            parsers[info.name] = module.build_parser()
+    switches = []
+    for name, parser in parsers.items():
+        for action in _actions_of(parser):
+            flag = action.option_strings[0] if action.option_strings else ""
+            if action.nargs == 0 and flag not in ("-h", "-q", "-v"):
+                pytest.fail(f"{name} {flag} is on/off but takes no =true/false")
+            if isinstance(action, cli.Switch):
+                switches.append((name, flag))
+    assert {("extract", "--prune"), ("extract", "--l2-normalize"), ("neighbors", "--exact")} <= set(
+        switches
+    ), switches
+
+
+@pytest.mark.parametrize(
+    ("argv", "prune", "retry"),
+    [
+        ([], False, False),
+        (["--prune"], True, False),
+        (["--prune=true", "--retry-errors=false"], True, False),
+        (["--prune=FALSE", "--retry_errors=true"], False, True),
+        (["--prune=Yes", "--retry_errors=1"], True, True),
+        (["--prune=no", "--retry-errors=0"], False, False),
+        (["--prune=on", "--prune=off"], False, False),  # the last one counts
+    ],
+)
+def test_on_off_flags_take_true_and_false(argv, prune, retry):
+    from pipeline.config import parse_args
+
+    config, beam = parse_args(["--input", "x", "--output", "y", "--mode", "incremental", *argv])
+    assert (config.run.prune, config.run.retry_errors, beam) == (prune, retry, [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--prune=maybe"], "argument --prune: expected true or false"),
+        (["--allow_empty=2"], "argument --allow-empty: expected true or false"),
+        (["--prune", "/some/path"], "unexpected argument '/some/path'"),
+    ],
+)
+def test_a_bad_on_off_value_is_one_line_naming_the_flag(argv, message, capsys):
+    from pipeline.config import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--input", "x", "--output", "y", "--mode", "incremental", *argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_help_shows_the_value_an_on_off_flag_takes(capsys):
+    from pipeline.config import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    assert "--prune [true|false]" in capsys.readouterr().out
+
+
+def test_prune_true_prunes_and_prune_false_keeps_in_a_real_run(image_tree, tmp_path):
+    from pipeline.extract import run
+    from transforms import table
+
+    out = str(tmp_path / "t")
+    common = ["--input", str(image_tree), "--output", out, "--backbone", "mobilenet_v2"]
+    common += ["--weights", "none", "--image-size", "32"]
+    run(common)
+    (image_tree / "val" / "cats" / "1.jpg").unlink()
+
+    def uris():
+        return table.read_table(out).column("uri").to_pylist()
+
+    run([*common, "--mode", "incremental", "--prune=false"])
+    assert any(u.endswith("val/cats/1.jpg") for u in uris())  # off: the row is kept
+    run([*common, "--mode=incremental", "--prune=true"])
+    assert uris() and not any(u.endswith("val/cats/1.jpg") for u in uris())

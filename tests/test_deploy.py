@@ -13,6 +13,8 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
+import time
 
 import apache_beam as beam
 import pytest
@@ -23,6 +25,7 @@ from apache_beam.portability import common_urns
 from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.transforms import environments
 from apache_beam.utils import proto_utils
+from test_gcs import gcs_emulator  # noqa: F401  (the fixture)
 
 from pipeline import launch
 from pipeline.config import parse_args
@@ -227,8 +230,105 @@ def test_planning_a_dry_run_and_a_translation_change_nothing(image_tree, tmp_pat
     assert hashes(out) == before
 
 
-def test_classic_templates_are_refused(image_tree, tmp_path, staged_weights):
+def test_classic_templates_are_refused(image_tree, tmp_path, staged_weights, monkeypatch):
+    monkeypatch.delenv(launch.FLEX_LAUNCH_ENV, raising=False)
     argv = dataflow_args(image_tree, tmp_path / "out", staged_weights)
     with pytest.raises(ValueError, match="flex template"):
         run([*argv, "--template_location=gs://featurebeam-staging/templates/t"])
     assert not (tmp_path / "out").exists()
+
+
+def launcher_argv(bucket: str, job_object: str, **parameters: str) -> list[str]:
+    """What Dataflow's Python flex-template launcher runs the main file with: Beam's options for
+    the job (runner, project, region, the staging and temp locations, the job file to write in
+    the staging bucket's template_launches/, the job name, the worker image), then every template
+    parameter as --name=value (launch_template.sh's, here with the nightly --prune=true)."""
+    return [
+        "--runner=DataflowRunner",
+        "--project=my-project",
+        "--region=us-central1",
+        f"--staging_location={bucket}/staging",
+        f"--temp_location={bucket}/tmp",
+        f"--template_location={job_object}",
+        "--job_name=featurebeam-20261203-200000",
+        f"--sdk_container_image={IMAGE}",
+        *(f"--{name}={value}" for name, value in parameters.items()),
+    ]
+
+
+def test_flex_launch_submits_and_exits_leaving_the_lease_to_the_workers(
+    gcs_emulator,  # noqa: F811  (the fixture imported from test_gcs)
+    image_tree,
+    tmp_path,
+    staged_weights,
+):
+    """deploy/dataflow/main.py run as the flex launcher runs it, against a local GCS emulator:
+    the DataflowRunner writes the job object (it creates no job: the launcher does, from that
+    file, after the program exits), the plan file is in the table, the lease is held by this run
+    for the workers to renew and give back, no row is written and nothing was waited for."""
+    from transforms import lease as leases
+    from transforms import storage
+    from transforms.plan import PLANS_DIR
+
+    output = f"{gcs_emulator}/tables/flex"
+    job_object = f"{gcs_emulator}/staging/template_launches/2026-12-03_20_00_00-1/job_object"
+    params = {
+        "input": str(image_tree),
+        "output": output,
+        "backbone": "mobilenet_v2",
+        "weights": staged_weights,
+        "mode": "incremental",
+        "prune": "true",
+        "retry_errors": "false",
+        "image_size": "32",
+        "batch_size": "128",
+        "chunk_size": "5",
+        "decode_threads": "auto",
+        "cache_dir": "/tmp/featurebeam-weights",
+        "lease_expiry": "1800",
+        "number_of_worker_harness_threads": "4",
+        "dataflow_service_options": "worker_accelerator=type:nvidia-tesla-t4;count:1;"
+        "install-nvidia-driver",
+    }
+    env = {**os.environ, "PYTHONPATH": str(DEPLOY.parent)}
+    env.pop(launch.FLEX_LAUNCH_ENV, None)  # main.py sets it
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(DEPLOY / "dataflow" / "main.py"),
+            *launcher_argv(gcs_emulator, job_object, **params),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "submitted: the job is written to " + job_object in done.stdout
+
+    job = json.loads(storage.read_bytes(job_object))
+    assert (job["name"], job["type"]) == ("featurebeam-20261203-200000", "JOB_TYPE_BATCH")
+    (pool,) = job["environment"]["workerPools"]
+    assert pool["sdkHarnessContainerImages"][0]["containerImage"] == IMAGE
+    # Runner v2: the job file points at the pipeline proto staged beside it.
+    url = job["environment"]["sdkPipelineOptions"]["options"]["pipelineUrl"]
+    proto = beam_runner_api_pb2.Pipeline.FromString(storage.read_bytes(url))
+    names = [t.unique_name for t in proto.components.transforms.values()]
+    assert any("Embed" in n or "embed" in n for n in names), names
+
+    lease = leases.read_lease(output)
+    assert lease is not None, "the launch gave the lease back: the workers would run without it"
+    assert float(lease["expiry_s"]) == 1800
+    (plan_uri,) = [u for u in storage_list(output, PLANS_DIR) if u.endswith(".parquet")]
+    assert lease["run_id"] in plan_uri
+    assert not storage.exists(storage.join(output, "_SUMMARY.json"))
+    assert seconds < 120, f"the launch took {seconds:.0f} s"
+
+
+def storage_list(output: str, folder: str) -> list[str]:
+    from transforms import storage
+
+    fs, path = storage.filesystem(storage.join(output, folder))
+    return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]

@@ -42,8 +42,10 @@ def _results(browser, timeout=60):
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(browser, timeout).until(
-        lambda b: b.execute_script("return document.querySelectorAll('.hit').length") > 0
-        or "error" in b.find_element("id", "status").get_attribute("class")
+        lambda b: (
+            b.execute_script("return document.querySelectorAll('.hit').length") > 0
+            or "error" in b.find_element("id", "status").get_attribute("class")
+        )
     )
     return browser.execute_script(
         "return Array.from(document.querySelectorAll('.hit')).map(h => h.dataset.imageId)"

@@ -61,6 +61,34 @@ def tensorflow_gpus() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
+#: Set to ``1`` to let a worker that sees a GPU TensorFlow cannot use run on its CPU anyway.
+ALLOW_CPU_ENV = "FEATUREBEAM_ALLOW_CPU_FALLBACK"
+
+
+class GpuUnusable(RuntimeError):
+    """The machine has an NVIDIA GPU and TensorFlow cannot use it."""
+
+
+def check_gpu_usable() -> None:
+    """Fails fast when the driver lists a GPU for this process (:func:`visible_gpus`) but
+    TensorFlow sees none: the job would otherwise run on the CPU, many times slower, on a GPU
+    machine paid for. The usual cause is TensorFlow without its CUDA libraries (install
+    ``tensorflow[and-cuda]``, as deploy/dataflow/Dockerfile does) or libraries that do not match
+    the driver. ``FEATUREBEAM_ALLOW_CPU_FALLBACK=1`` runs on the CPU anyway.
+
+    Raises:
+        GpuUnusable: with the cause and the opt-out.
+    """
+    gpus = visible_gpus()
+    if not gpus or os.environ.get(ALLOW_CPU_ENV) == "1" or tensorflow_gpus():
+        return
+    raise GpuUnusable(
+        f"this worker has {gpus} NVIDIA GPU(s) but TensorFlow sees none, so the model would run "
+        "on the CPU: TensorFlow's CUDA libraries are missing or do not match the driver (install "
+        f"tensorflow[and-cuda] at the pinned version); set {ALLOW_CPU_ENV}=1 to run on the CPU"
+    )
+
+
 def auto_decode_threads(*, processes_per_machine: int = 1, gpu: bool | None = None) -> int:
     """Decode threads for one of ``processes_per_machine`` worker processes on this machine:
     its share of the cores, less one for the model's host thread when the model runs on a GPU

@@ -308,8 +308,10 @@ def acquire(
 
 
 @contextlib.contextmanager
-def holding(lease: Lease):
-    """Renews ``lease`` in a background thread until the block ends, then releases it."""
+def holding(lease: Lease, *, release: bool = True):
+    """Renews ``lease`` in a background thread until the block ends, then releases it; with
+    ``release=False`` only if the block fails (a run handed over to workers that renew and
+    release it themselves: a flex-template launch)."""
     stop = threading.Event()
 
     def beat():
@@ -322,9 +324,12 @@ def holding(lease: Lease):
     lease.renew()
     thread = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
     thread.start()
+    done = False
     try:
         yield lease
+        done = True
     finally:
         stop.set()
         thread.join(timeout=5)
-        lease.release()
+        if release or not done:
+            lease.release()

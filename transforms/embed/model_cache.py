@@ -8,6 +8,8 @@ import threading
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
+from transforms import devices
+
 if TYPE_CHECKING:
     from transforms.embed.handler import FeatureModelHandler
 
@@ -65,6 +67,7 @@ def _load_forever() -> None:
     while True:
         handler, future = _LOADS.get()
         try:
+            devices.check_gpu_usable()  # never a silent CPU run on a GPU worker
             future.set_result(handler.load_model())
         except BaseException as exc:  # handed to whoever waits for the model
             future.set_exception(exc)
