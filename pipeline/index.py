@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "new one; another kind rebuilds it)",
     )
     parser.add_argument(
-        "--rebuild", action="store_true", help="build from the whole table (default: update)"
+        "--rebuild", action=cli.Switch, help="build from the whole table (default: update)"
     )
     return parser
 

@@ -58,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-pending",
-        action="store_true",
+        action=cli.Switch,
         help="do not list the last run's inputs to count the images not yet embedded (listing "
         "a big bucket takes a while)",
     )
     parser.add_argument(
         "--json",
-        action="store_true",
+        action=cli.Switch,
         help="print the history and the freshness as one JSON object (for schedulers and "
         "monitoring) instead of a table",
     )

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-update",
-        action="store_true",
+        action=cli.Switch,
         help="serve the index as it is, even when the table changed since it was built "
         "(default: update it at start)",
     )
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-auth",
-        action="store_true",
+        action=cli.Switch,
         help="allow a non-loopback --host without a token (anyone who can reach it can search "
         "and see the images)",
     )
