@@ -89,7 +89,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         "--l2-normalize",
         action=Switch,
         default=None,
-        help="scale every vector to unit length (cosine retrieval)",
+        help="scale every vector to unit length, for cosine retrieval (default: off)",
     )
 
 
