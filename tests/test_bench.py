@@ -73,6 +73,20 @@ def test_bench_neighbors_section(capsys):
     assert "extrapolated from exact at 1,000 rows" in out
 
 
+@pytest.mark.slow
+def test_bench_serve_section(image_tree, capsys):
+    """The service's rows: by id (exact and faiss) and uploads, with errors 0 and the ratio."""
+    bench.main(
+        ["--only", "serve", "--images", str(image_tree), "--weights", "none"]
+        + ["--serve-sizes", "500", "--serve-requests", "40", "--serve-clients", "2"]
+    )
+    out = capsys.readouterr().out
+    for kind in ("exact", "faiss"):
+        assert re.search(rf"by id\s+500\s+{kind}\s+40\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+0\s", out)
+    assert re.search(r"upload, 1 cl\.\s+12\s+exact\s+20\s", out)
+    assert re.search(r"decode \+ model alone .* \d+\.\d ms median; .* \(\d+\.\d\dx\)", out)
+
+
 def test_no_job_or_building_block_imports_the_benchmarks():
     """The floors point down: ``benchmarks`` imports the jobs, never the other way round."""
     root = pathlib.Path(__file__).resolve().parents[1]
