@@ -345,7 +345,24 @@ def test_nightly_dag_three_dates_with_a_killed_try(airflow, tmp_path):
 
         assert pq.read_table(neighbors / NEIGHBORS_FILE).num_rows == rows
         assert report.stat().st_size > 0 and report.stat().st_mtime >= time.time() - wall - 1
-        # TODO(lead): once run history lands, `featurebeam runs OUT` lists one run per try here.
+        # `featurebeam runs OUT` lists one run per try, newest first: the killed try is there,
+        # not shown as a success, and nothing is pending once the date's run finished.
+        history = json.loads(
+            subprocess.run(
+                [featurebeam_command(tmp_path), "runs", str(out), "--json", "--limit", "0"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        shown = [r["shown_status"] for r in reversed(history["runs"])]  # oldest first
+        killed = ["stopped", "not finished"]  # SIGTERM stopped it, or SIGKILL came first
+        want = [["succeeded"], ["succeeded", killed, "succeeded"]][min(index, 1)]
+        want = want + ["succeeded"] * (index - 1 if index > 1 else 0)
+        assert len(shown) == len(want), shown
+        for got, expected in zip(shown, want, strict=True):
+            assert got in expected if isinstance(expected, list) else got == expected, shown
+        assert history["freshness"]["pending"] == 0, history
         timing = {"date": date, "wall_s": round(wall, 1), "rows": rows, "tries": len(tries)}
         timing["embed_s"] = [round(end - start, 1) for start, end in tries if end]
         if index == 1:

@@ -529,7 +529,7 @@ def test_a_runner_that_returns_without_the_last_step_is_not_a_finished_run(
     with pytest.raises(launch.RunIncomplete, match="rerun with --mode incremental"):
         run_table(str(image_tree), str(out), mode="incremental")
     assert table.read_summary(str(out)) == before
-    assert not (out / "_LEASE").exists()
+    assert not (out / leases.LEASE_FILE).exists()
     assert not list(out.glob("_plans/*"))
     statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("_RUNS/*.json"))]
     assert statuses == ["succeeded", "failed"]
