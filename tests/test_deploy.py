@@ -45,7 +45,7 @@ def staged_weights(tmp_path_factory) -> str:
 def script_args(script: str, **env) -> list[str]:
     out = subprocess.run(
         ["bash", str(DEPLOY / script), "--dry-run"],
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHON": sys.executable, **env},
         check=True,
         capture_output=True,
         text=True,
@@ -150,7 +150,7 @@ def test_flex_template_parameters_are_job_flags():
     flags = [f"--{p['name']}=1" for p in metadata["parameters"]]
     values = {
         "--pooling=1": "--pooling=avg",
-        "--mode=1": "--mode=full",
+        "--mode=1": "--mode=incremental",
         "--image_size=1": "--image_size=96",
     }
     values |= {"--precision=1": "--precision=float32", "--weights=1": "--weights=none"}
@@ -332,3 +332,80 @@ def storage_list(output: str, folder: str) -> list[str]:
 
     fs, path = storage.filesystem(storage.join(output, folder))
     return [storage.to_uri(fs, p) for p in fs.ls(path, detail=False)]
+
+
+def test_the_image_pins_what_pyproject_pins_and_its_context_leaves_the_venv_out():
+    import re
+    import sys as system
+
+    dockerfile = (DEPLOY / "dataflow" / "Dockerfile").read_text()
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    arg = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.M))
+    assert f'"apache-beam=={arg["BEAM_VERSION"]}"' in pyproject
+    assert f'"tensorflow=={arg["TF_VERSION"]}"' in pyproject
+    assert arg["PY_VERSION"] == "{}.{}".format(*system.version_info[:2])  # the image's = ours
+    assert "FROM apache/beam_python${PY_VERSION}_sdk:${BEAM_VERSION}" in dockerfile
+    assert '"tensorflow[and-cuda]==${TF_VERSION}"' in dockerfile
+    assert "python -V" in dockerfile and "pip check" in dockerfile
+    assert "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in dockerfile
+    ignored = (DEPLOY.parent / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "out", "tests"} <= set(ignored)
+
+
+def test_launch_template_passes_disk_size_launcher_machine_and_prune():
+    env = dict(PROJECT="p", BUCKET="b", IMAGE=IMAGE, INPUT="gs://b/i", OUTPUT="gs://b/o")
+    env |= dict(WEIGHTS="none", PRUNE="true", DISK_SIZE_GB="80")
+    env |= dict(LAUNCHER_MACHINE_TYPE="n1-highmem-4")
+    out = subprocess.run(
+        ["bash", str(DEPLOY / "dataflow" / "launch_template.sh"), "--dry-run"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert out[out.index("--disk-size-gb") + 1] == "80"
+    assert out[out.index("--launcher-machine-type") + 1] == "n1-highmem-4"
+    params = dict(p.split("=", 1) for p in out[out.index("--parameters") + 1][3:].split("~"))
+    assert (params["prune"], params["lease_expiry"]) == ("true", "1800")
+    declared = {
+        p["name"]
+        for p in json.loads((DEPLOY / "dataflow" / "metadata.json").read_text())["parameters"]
+    }
+    beam_options = {
+        "sdk_container_image",
+        "number_of_worker_harness_threads",
+        "dataflow_service_options",
+    }
+    assert set(params) - beam_options <= declared, set(params) - beam_options - declared
+    config, _ = parse_args([f"--{k}={v}" for k, v in params.items() if k not in beam_options])
+    assert config.run.prune and config.run.lease_expiry_s == 1800
+
+
+def test_run_sh_refuses_a_python_other_than_the_images():
+    env = dict(PROJECT="p", BUCKET="b", IMAGE=IMAGE, INPUT="i", OUTPUT="o", WEIGHTS="w")
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "dataflow" / "run.sh"), "--dry-run"],
+        env={**os.environ, **env, "PYTHON": sys.executable, "IMAGE_PYTHON": "3.99"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "the image's is 3.99" in done.stderr
+
+
+def test_flink_sidecar_gets_storage_credentials_and_the_gpu_variant_one_slot_and_a_gpu():
+    import yaml
+
+    cpu, gpu = yaml.safe_load_all((DEPLOY / "flink" / "flink-deployment.yaml").read_text())
+    for deployment in (cpu, gpu):
+        pod = deployment["spec"]["taskManager"]["podTemplate"]["spec"]
+        (sidecar,) = [c for c in pod["containers"] if c["name"] == "beam-worker-pool"]
+        env = {e["name"]: e["value"] for e in sidecar["env"]}
+        (mount,) = sidecar["volumeMounts"]
+        assert env["GOOGLE_APPLICATION_CREDENTIALS"].startswith(mount["mountPath"] + "/")
+        assert {v["name"] for v in pod["volumes"]} == {mount["name"]}
+    assert gpu["spec"]["flinkConfiguration"]["taskmanager.numberOfTaskSlots"] == "1"
+    assert sidecar["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert env["TF_FORCE_GPU_ALLOW_GROWTH"] == "true"
+    flink = (DEPLOY / "flink" / "run.sh").read_text()
+    assert "Java 11" not in flink and "--flink_job_server_jar" in flink

@@ -36,8 +36,17 @@ ARGS=(
   --experiments no_use_multiple_sdk_containers
   --number_of_worker_harness_threads 4
 )
+# The workers unpickle what this Python pickled: it must be the image's Python (major.minor).
+PYTHON=${PYTHON:-python}
+IMAGE_PYTHON=${IMAGE_PYTHON:-$(sed -n 's/^ARG PY_VERSION=//p' "$(dirname "$0")/Dockerfile")}
+HERE_PYTHON=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [[ "$HERE_PYTHON" != "$IMAGE_PYTHON" ]]; then
+  echo "error: $PYTHON is Python $HERE_PYTHON but the image's is $IMAGE_PYTHON; submit with a" \
+    "Python $IMAGE_PYTHON (set PYTHON=...), or set IMAGE_PYTHON if the image was built otherwise" >&2
+  exit 2
+fi
 if [[ "${1:-}" == "--dry-run" ]]; then
   printf '%s\n' "${ARGS[@]}"
   exit 0
 fi
-exec python "${ARGS[@]}"
+exec "$PYTHON" "${ARGS[@]}"
