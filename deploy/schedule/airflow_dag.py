@@ -56,6 +56,7 @@ DATAFLOW_PARAMETERS = {
     "backbone": "{{ var.value.get('featurebeam_backbone', 'resnet50') }}",
     "weights": "{{ var.value.get('featurebeam_weights') }}",
     "mode": "incremental",
+    "prune": "{{ var.value.get('featurebeam_prune', 'true') }}",
     "batch_size": "128",
     "chunk_size": "2000",
     "decode_threads": "auto",
