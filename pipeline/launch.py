@@ -287,10 +287,15 @@ def launch_tables(
         raise
 
 
-def _check_committed(runs: Sequence[plans.RunPlan], beam_args: Sequence[str]) -> None:
-    """Raises :class:`RunIncomplete` unless every table's summary is this run's: a runner that
-    returns without running the last step must not pass for a finished run (nor an older run's
-    summary for this one's)."""
+def _committed(runs: Sequence[plans.RunPlan], beam_args: Sequence[str]) -> list[dict[str, Any]]:
+    """Every table's summary, each checked to be this run's: a runner that returns without
+    running the last step must not pass for a finished run (nor an older run's summary for this
+    one's).
+
+    Raises:
+        RunIncomplete: a table holds no summary of this run.
+    """
+    summaries = []
     for run in runs:
         try:
             summary = table.read_summary(run.output_dir)
@@ -303,6 +308,8 @@ def _check_committed(runs: Sequence[plans.RunPlan], beam_args: Sequence[str]) ->
                 "never ran (for Dask: was the scheduler lost?); the chunks it finished are kept: "
                 "rerun with --mode incremental to finish the table"
             )
+        summaries.append(summary)
+    return summaries
 
 
 def submits_only(options) -> str | None:
@@ -369,8 +376,8 @@ def _run_tables(
                         runners.run_graph(lambda p: build(p, runs, held), beam_args, test_pipeline)
                 finally:
                     Progress.finish()
-                if job_file is None:  # a flex launch only wrote the job: nothing ran yet
-                    _check_committed(runs, beam_args)
+                # A flex launch only wrote the job: nothing ran yet.
+                summaries = _committed(runs, beam_args) if job_file is None else []
         except BaseException as exc:  # failed, Ctrl-C, SIGTERM: leave no plan, no half-made table
             for run in runs:
                 try:
@@ -387,7 +394,6 @@ def _run_tables(
             {"submitted": job_file, "plan": run, "lease": leases.describe(leases.read_lease(o))}
             for run, o in zip(runs, [spec.output for spec in specs], strict=True)
         ]
-    summaries = [table.read_summary(spec.output) for spec in specs]
     for run, summary in zip(runs, summaries, strict=True):
         try:  # also written by the pipeline's last step; again here, after the heartbeat stopped
             history.succeeded(run.output_dir, run.run_id, summary)

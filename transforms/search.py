@@ -101,7 +101,7 @@ class Searcher:
         # 10k rows, 4 clients: p50 132 ms concurrent, measured with python -m benchmarks).
         self._search_lock = threading.Lock() if index.kind == "exact" else contextlib.nullcontext()
         self._thumbnails: OrderedDict[str, bytes] = OrderedDict()
-        self._thumb_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self._masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
         self._labels = index.rows.column("label").to_numpy(zero_copy_only=False)
         self._splits = index.rows.column("split").to_numpy(zero_copy_only=False)
@@ -209,7 +209,7 @@ class Searcher:
         if label is None and split is None:
             return None
         key = (label, split)
-        with self._thumb_lock:
+        with self._cache_lock:
             if key in self._masks:
                 self._masks.move_to_end(key)
                 return self._masks[key]
@@ -218,7 +218,7 @@ class Searcher:
             mask &= self._labels == label
         if split is not None:
             mask &= self._splits == split
-        with self._thumb_lock:
+        with self._cache_lock:
             self._masks[key] = mask
             while len(self._masks) > _MASKS:
                 self._masks.popitem(last=False)
@@ -233,7 +233,7 @@ class Searcher:
         Raises:
             QueryError: 404 for an id not in the table or an image that cannot be read now.
         """
-        with self._thumb_lock:
+        with self._cache_lock:
             if image_id in self._thumbnails:
                 self._thumbnails.move_to_end(image_id)
                 return self._thumbnails[image_id]
@@ -246,7 +246,7 @@ class Searcher:
             encoded = _thumbnail(data, self.max_pixels)
         except Exception as exc:  # moved, deleted, unreadable since the table was made
             raise QueryError(404, f"image {image_id!r} cannot be read now: {exc}") from None
-        with self._thumb_lock:
+        with self._cache_lock:
             self._thumbnails[image_id] = encoded
             while len(self._thumbnails) > THUMBNAIL_CACHE:
                 self._thumbnails.popitem(last=False)
