@@ -7,7 +7,6 @@ job completes, every image in the table exactly once, its lease given back and i
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import socket
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import encode, gradient
 
-from transforms import table
+from transforms import history, table
 
 pytest.importorskip("distributed")
 psutil = pytest.importorskip("psutil")
@@ -167,8 +166,8 @@ def check_every_image_once(out, images, tmp_path) -> None:
 
 
 def records(out) -> list[dict]:
-    runs = sorted((out / "_RUNS").glob("*.json"))
-    return [json.loads(p.read_text()) for p in runs]
+    """The run records, oldest first."""
+    return list(reversed(history.read_records(str(out))))
 
 
 @pytest.mark.slow

@@ -131,6 +131,15 @@ def test_sigterm_stops_a_run_and_gives_its_table_back(tmp_path):
     assert (summary["inputs"], summary["rows"], summary["errors"]) == (120, 120, 0)
 
 
+@pytest.fixture
+def own_signals():
+    """The test sets the stop signals' handlers itself; the caller's are put back after."""
+    kept = {signum: signal.getsignal(signum) for signum in (*cli.STOP_SIGNALS, signal.SIGINT)}
+    yield
+    for signum, handler in kept.items():
+        signal.signal(signum, handler)
+
+
 @pytest.mark.parametrize(
     ("signum", "status", "line"),
     [
@@ -139,7 +148,11 @@ def test_sigterm_stops_a_run_and_gives_its_table_back(tmp_path):
         (signal.SIGINT, 130, "interrupted"),
     ],
 )
-def test_a_stop_signal_is_one_line_and_its_conventional_status(signum, status, line, capsys):
+def test_a_stop_signal_is_one_line_and_its_conventional_status(
+    signum, status, line, capsys, own_signals
+):
+    # As in a terminal: a suite run under nohup inherits SIGHUP ignored (see the test below).
+    signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     cleaned = []
 
     def job(argv):
@@ -155,6 +168,19 @@ def test_a_stop_signal_is_one_line_and_its_conventional_status(signum, status, l
     assert stopped.value.code == status and cleaned == [True]
     assert capsys.readouterr().err == line + "\n"
     assert signal.getsignal(signal.SIGTERM) == before  # handlers are put back
+
+
+def test_a_stop_signal_ignored_by_the_caller_stays_ignored(own_signals):
+    """Under ``nohup`` (SIGHUP ignored) a closed terminal must not stop the job."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def job(argv):
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(0.2)  # a signal that stopped the job would arrive here
+        return "finished"
+
+    assert cli.run_main(job, []) == "finished"
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def _dead_pid() -> int:
@@ -531,5 +557,6 @@ def test_a_runner_that_returns_without_the_last_step_is_not_a_finished_run(
     assert table.read_summary(str(out)) == before
     assert not (out / leases.LEASE_FILE).exists()
     assert not list(out.glob("_plans/*"))
-    statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("_RUNS/*.json"))]
+    # Oldest first by start time: two runs in one second have run ids that do not sort.
+    statuses = [r["status"] for r in reversed(history.read_records(str(out)))]
     assert statuses == ["succeeded", "failed"]

@@ -72,7 +72,8 @@ class IncompatibleTableError(ValueError):
 
 
 def new_run_id() -> str:
-    """A sortable, unique run id: UTC time to the second plus 4 random hex digits."""
+    """A unique run id: UTC time to the second plus 4 random hex digits. Ids of runs started in
+    the same second do not sort by time; order records by their ``started`` field."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + secrets.token_hex(2)
 
 
