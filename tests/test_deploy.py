@@ -381,6 +381,30 @@ def test_launch_template_passes_disk_size_launcher_machine_and_prune():
     assert config.run.prune and config.run.lease_expiry_s == 1800
 
 
+def test_cloud_scheduler_launches_declared_parameters_and_prunes():
+    """The nightly Cloud Scheduler request passes only declared template parameters (or Beam's
+    own options), values the job accepts, incremental mode and prune (PRUNE=false turns it off)."""
+    env = dict(PROJECT="p", BUCKET="b", IMAGE=IMAGE, INPUT="gs://b/i", OUTPUT="gs://b/o")
+    env |= dict(WEIGHTS="none", SERVICE_ACCOUNT="s@p.iam.gserviceaccount.com")
+    declared = {
+        p["name"]
+        for p in json.loads((DEPLOY / "dataflow" / "metadata.json").read_text())["parameters"]
+    }
+    beam_options = {"sdk_container_image", "number_of_worker_harness_threads"}
+    for prune, want in ((None, True), ("false", False)):
+        body = subprocess.run(
+            ["bash", str(DEPLOY / "schedule" / "cloud_scheduler.sh"), "--dry-run"],
+            env={**os.environ, **env, **({"PRUNE": prune} if prune else {})},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        params = json.loads(body)["launchParameter"]["parameters"]
+        assert set(params) - beam_options <= declared, set(params) - beam_options - declared
+        config, _ = parse_args([f"--{k}={v}" for k, v in params.items() if k not in beam_options])
+        assert config.run.mode == "incremental" and config.run.prune is want
+
+
 def test_run_sh_refuses_a_python_other_than_the_images():
     env = dict(PROJECT="p", BUCKET="b", IMAGE=IMAGE, INPUT="i", OUTPUT="o", WEIGHTS="w")
     done = subprocess.run(
