@@ -307,6 +307,7 @@ def test_nightly_dag_three_dates_with_a_killed_try(airflow, tmp_path):
     images = tmp_path / "images"
     write_image_tree(images, per_class=4)
     out, neighbors, report = tmp_path / "table", tmp_path / "neighbors", tmp_path / "report.html"
+    index_dir = tmp_path / "index"
     variables = {
         "AIRFLOW_VAR_FEATUREBEAM_COMMAND": featurebeam_command(tmp_path),
         "AIRFLOW_VAR_FEATUREBEAM_INPUT": str(images),
@@ -314,6 +315,7 @@ def test_nightly_dag_three_dates_with_a_killed_try(airflow, tmp_path):
         "AIRFLOW_VAR_FEATUREBEAM_BACKBONE": "mobilenet_v2",
         "AIRFLOW_VAR_FEATUREBEAM_WEIGHTS": "none",
         "AIRFLOW_VAR_FEATUREBEAM_EXTRA_ARGS": " ".join([*RECIPE[4:], *SLOW]),
+        "AIRFLOW_VAR_FEATUREBEAM_INDEX": str(index_dir),
         "AIRFLOW_VAR_FEATUREBEAM_NEIGHBORS": str(neighbors),
         "AIRFLOW_VAR_FEATUREBEAM_REPORT": str(report),
         "FEATUREBEAM_RETRIES": "1",
@@ -340,9 +342,19 @@ def test_nightly_dag_three_dates_with_a_killed_try(airflow, tmp_path):
         rows, errors = assert_matches_a_fresh_full_run(images, out, tmp_path, index)
         assert len(errors) == changes.get("corrupt", 0) and all("broken" in e for e in errors)
         assert not (out / "_LEASE.json").exists() and not list(out.glob("_plans/*"))
-        # The refreshed neighbours and report cover today's table.
+        # The refreshed index, neighbours and report cover today's table; the index was updated
+        # in place after the first date, not rebuilt.
         import pyarrow.parquet as pq
 
+        from transforms import table
+        from transforms.index import SearchIndex
+
+        searchable = SearchIndex.open(str(index_dir))
+        assert sorted(searchable.rows.column("image_id").to_pylist()) == sorted(
+            table.read_table(str(out), columns=["image_id"]).column("image_id").to_pylist()
+        )
+        actions = [entry["action"] for entry in searchable.manifest["history"]]
+        assert actions == ["built", *["updated"] * index], actions
         assert pq.read_table(neighbors / NEIGHBORS_FILE).num_rows == rows
         assert report.stat().st_size > 0 and report.stat().st_mtime >= time.time() - wall - 1
         # `featurebeam runs OUT` lists one run per try, newest first: the killed try is there,

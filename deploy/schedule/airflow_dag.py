@@ -7,8 +7,9 @@ One DAG, ``featurebeam_nightly_embedding``, with two targets chosen by the envir
 - ``local`` (the default): the ``embed`` task runs our command line, ``featurebeam extract --mode
   incremental --prune``, in its own environment (Airflow and this project never share one), on
   the in-process runner or on the Dask cluster at the Variable ``featurebeam_dask_address``. Then
-  ``neighbors`` (``featurebeam neighbors``) and ``report`` (``featurebeam report``) refresh their
-  outputs, each one skipped when its Variable is empty.
+  ``index`` (``featurebeam index``: the search index ``featurebeam serve`` reads, updated in
+  place), ``neighbors`` (``featurebeam neighbors``) and ``report`` (``featurebeam report``) refresh
+  their outputs, each one skipped when its Variable is empty.
 - ``dataflow``: the ``embed`` task launches the flex template (deploy/dataflow/build.sh) with
   ``DataflowStartFlexTemplateOperator`` and waits for the job. Needs
   ``apache-airflow-providers-google``.
@@ -25,7 +26,8 @@ Airflow Variables are read by templates when a task runs, never when the file is
   ``featurebeam_prune`` (``true``/``false``, default ``true``), ``featurebeam_extra_args`` (more
   ``featurebeam extract`` flags, local target);
 - local: ``featurebeam_command`` (default ``featurebeam`` on PATH), ``featurebeam_dask_address``
-  (``HOST:PORT``; empty: in-process), ``featurebeam_neighbors`` (the neighbour tables' folder;
+  (``HOST:PORT``; empty: in-process), ``featurebeam_index`` (the search index's folder, on the
+  worker's local disk; empty: no index), ``featurebeam_neighbors`` (the neighbour tables' folder;
   empty: no refresh), ``featurebeam_report`` (the HTML file; empty: no report);
 - dataflow: ``featurebeam_project``, ``featurebeam_region`` (default ``us-central1``),
   ``featurebeam_bucket``, ``featurebeam_image``.
@@ -78,6 +80,7 @@ ENV = {
     "FB_PRUNE": var("prune", "true"),
     "FB_EXTRA": var("extra_args"),
     "FB_DASK": var("dask_address"),
+    "FB_INDEX": var("index"),
     "FB_NEIGHBORS": var("neighbors"),
     "FB_REPORT": var("report"),
 }
@@ -89,6 +92,10 @@ EMBED = (
     ' ${FB_DASK:+--runner dask --dask_client_address "$FB_DASK"} $FB_EXTRA'
 )
 # Exit status 99 marks a BashOperator task skipped: an output not asked for.
+INDEX = (
+    '[ -n "$FB_INDEX" ] || { echo "no Variable featurebeam_index: skipped"; exit 99; }\n'
+    'exec "$FB" index --features "$FB_OUTPUT" --index "$FB_INDEX"'
+)
 NEIGHBORS = (
     '[ -n "$FB_NEIGHBORS" ] || { echo "no Variable featurebeam_neighbors: skipped"; exit 99; }\n'
     'exec "$FB" neighbors --features "$FB_OUTPUT" --output "$FB_NEIGHBORS" --overwrite'
@@ -130,7 +137,8 @@ with DAG(
         neighbors = command("neighbors", NEIGHBORS)
         # Runs when neighbours were skipped (not asked for), not when they failed.
         report = command("report", REPORT, trigger_rule="none_failed")
-        embed >> neighbors >> report
+        embed >> [command("index", INDEX), neighbors]
+        neighbors >> report
     else:
         from airflow.providers.google.cloud.operators.dataflow import (
             DataflowStartFlexTemplateOperator,
