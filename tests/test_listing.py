@@ -117,6 +117,23 @@ def test_looks_like_image_uses_pillows_own_checks():
     assert not looks_like_image(b"\x89HDF\r\n\x1a\n")  # Pillow identifies HDF5 but cannot decode it
 
 
+def test_files_shorter_than_a_header_are_not_images(tmp_path):
+    # Pillow's DIB check unpacks 4 bytes: an empty or 2-byte file without an extension crashed the
+    # listing with struct.error instead of being counted as not an image.
+    from conftest import encode, gradient
+
+    for prefix in (b"", b"B", b"ab", b"\x00\x00\x00"):
+        assert not looks_like_image(prefix)
+    root = tmp_path / "folder"
+    root.mkdir()
+    (root / "a.png").write_bytes(encode(gradient()))
+    (root / "EMPTY").write_bytes(b"")
+    (root / "TWO").write_bytes(b"ab")
+    found = list_inputs([str(root)])
+    assert [u.rsplit("/", 1)[-1] for u in found.images["uri"].to_pylist()] == ["a.png"]
+    assert found.skipped == 2
+
+
 def test_conflicting_labels_for_one_uri_are_counted_and_reported(image_tree, tmp_path):
     one = image_tree / "one.csv"
     two = image_tree / "two.csv"

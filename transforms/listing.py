@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,7 +135,16 @@ def _image_formats() -> tuple:
 
 def looks_like_image(prefix: bytes) -> bool:
     """True when the first bytes of a file are those of a format Pillow can decode."""
-    return any(accept(prefix) for accept in _image_formats())
+    return any(_accepts(accept, prefix) for accept in _image_formats())
+
+
+def _accepts(accept, prefix: bytes) -> bool:
+    # Not every one of Pillow's checks copes with a prefix shorter than its header (DIB's unpacks
+    # 4 bytes: an empty file raised struct.error): a check that fails on the bytes rejects them.
+    try:
+        return bool(accept(prefix))
+    except (struct.error, IndexError, ValueError):
+        return False
 
 
 def _sniff(info: storage.FileInfo) -> bool:
