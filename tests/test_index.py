@@ -350,6 +350,27 @@ def test_the_command_prints_what_it_did_and_refuses_in_one_line(small_table, tmp
     assert stop.value.code == 2 and "local disk" in capsys.readouterr().err
 
 
+def test_a_refused_update_writes_nothing(small_table, tmp_path, capsys):
+    # Pointed at the image folder by mistake, the command used to refuse yet leave _index/.lock
+    # there; a missing folder was created with it.
+    mistakes = tmp_path / "mistakes"
+    images = mistakes / "images"
+    images.mkdir(parents=True)
+    (images / "a.jpg").write_bytes(b"not really")
+    for features in (images, mistakes / "missing"):
+        with pytest.raises(SystemExit) as stop:
+            index_job.main(["--features", str(features)])
+        assert stop.value.code == 2 and "no feature table here" in capsys.readouterr().err
+    assert [p.name for p in mistakes.iterdir()] == ["images"]
+    assert [p.name for p in images.iterdir()] == ["a.jpg"]
+    out, _ = small_table
+    index_job.main(["--features", out])
+    with pytest.raises(SystemExit) as stop:  # --index at a file of the index
+        index_job.main(["--features", out, "--index", f"{out}/_index/index.json"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.endswith("is a file; the index is a folder (pass --index DIR)")
+
+
 def test_the_index_is_a_pyarrow_table_and_numpy_array_on_disk(small_table):
     """What the serve helper and any reader rely on: rows parquet position-aligned with the npy."""
     out, vectors = small_table

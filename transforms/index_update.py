@@ -83,11 +83,16 @@ class _Shard:
     version: str
 
 
-def _table_state(features_dir: str) -> tuple[list[_Shard], dict[str, str], int]:
-    """The table's row shards (name, size, version), its recipe metadata and vector width."""
+def _shard_files(features_dir: str) -> list[str]:
     files = tables.shard_files(features_dir)
     if not files:
         raise FileNotFoundError(f"{features_dir}: no feature table here (no features-*.parquet)")
+    return files
+
+
+def _table_state(features_dir: str) -> tuple[list[_Shard], dict[str, str], int]:
+    """The table's row shards (name, size, version), its recipe metadata and vector width."""
+    files = _shard_files(features_dir)
     shards = []
     for uri in files:
         info = storage.file_info(uri)
@@ -185,7 +190,10 @@ def build_or_update(
             f"the index folder must be on a local disk, not {index_dir}; pass --index LOCAL_DIR"
         )
     index_dir = index_dir.removeprefix("file://")
+    if os.path.exists(index_dir) and not os.path.isdir(index_dir):
+        raise ValueError(f"{index_dir} is a file; the index is a folder (pass --index DIR)")
     start = time.monotonic()
+    _shard_files(features_dir)  # no table: refused before the index folder or its lock is made
     os.makedirs(index_dir, exist_ok=True)
     with index_files.locked(index_dir):
         for _ in range(max(1, retries)):
