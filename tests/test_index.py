@@ -368,7 +368,9 @@ def test_a_refused_update_writes_nothing(small_table, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:  # --index at a file of the index
         index_job.main(["--features", out, "--index", f"{out}/_index/index.json"])
     err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and err.endswith("is a file; the index is a folder (pass --index DIR)")
+    assert stop.value.code == 2 and err.endswith(
+        "is a file; the index is a folder (pass --index DIR)"
+    )
 
 
 def test_the_index_is_a_pyarrow_table_and_numpy_array_on_disk(small_table):
