@@ -136,16 +136,22 @@ Build = Callable[[beam.Pipeline, plans.RunPlan, "leases.Lease | None"], Any]
 BuildTables = Callable[[beam.Pipeline, list[plans.RunPlan], list["leases.Lease | None"]], Any]
 
 
-def plan(spec: TableRun, metadata: dict[str, str], run_id: str | None = None) -> plans.Plan:
+def plan(
+    spec: TableRun, metadata: dict[str, str], run_id: str | None = None, *, log: bool = True
+) -> plans.Plan:
     """Lists the inputs and plans the run against the table; writes nothing."""
-    return plan_tables([spec], [metadata], run_id)[0]
+    return plan_tables([spec], [metadata], run_id, log=log)[0]
 
 
 def plan_tables(
-    specs: Sequence[TableRun], metadatas: Sequence[dict[str, str]], run_id: str | None = None
+    specs: Sequence[TableRun],
+    metadatas: Sequence[dict[str, str]],
+    run_id: str | None = None,
+    *,
+    log: bool = True,
 ) -> list[plans.Plan]:
     """Lists the inputs once and plans each table against it, in shared chunks; logs what the
-    run does in one line; writes nothing.
+    run does in one line (unless ``log`` is false: a plan that is only counted); writes nothing.
 
     Raises:
         EmptyListing: no image was listed (:func:`check_not_empty`).
@@ -173,7 +179,8 @@ def plan_tables(
     ]
     startup.mark("list + plan")
     planned = plans.align_chunks(planned)
-    _LOG.info("%s", describe_pass([p.run for p in planned], metadatas))
+    if log:
+        _LOG.info("%s", describe_pass([p.run for p in planned], metadatas))
     return planned
 
 

@@ -122,7 +122,7 @@ def pending_images(record: dict[str, Any], output: str) -> tuple[int | None, str
     )
     try:
         listing.check_sources(spec.inputs)
-        return launch.plan(spec, metadata).run.to_embed, None
+        return launch.plan(spec, metadata, log=False).run.to_embed, None  # no run: no run id
     except (OSError, ValueError) as exc:
         return None, f"could not list {', '.join(spec.inputs)}: {exc}"
 
@@ -214,7 +214,8 @@ def format_history(result: dict[str, Any]) -> str:
     else:
         lines.append("no successful run recorded")
     if fresh["pending"] is not None:
-        lines.append(f"{fresh['pending']} images listed but not yet embedded")
+        n = fresh["pending"]
+        lines.append(f"{n} image{'' if n == 1 else 's'} listed but not yet embedded")
     else:
         lines.append(f"images listed but not yet embedded: {fresh['pending_note']}")
     return "\n".join(lines)

@@ -167,6 +167,25 @@ def test_runs_lists_newest_first_with_freshness_and_pending_images(image_tree, t
     assert json.loads(capsys.readouterr().out)["freshness"]["pending"] is None
 
 
+def test_runs_counts_pending_images_from_any_folder_and_logs_no_run(
+    image_tree, tmp_path, capsys, monkeypatch, caplog
+):
+    # Inputs given relative to the folder the run started in were recorded as given: `runs`
+    # from another folder could not list them. Counting them also logged a run id that no
+    # record has.
+    out = tmp_path / "t"
+    monkeypatch.chdir(image_tree.parent)
+    run_table(image_tree.name, out)
+    assert _records(out)[0]["inputs"] == [str(image_tree)]
+    _add_images(image_tree, 1)
+    monkeypatch.chdir(tmp_path.parent)
+    caplog.set_level("INFO")
+    runs_job.main([str(out)])
+    printed = capsys.readouterr().out
+    assert "\n1 image listed but not yet embedded" in printed, printed
+    assert not [r for r in caplog.records if r.name == "pipeline.launch"]
+
+
 def test_runs_shows_why_a_run_failed(image_tree, tmp_path, capsys):
     out = tmp_path / "t"
     with pytest.raises(Exception, match="out of quota"):
