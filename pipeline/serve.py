@@ -4,7 +4,10 @@ tables, with a page to do it in a browser.
     python -m pipeline.serve --features OUT [--index DIR] [--host 127.0.0.1] [--port 8080]
 
 At start the table's index (``featurebeam index``; by default ``OUT/_index``) is brought up to
-date with the table (built when there is none, updated in place after incremental runs), and the
+date with the table (built when there is none, updated in place after incremental runs); while it
+runs, the service follows the index: once ``featurebeam index`` commits an update (after an
+incremental run; the nightly DAG runs it), the new rows are searched within ``--reload-every``
+seconds, without a restart. The
 model that made the table is rebuilt from its recorded recipe and loaded once: an uploaded image
 is decoded, resized and embedded exactly as the pipeline embedded the table's files. Then
 ``http://HOST:PORT/`` is the page, ``/api/...`` the JSON API (see ``transforms.search_app``) and
@@ -18,8 +21,11 @@ from a path in the request. No CORS header is sent unless ``--cors-origin`` name
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +36,8 @@ from transforms import search, storage
 _LOG = logging.getLogger(__name__)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TOKEN_ENV = "FEATUREBEAM_TOKEN"
+#: Seconds between looks at the index for a committed update.
+DEFAULT_RELOAD_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         action=cli.Switch,
         help="serve the index as it is, even when the table changed since it was built "
         "(default: update it at start)",
+    )
+    parser.add_argument(
+        "--reload-every",
+        type=float,
+        default=DEFAULT_RELOAD_S,
+        metavar="SECONDS",
+        help="how often to look for an update of the index committed by `featurebeam index` "
+        "and serve it (0: never; default: %(default)g)",
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
@@ -98,6 +114,21 @@ def check_bind(host: str, token: str | None, no_auth: bool) -> None:
         )
 
 
+def _check_flags(args) -> str | None:
+    """Refuses bad flags before anything is loaded or bound; returns the token."""
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_bind(args.host, token, args.no_auth)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0-65535, got {args.port}")
+    if args.max_upload_mb <= 0 or args.max_pixels < 1:
+        raise ValueError("--max-upload-mb and --max-pixels must be positive")
+    if not args.reload_every >= 0:
+        raise ValueError(
+            f"--reload-every must be 0 (never) or more seconds, got {args.reload_every}"
+        )
+    return token
+
+
 def build(argv: Sequence[str] | None = None, *, load_model: bool = True) -> dict[str, Any]:
     """Parses the flags, brings the index up to date and builds the app; serves nothing.
 
@@ -110,14 +141,8 @@ def build(argv: Sequence[str] | None = None, *, load_model: bool = True) -> dict
     """
     from transforms.search_app import create_app
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    check_bind(args.host, token, args.no_auth)
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0-65535, got {args.port}")
-    if args.max_upload_mb <= 0 or args.max_pixels < 1:
-        raise ValueError("--max-upload-mb and --max-pixels must be positive")
+    args = build_parser().parse_args(argv)
+    token = _check_flags(args)
     if not storage.exists(args.features):
         raise FileNotFoundError(f"--features {args.features} does not exist")
     index_dir = args.index or indexes.default_dir(args.features)
@@ -126,13 +151,16 @@ def build(argv: Sequence[str] | None = None, *, load_model: bool = True) -> dict
         update = indexes.build_or_update(args.features, index_dir)
         _LOG.info("index %s: %s", update.action, update.index_dir)
     index = indexes.SearchIndex.open(index_dir)
-    if index.kind == "faiss":
-        import faiss
+    behind = indexes.behind(args.features, index_dir) if args.no_update else ""
+    if behind:
+        _LOG.warning("serving the index as it is (--no-update): %s", behind)
+    import faiss
 
-        # Requests are searched concurrently from the server's threads, one query each: faiss'
-        # OpenMP threads per query only contend with them (measured with the bench at 2,000
-        # rows, 4 clients: p50 68 ms with faiss' default threads, see docs/performance.md).
-        faiss.omp_set_num_threads(1)
+    # Requests are searched concurrently from the server's threads, one query each: faiss'
+    # OpenMP threads per query only contend with them (measured with the bench at 2,000 rows,
+    # 4 clients: p50 68 ms with faiss' default threads, see docs/performance.md). Set whatever
+    # the kind: a followed index may become faiss as the table grows.
+    faiss.omp_set_num_threads(1)
     recipe, recipe_error = _recipe(index.metadata)
     searcher = search.Searcher(
         index,
@@ -154,6 +182,8 @@ def build(argv: Sequence[str] | None = None, *, load_model: bool = True) -> dict
         "host": args.host,
         "port": args.port,
         "update": update,
+        "behind": behind,
+        "reload_every": args.reload_every,
         "token": bool(token),
     }
 
@@ -177,29 +207,72 @@ def describe(served: dict[str, Any]) -> str:
     image = "yes" if health["image_search"] else f"no ({health['image_search_unavailable']})"
     update = served["update"]
     done = f"index {update.action} ({update.kind}, {update.rows:,} rows); " if update else ""
+    behind = f"; NOT up to date: {served['behind']}" if served["behind"] else ""
+    every = served["reload_every"]
+    follows = f"followed every {every:g} s" if every else "not followed (--reload-every 0)"
     return (
         f"{done}serving {health['rows']:,} images of {s.features_dir} at "
         f"http://{served['host']}:{served['port']}/ (API: /api/..., OpenAPI: /docs; image "
-        f"search: {image}; text search: {text}; token: {'yes' if served['token'] else 'no'})"
+        f"search: {image}; text search: {text}; token: {'yes' if served['token'] else 'no'}; "
+        f"index {follows}){behind}"
     )
+
+
+def check_port(host: str, port: int) -> None:
+    """Binds the address once and lets it go, before the model loads: a port in use is one line
+    at once, not an error after the service said it was serving. (Handing uvicorn this socket
+    instead made its 413 to an oversized upload race the connection's reset: measured, 3 of 5
+    delivered against 5 of 5 when uvicorn binds.)
+
+    Raises:
+        ValueError: the address cannot be bound (in use, not this machine's, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            why = (
+                "in use (another server?); pass another --port"
+                if exc.errno == errno.EADDRINUSE
+                else ""
+            )
+            raise ValueError(
+                f"cannot listen on {host}:{port}: {why or exc.strerror or exc}"
+            ) from None
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Builds the service and serves it until stopped (Ctrl-C, SIGTERM)."""
     import uvicorn
 
+    args = build_parser().parse_args(argv)
+    _check_flags(args)
+    check_port(args.host, args.port)
     served = build(argv)
     print(describe(served), flush=True)
-    uvicorn.run(
-        served["app"],
-        host=served["host"],
-        port=served["port"],
-        log_level="warning",
-        access_log=False,
-        # One process: the model and the index are loaded once; FastAPI runs the searches in
-        # its thread pool, and model calls take turns (transforms.search.Searcher).
-        workers=1,
-    )
+    stop = threading.Event()
+    if served["reload_every"]:
+        threading.Thread(
+            target=served["searcher"].follow,
+            args=(served["reload_every"], stop),
+            name="follow-index",
+            daemon=True,
+        ).start()
+    try:
+        uvicorn.run(
+            served["app"],
+            host=served["host"],
+            port=served["port"],
+            log_level="warning",
+            access_log=False,
+            # One process: the model and the index are loaded once; FastAPI runs the searches in
+            # its thread pool, and model calls take turns (transforms.search.Searcher).
+            workers=1,
+        )
+    finally:
+        stop.set()
     return served
 
 

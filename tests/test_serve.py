@@ -112,8 +112,15 @@ def test_filters_on_label_and_split_and_k(client, features):
         "/api/search", files={"image": ("a.png", data)}, data={"k": "3", "label": "dogs"}
     ).json()["results"]
     assert len(upload) == 3 and {r["label"] for r in upload} == {"dogs"}
-    none = client.get(f"/api/search?image_id={row['image_id']}&label=birds").json()
-    assert none == {"results": []}
+    # A label or split no row has is a typo to name, not a search that found nothing.
+    for query, said in (
+        ("label=birds", "no row has label 'birds'; the table's: cats, dogs"),
+        ("split=tset", "no row has split 'tset'; the table's: train, val"),
+    ):
+        answer = client.get(f"/api/search?image_id={row['image_id']}&{query}")
+        assert (answer.status_code, answer.json()["detail"]) == (422, said)
+    wrong = client.post("/api/search", files={"image": ("a.png", data)}, data={"label": "Cats"})
+    assert wrong.status_code == 422 and "'Cats'" in wrong.json()["detail"]
 
 
 def test_thumbnails_by_id_only(client, features):
@@ -171,6 +178,7 @@ def test_a_bad_upload_is_400_with_its_reason(client, data, status, reason):
         ("", 422, "exactly one of image_id or text"),
         ("image_id=x&text=y", 422, "exactly one of image_id or text"),
         ("text=a+bee", 400, "no text tower"),
+        ("text=+", 422, "text must not be empty"),
     ],
 )
 def test_bad_search_parameters(client, query, status, reason):
@@ -303,6 +311,114 @@ def test_serve_builds_a_missing_index_and_updates_a_stale_one(features, tmp_path
     missing = ["--features", str(tmp_path / "nothing")]
     with pytest.raises(FileNotFoundError, match="--features"):
         serve.build(missing, load_model=False)
+
+
+def _extract(images, out, *flags):
+    from pipeline.extract import run
+
+    run(["--input", str(images), "--output", str(out), "-q", *BACKBONE, *flags])
+
+
+def test_a_running_service_follows_the_index_after_an_incremental_run(tmp_path):
+    """Once `featurebeam index` commits an update, the running service searches the new rows,
+    forgets the pruned ones and serves no thumbnail of them; the cause of a thumbnail that
+    cannot be read stays in the server's log."""
+    from conftest import write_image_tree
+
+    images, out = tmp_path / "images", tmp_path / "features"
+    write_image_tree(images)
+    _extract(images, out)
+    served = serve.build(["--features", str(out)], load_model=False)
+    searcher, client = served["searcher"], TestClient(served["app"])
+    first = client.get("/api/health").json()
+    assert (first["rows"], first["index_generation"], first["index_stale"]) == (12, 1, "")
+    assert searcher.refresh() is False  # nothing committed since
+
+    gone = images / "train" / "dogs" / "1.jpg"
+    gone_id = next(r["image_id"] for r in rows(out) if r["uri"].endswith("train/dogs/1.jpg"))
+    gone.unlink()
+    answer = client.get(f"/api/images/{gone_id}")  # still in the served index, file deleted
+    assert answer.status_code == 404 and str(tmp_path) not in answer.json()["detail"]
+    for i in range(2):
+        (images / "val" / "cats" / f"new{i}.png").write_bytes(encode(gradient(seed=70 + i)))
+    _extract(images, out, "--mode", "incremental", "--prune")
+    assert client.get("/api/health").json()["rows"] == 12  # not until the index is updated
+    assert serve.indexes.build_or_update(str(out)).action == "updated"
+
+    stop = threading.Event()
+    follower = threading.Thread(target=searcher.follow, args=(0.05, stop))
+    follower.start()
+    try:
+        deadline = time.monotonic() + 20
+        while client.get("/api/health").json()["index_generation"] == 1:
+            assert time.monotonic() < deadline, "the service did not follow the index in 20 s"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        follower.join(10)
+    health = client.get("/api/health").json()
+    assert (health["rows"], health["index_generation"]) == (13, 2)
+    new_id = next(r["image_id"] for r in rows(out) if r["uri"].endswith("val/cats/new1.png"))
+    found = client.get(f"/api/search?image_id={new_id}&k=20").json()["results"]
+    assert len(found) == 12 and gone_id not in {r["image_id"] for r in found}
+    assert client.get(f"/api/search?image_id={gone_id}").status_code == 404
+    assert client.get(f"/api/images/{new_id}").status_code == 200
+
+
+def test_an_index_rebuilt_for_another_recipe_is_not_served_by_the_old_model(tmp_path):
+    from conftest import write_image_tree
+
+    images, out = tmp_path / "images", tmp_path / "features"
+    write_image_tree(images)
+    _extract(images, out)
+    served = serve.build(["--features", str(out)], load_model=False)
+    searcher, client = served["searcher"], TestClient(served["app"])
+    _extract(images, out, "--pooling", "max", "--overwrite")
+    assert serve.indexes.build_or_update(str(out)).action == "rebuilt"
+    assert searcher.refresh() is False and searcher.refresh() is False
+    health = client.get("/api/health").json()
+    assert health["index_generation"] == 1 and health["recipe"]["pooling"] == "avg"
+    assert "rebuilt for another recipe (generation 2)" in health["index_stale"]
+    assert "restarted" in health["index_stale"]
+
+
+def test_no_update_serves_the_index_as_it_is_and_says_it_is_behind(tmp_path):
+    from conftest import write_image_tree
+
+    images, out = tmp_path / "images", tmp_path / "features"
+    write_image_tree(images)
+    _extract(images, out)
+    serve.indexes.build_or_update(str(out))
+    fresh = serve.build(["--features", str(out), "--no-update"], load_model=False)
+    assert fresh["behind"] == "" and "NOT up to date" not in serve.describe(fresh)
+    (images / "val" / "cats" / "new.png").write_bytes(encode(gradient(seed=90)))
+    _extract(images, out, "--mode", "incremental")
+    stale = serve.build(["--features", str(out), "--no-update"], load_model=False)
+    assert stale["searcher"].health()["rows"] == 12
+    assert stale["behind"].startswith("the table changed since the index was updated (1 shard")
+    assert "NOT up to date: the table changed" in serve.describe(stale)
+
+
+def test_a_port_in_use_is_one_line_before_anything_loads(features, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the service was built for a port it cannot bind")
+
+    monkeypatch.setattr(serve, "build", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as stop:
+            serve.main(["--features", str(features), "--port", str(port)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}: in use" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_reload_every_must_be_a_number_of_seconds(features, value):
+    with pytest.raises(ValueError, match="--reload-every must be 0"):
+        serve.build(["--features", str(features), "--reload-every", value], load_model=False)
 
 
 # --- the real process ---

@@ -27,7 +27,7 @@ from transforms.index_files import (
     default_dir,
     read_manifest,
 )
-from transforms.index_update import KINDS, IndexUpdate, TableChanged, build_or_update
+from transforms.index_update import KINDS, IndexUpdate, TableChanged, behind, build_or_update
 
 __all__ = [
     "DEFAULT_DIRNAME",
@@ -36,6 +36,7 @@ __all__ = [
     "IndexUpdate",
     "SearchIndex",
     "TableChanged",
+    "behind",
     "build_or_update",
     "default_dir",
     "read_manifest",

@@ -154,6 +154,27 @@ def _feature_vectors(t: pa.Table) -> np.ndarray:
     return neighbors.normalize(tables.features_matrix(t))
 
 
+def behind(features_dir: str, index_dir: str) -> str:
+    """What the table holds that the index has not read ('' when it holds the table): for a
+    server told not to update the index, which then says so."""
+    manifest = index_files.read_manifest(index_dir)
+    if manifest is None:
+        return ""
+    shards, metadata, _ = _table_state(features_dir)
+    if table_fingerprint(metadata) != manifest["fingerprint"]:
+        return "the table was remade with another recipe since the index was built"
+    read = manifest["shards"]
+    now = {s.name: {"size": s.size, "version": s.version} for s in shards}
+    changed = sum(1 for name, signal in now.items() if read.get(name) != signal)
+    gone = sum(1 for name in read if name not in now)
+    if not changed and not gone:
+        return ""
+    return (
+        f"the table changed since the index was updated ({changed} shard(s) new or rewritten, "
+        f"{gone} gone); run `featurebeam index --features {features_dir}`"
+    )
+
+
 def build_or_update(
     features_dir: str,
     index_dir: str | None = None,

@@ -22,7 +22,8 @@ import numpy as np
 
 from transforms import storage
 from transforms.images import ImageError, Target, load_images
-from transforms.index import SearchIndex
+from transforms.index import SearchIndex, read_manifest
+from transforms.models.recipe import table_fingerprint
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,8 +62,29 @@ class Hit:
     split: str | None
 
 
+class _Generation:
+    """One generation of the index and what searches read from it, replaced whole when the
+    index moves on (a request holds the one it started with)."""
+
+    def __init__(self, index: SearchIndex):
+        self.index = index
+        self.labels = index.rows.column("label").to_numpy(zero_copy_only=False)
+        self.splits = index.rows.column("split").to_numpy(zero_copy_only=False)
+        self.ids = index.rows.column("image_id").to_pylist()
+        self.uris = index.rows.column("uri").to_pylist()
+        self.label_set = sorted({x for x in self.labels if x is not None})
+        self.split_set = sorted({x for x in self.splits if x is not None})
+        self.masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
+        # Exact searches take turns: each is one matrix-vector product over every row that
+        # numpy's BLAS already spreads over the cores; concurrent ones only thrash them (by id,
+        # 10k rows, 4 clients: p50 132 ms concurrent, measured with python -m benchmarks).
+        self.search_lock = threading.Lock() if index.kind == "exact" else contextlib.nullcontext()
+
+
 class Searcher:
-    """A table's index and the model that made its vectors, loaded once.
+    """A table's index and the model that made its vectors, loaded once; :meth:`refresh` (or
+    :meth:`follow`, in a thread) moves on to the index's newest generation once
+    ``featurebeam index`` commits one.
 
     Args:
         index: the table's index (``transforms.index``).
@@ -85,7 +107,7 @@ class Searcher:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         load_model: bool = True,
     ):
-        self.index = index
+        self._gen = _Generation(index)
         self.features_dir = features_dir
         self.recipe = recipe
         self.recipe_error = recipe_error or ("" if recipe else "the table records no recipe")
@@ -96,17 +118,11 @@ class Searcher:
         # One model call at a time: TensorFlow already uses every core for one image, and a
         # burst of uploads then waits here holding only its bytes, so memory stays bounded.
         self._model_lock = threading.Lock()
-        # Exact searches take turns too: each is one matrix-vector product over every row that
-        # numpy's BLAS already spreads over the cores; concurrent ones only thrash them (by id,
-        # 10k rows, 4 clients: p50 132 ms concurrent, measured with python -m benchmarks).
-        self._search_lock = threading.Lock() if index.kind == "exact" else contextlib.nullcontext()
         self._thumbnails: OrderedDict[str, bytes] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
-        self._labels = index.rows.column("label").to_numpy(zero_copy_only=False)
-        self._splits = index.rows.column("split").to_numpy(zero_copy_only=False)
-        self._ids = index.rows.column("image_id").to_pylist()
-        self._uris = index.rows.column("uri").to_pylist()
+        #: Why the index's newest generation is not served ('' when it is).
+        self.stale = ""
+        self._refused = -1  # a generation made with another recipe, not opened again
         if recipe is not None:
             self._text_error = _text_unavailable(recipe)
             if load_model:
@@ -131,6 +147,60 @@ class Searcher:
     def text_search(self) -> bool:
         return not self._text_error
 
+    @property
+    def index(self) -> SearchIndex:
+        """The generation of the index served now."""
+        return self._gen.index
+
+    # --- following the index ---
+
+    def refresh(self) -> bool:
+        """Serves the index's newest generation when one was committed since this one; True
+        when it moved on. A generation made with another recipe is not served (the loaded model
+        made the old one's vectors): :attr:`stale` says so until the service restarts.
+
+        Raises:
+            OSError, ValueError: the new generation could not be opened (the old one is kept).
+        """
+        current = self._gen.index
+        manifest = read_manifest(current.index_dir)
+        if manifest is None or int(manifest["generation"]) in (current.generation, self._refused):
+            return False
+        if self._refuse(manifest):  # checked before opening: a refused one is never read
+            return False
+        newer = SearchIndex.open(current.index_dir)  # the newest, should one commit meanwhile
+        if self._refuse(newer.manifest):
+            return False
+        self._gen = _Generation(newer)
+        with self._cache_lock:
+            self._thumbnails.clear()  # an image replaced in place keeps its id
+        _LOG.info(
+            "index generation %d: %d rows (was %d: %d)",
+            newer.generation, len(newer), current.generation, len(current),
+        )  # fmt: skip
+        return True
+
+    def _refuse(self, manifest: dict[str, Any]) -> bool:
+        current = self._gen.index
+        if table_fingerprint(manifest["metadata"]) == table_fingerprint(current.metadata):
+            return False
+        self._refused = int(manifest["generation"])
+        self.stale = (
+            f"{current.index_dir} was rebuilt for another recipe (generation {self._refused}); "
+            f"serving generation {current.generation} until `featurebeam serve` is restarted"
+        )
+        _LOG.warning("%s", self.stale)
+        return True
+
+    def follow(self, every: float, stop: threading.Event) -> None:
+        """Calls :meth:`refresh` every ``every`` seconds until ``stop`` is set; an index that
+        cannot be opened now is retried at the next turn (the served one stays)."""
+        while not stop.wait(every):
+            try:
+                self.refresh()
+            except (OSError, ValueError) as exc:
+                _LOG.warning("the index's new generation cannot be opened yet: %s", exc)
+
     # --- searches ---
 
     def by_id(self, image_id: str, k: int, *, label=None, split=None) -> list[Hit]:
@@ -139,12 +209,13 @@ class Searcher:
         Raises:
             QueryError: 404 for an id that is not in the table.
         """
+        gen = self._gen
         try:
-            position = self.index.position_of(image_id)
+            position = gen.index.position_of(image_id)
         except KeyError:
             raise QueryError(404, f"no image {image_id!r} in the table") from None
-        query = self.index.vector_at(position)[None]
-        return self._search(query, k, label, split, exclude=position)
+        query = gen.index.vector_at(position)[None]
+        return self._search(gen, query, k, label, split, exclude=position)
 
     def by_image(self, data: bytes, k: int, *, label=None, split=None) -> list[Hit]:
         """The ``k`` rows nearest to an encoded image, embedded with the table's recipe.
@@ -163,7 +234,7 @@ class Searcher:
             except ImageError as exc:
                 raise QueryError(400, f"the upload is not a usable image: {exc.reason}") from None
             vector = np.asarray(self._embedder(image.pixels[None]), np.float32)
-        return self._search(vector, k, label, split)
+        return self._search(self._gen, vector, k, label, split)
 
     def by_text(self, text: str, k: int, *, label=None, split=None) -> list[Hit]:
         """The ``k`` rows nearest to the text tower's embedding of ``text``.
@@ -171,57 +242,66 @@ class Searcher:
         Raises:
             QueryError: 400 when the table has no text tower, or for empty text.
         """
+        if not text.strip():
+            raise QueryError(422, "text must not be empty")
         if self._text_error:
             raise QueryError(
                 400, f"text search is not available for this table: {self._text_error}"
             )
-        if not text.strip():
-            raise QueryError(422, "text must not be empty")
         if self._text is None:
             self._load()
         with self._model_lock:
             vector = np.asarray(self._text([text]), np.float32)
-        return self._search(vector, k, label, split)
+        return self._search(self._gen, vector, k, label, split)
 
-    def _search(self, query, k, label, split, *, exclude: int | None = None) -> list[Hit]:
+    def _search(self, gen, query, k, label, split, *, exclude: int | None = None) -> list[Hit]:
         if not 1 <= k <= MAX_K:
             raise QueryError(422, f"k must be between 1 and {MAX_K}, got {k}")
-        allowed = self._mask(label, split)
+        allowed = self._mask(gen, label, split)
         extra = 1 if exclude is not None else 0
-        with self._search_lock:
-            sims, positions = self.index.search(query, k + extra, allowed=allowed)
+        with gen.search_lock:
+            sims, positions = gen.index.search(query, k + extra, allowed=allowed)
         hits = []
         for sim, position in zip(sims[0], positions[0], strict=True):
             if position < 0 or position == exclude or len(hits) == k:
                 continue
             hits.append(
                 Hit(
-                    image_id=self._ids[position],
-                    uri=self._uris[position],
+                    image_id=gen.ids[position],
+                    uri=gen.uris[position],
                     similarity=round(float(sim), 6),
-                    label=self._labels[position],
-                    split=self._splits[position],
+                    label=gen.labels[position],
+                    split=gen.splits[position],
                 )
             )
         return hits
 
-    def _mask(self, label: str | None, split: str | None) -> np.ndarray | None:
+    def _mask(self, gen, label: str | None, split: str | None) -> np.ndarray | None:
+        """The rows a filter allows. A label or split that no row has is a mistake to name (a
+        typo answered with no results looks like a search that found nothing)."""
         if label is None and split is None:
             return None
+        for name, value, known in (
+            ("label", label, gen.label_set),
+            ("split", split, gen.split_set),
+        ):
+            if value is not None and value not in known:
+                some = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+                raise QueryError(422, f"no row has {name} {value!r}; the table's: {some or 'none'}")
         key = (label, split)
         with self._cache_lock:
-            if key in self._masks:
-                self._masks.move_to_end(key)
-                return self._masks[key]
-        mask = np.ones(len(self._ids), bool)
+            if key in gen.masks:
+                gen.masks.move_to_end(key)
+                return gen.masks[key]
+        mask = np.ones(len(gen.ids), bool)
         if label is not None:
-            mask &= self._labels == label
+            mask &= gen.labels == label
         if split is not None:
-            mask &= self._splits == split
+            mask &= gen.splits == split
         with self._cache_lock:
-            self._masks[key] = mask
-            while len(self._masks) > _MASKS:
-                self._masks.popitem(last=False)
+            gen.masks[key] = mask
+            while len(gen.masks) > _MASKS:
+                gen.masks.popitem(last=False)
         return mask
 
     # --- thumbnails and health ---
@@ -237,15 +317,21 @@ class Searcher:
             if image_id in self._thumbnails:
                 self._thumbnails.move_to_end(image_id)
                 return self._thumbnails[image_id]
+        gen = self._gen
         try:
-            uri = self._uris[self.index.position_of(image_id)]
+            uri = gen.uris[gen.index.position_of(image_id)]
         except KeyError:
             raise QueryError(404, f"no image {image_id!r} in the table") from None
         try:
             data = storage.read_bytes(uri, timeout=READ_TIMEOUT_S)
             encoded = _thumbnail(data, self.max_pixels)
         except Exception as exc:  # moved, deleted, unreadable since the table was made
-            raise QueryError(404, f"image {image_id!r} cannot be read now: {exc}") from None
+            # The cause names a path on the server: it goes to the server's log, not the client.
+            _LOG.warning("thumbnail of %s (%s): %s", image_id, uri, exc)
+            raise QueryError(
+                404,
+                f"image {image_id!r} cannot be read now (moved or deleted since it was embedded?)",
+            ) from None
         with self._cache_lock:
             self._thumbnails[image_id] = encoded
             while len(self._thumbnails) > THUMBNAIL_CACHE:
@@ -253,7 +339,8 @@ class Searcher:
         return encoded
 
     def health(self) -> dict[str, Any]:
-        meta = self.index.metadata
+        gen = self._gen
+        meta = gen.index.metadata
         recipe = {
             key: meta[key]
             for key in (
@@ -269,20 +356,21 @@ class Searcher:
             )
             if meta.get(key)
         }
-        labels = sorted({x for x in self._labels if x is not None})
-        splits = sorted({x for x in self._splits if x is not None})
         return {
             "status": "ok",
             "table": self.features_dir,
-            "rows": len(self.index),
-            "index": self.index.kind,
+            "rows": len(gen.index),
+            "index": gen.index.kind,
+            "index_generation": gen.index.generation,
+            "index_updated_at": gen.index.manifest.get("updated_at"),
+            "index_stale": self.stale,
             "recipe": recipe,
             "image_search": self.recipe is not None,
             "image_search_unavailable": "" if self.recipe else self.recipe_error,
             "text_search": self.text_search,
             "text_search_unavailable": self._text_error,
-            "labels": labels[:200],
-            "splits": splits,
+            "labels": gen.label_set[:200],
+            "splits": gen.split_set,
             "max_k": MAX_K,
         }
 
