@@ -45,7 +45,12 @@ def remove_stale(_, *, jobs: Sequence[TableJob]) -> dict[int, int]:
             job.lease.check()
         removed[i] = plan_files.remove_stale_rows(job.run)
         if removed[i]:
-            _LOG.info("%s: removed %d stale rows before embedding", job.run.output_dir, removed[i])
+            # Both kinds the summary counts apart: stale copies of changed images, pruned rows.
+            _LOG.info(
+                "%s: removed %d rows (stale or pruned) before embedding",
+                job.run.output_dir,
+                removed[i],
+            )
     return removed
 
 
