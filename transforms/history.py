@@ -129,12 +129,6 @@ def summary_counts(summary: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _absolute(source: str) -> str:
-    if not storage.is_local(source):
-        return source
-    return os.path.abspath(source.removeprefix("file://"))
-
-
 def start(
     run: RunPlan,
     *,
@@ -154,7 +148,7 @@ def start(
         "mode": mode,
         "output": run.output_dir,
         # Absolute: `featurebeam runs` lists them again to count pending images, from any folder.
-        "inputs": [_absolute(i) for i in inputs],
+        "inputs": [storage.absolute(i) for i in inputs],
         "listing": dict(listing_flags or {}),
         "started": started,
         "ended": None,

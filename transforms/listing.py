@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -193,10 +192,9 @@ def list_source(
 ) -> tuple[pa.Table, dict[str, str]]:
     """Lists one input; returns its rows and the files skipped (URI -> why: :data:`NOT_AN_IMAGE`
     or :data:`NOT_REGULAR`)."""
-    if storage.is_local(source):
-        # fsspec lists local files by absolute path; roots must match for labels, and absolute
-        # URIs keep image ids independent of the working directory.
-        source = os.path.abspath(source.removeprefix("file://"))
+    # fsspec lists local files by absolute path; roots must match for labels, and absolute URIs
+    # keep image ids independent of the working directory.
+    source = storage.absolute(source)
     if _GLOB_CHARS & set(source):
         others: list[str] = []
         files = storage.glob_files(source, others=others)

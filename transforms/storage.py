@@ -43,6 +43,12 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``file://`` dropped), so that it names the same file from any
+    working directory; any other URI as it is."""
+    return os.path.abspath(uri.removeprefix("file://")) if is_local(uri) else uri
+
+
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """Turns an fsspec path back into the URI users see (``gs://b/x.jpg`` or ``/data/x.jpg``)."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
