@@ -154,13 +154,6 @@ def build(argv: Sequence[str] | None = None, *, load_model: bool = True) -> dict
     behind = indexes.behind(args.features, index_dir) if args.no_update else ""
     if behind:
         _LOG.warning("serving the index as it is (--no-update): %s", behind)
-    import faiss
-
-    # Requests are searched concurrently from the server's threads, one query each: faiss'
-    # OpenMP threads per query only contend with them (measured with the bench at 2,000 rows,
-    # 4 clients: p50 68 ms with faiss' default threads, see docs/performance.md). Set whatever
-    # the kind: a followed index may become faiss as the table grows.
-    faiss.omp_set_num_threads(1)
     recipe, recipe_error = _recipe(index.metadata)
     searcher = search.Searcher(
         index,
@@ -253,13 +246,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     served = build(argv)
     print(describe(served), flush=True)
     stop = threading.Event()
+    follower = threading.Thread(
+        target=served["searcher"].follow,
+        args=(served["reload_every"], stop),
+        name="follow-index",
+        daemon=True,  # never holds the process up, should it be opening an index at exit
+    )
     if served["reload_every"]:
-        threading.Thread(
-            target=served["searcher"].follow,
-            args=(served["reload_every"], stop),
-            name="follow-index",
-            daemon=True,
-        ).start()
+        follower.start()
     try:
         uvicorn.run(
             served["app"],
@@ -273,6 +267,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     finally:
         stop.set()
+        if follower.is_alive():
+            follower.join(5)
     return served
 
 

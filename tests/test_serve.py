@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from pipeline import serve
-from transforms import table
+from transforms import search_generations, table
 from transforms.index import SearchIndex
 
 BACKBONE = ["--backbone", "mobilenet_v2", "--weights", "none", "--image-size", "64"]
@@ -365,7 +365,7 @@ def test_a_running_service_follows_the_index_after_an_incremental_run(tmp_path):
     assert client.get(f"/api/images/{new_id}").status_code == 200
 
 
-def test_an_index_rebuilt_for_another_recipe_is_not_served_by_the_old_model(tmp_path):
+def test_an_index_rebuilt_for_another_recipe_is_not_served_by_the_old_model(tmp_path, monkeypatch):
     from conftest import write_image_tree
 
     images, out = tmp_path / "images", tmp_path / "features"
@@ -375,11 +375,23 @@ def test_an_index_rebuilt_for_another_recipe_is_not_served_by_the_old_model(tmp_
     searcher, client = served["searcher"], TestClient(served["app"])
     _extract(images, out, "--pooling", "max", "--overwrite")
     assert serve.indexes.build_or_update(str(out)).action == "rebuilt"
+    opened = []
+    real_open = search_generations.SearchIndex.open
+    monkeypatch.setattr(
+        search_generations.SearchIndex, "open", lambda d: opened.append(d) or real_open(d)
+    )
     assert searcher.refresh() is False and searcher.refresh() is False
+    assert opened == []  # refused from its index.json, and not read again
     health = client.get("/api/health").json()
     assert health["index_generation"] == 1 and health["recipe"]["pooling"] == "avg"
     assert "rebuilt for another recipe (generation 2)" in health["index_stale"]
     assert "restarted" in health["index_stale"]
+    # Rebuilt again for the served recipe: followed, and the word taken back.
+    _extract(images, out, "--pooling", "avg", "--overwrite")
+    assert serve.indexes.build_or_update(str(out)).action == "rebuilt"
+    assert searcher.refresh() is True
+    health = client.get("/api/health").json()
+    assert (health["index_generation"], health["index_stale"]) == (3, "")
 
 
 def test_no_update_serves_the_index_as_it_is_and_says_it_is_behind(tmp_path):
@@ -413,6 +425,26 @@ def test_a_port_in_use_is_one_line_before_anything_loads(features, monkeypatch, 
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"cannot listen on 127.0.0.1:{port}: in use" in err
+
+
+@pytest.mark.parametrize(("flags", "following"), [([], True), (["--reload-every", "0"], False)])
+def test_the_service_starts_following_the_index_unless_told_not_to(
+    features, monkeypatch, flags, following
+):
+    import functools
+
+    import uvicorn
+
+    seen = {}
+
+    def serving(app, **kwargs):
+        seen["threads"] = {t.name for t in threading.enumerate() if t.is_alive()}
+
+    monkeypatch.setattr(uvicorn, "run", serving)
+    monkeypatch.setattr(serve, "build", functools.partial(serve.build, load_model=False))
+    serve.run(["--features", str(features), "--port", str(_free_port()), *flags])
+    assert ("follow-index" in seen["threads"]) is following
+    assert "follow-index" not in {t.name for t in threading.enumerate() if t.is_alive()}
 
 
 @pytest.mark.parametrize("value", ["-1", "nan"])

@@ -160,7 +160,10 @@ def behind(features_dir: str, index_dir: str) -> str:
     manifest = index_files.read_manifest(index_dir)
     if manifest is None:
         return ""
-    shards, metadata, _ = _table_state(features_dir)
+    try:
+        shards, metadata, _ = _table_state(features_dir)
+    except FileNotFoundError:
+        return f"{features_dir} holds no feature table now"
     if table_fingerprint(metadata) != manifest["fingerprint"]:
         return "the table was remade with another recipe since the index was built"
     read = manifest["shards"]
@@ -169,9 +172,13 @@ def behind(features_dir: str, index_dir: str) -> str:
     gone = sum(1 for name in read if name not in now)
     if not changed and not gone:
         return ""
+    own = os.path.normpath(index_dir) == os.path.normpath(index_files.default_dir(features_dir))
+    command = f"featurebeam index --features {features_dir}" + (
+        "" if own else f" --index {index_dir}"
+    )
     return (
         f"the table changed since the index was updated ({changed} shard(s) new or rewritten, "
-        f"{gone} gone); run `featurebeam index --features {features_dir}`"
+        f"{gone} gone); run `{command}`"
     )
 
 

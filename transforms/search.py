@@ -9,21 +9,19 @@ the HTTP status it deserves and a sentence saying why.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 
 from transforms import storage
 from transforms.images import ImageError, Target, load_images
-from transforms.index import SearchIndex, read_manifest
-from transforms.models.recipe import table_fingerprint
+from transforms.index import SearchIndex
+from transforms.search_generations import Following
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,29 +60,10 @@ class Hit:
     split: str | None
 
 
-class _Generation:
-    """One generation of the index and what searches read from it, replaced whole when the
-    index moves on (a request holds the one it started with)."""
-
-    def __init__(self, index: SearchIndex):
-        self.index = index
-        self.labels = index.rows.column("label").to_numpy(zero_copy_only=False)
-        self.splits = index.rows.column("split").to_numpy(zero_copy_only=False)
-        self.ids = index.rows.column("image_id").to_pylist()
-        self.uris = index.rows.column("uri").to_pylist()
-        self.label_set = sorted({x for x in self.labels if x is not None})
-        self.split_set = sorted({x for x in self.splits if x is not None})
-        self.masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
-        # Exact searches take turns: each is one matrix-vector product over every row that
-        # numpy's BLAS already spreads over the cores; concurrent ones only thrash them (by id,
-        # 10k rows, 4 clients: p50 132 ms concurrent, measured with python -m benchmarks).
-        self.search_lock = threading.Lock() if index.kind == "exact" else contextlib.nullcontext()
-
-
 class Searcher:
     """A table's index and the model that made its vectors, loaded once; :meth:`refresh` (or
     :meth:`follow`, in a thread) moves on to the index's newest generation once
-    ``featurebeam index`` commits one.
+    ``featurebeam index`` commits one (``transforms.search_generations``).
 
     Args:
         index: the table's index (``transforms.index``).
@@ -107,7 +86,7 @@ class Searcher:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         load_model: bool = True,
     ):
-        self._gen = _Generation(index)
+        self._served = Following(index)
         self.features_dir = features_dir
         self.recipe = recipe
         self.recipe_error = recipe_error or ("" if recipe else "the table records no recipe")
@@ -118,11 +97,7 @@ class Searcher:
         # One model call at a time: TensorFlow already uses every core for one image, and a
         # burst of uploads then waits here holding only its bytes, so memory stays bounded.
         self._model_lock = threading.Lock()
-        self._thumbnails: OrderedDict[str, bytes] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        #: Why the index's newest generation is not served ('' when it is).
-        self.stale = ""
-        self._refused = -1  # a generation made with another recipe, not opened again
+        self._cache_lock = threading.Lock()  # the generations' masks and thumbnails
         if recipe is not None:
             self._text_error = _text_unavailable(recipe)
             if load_model:
@@ -150,56 +125,20 @@ class Searcher:
     @property
     def index(self) -> SearchIndex:
         """The generation of the index served now."""
-        return self._gen.index
+        return self._served.current.index
 
-    # --- following the index ---
+    @property
+    def stale(self) -> str:
+        """Why the index's newest generation is not served ('' when it is)."""
+        return self._served.stale
 
     def refresh(self) -> bool:
-        """Serves the index's newest generation when one was committed since this one; True
-        when it moved on. A generation made with another recipe is not served (the loaded model
-        made the old one's vectors): :attr:`stale` says so until the service restarts.
-
-        Raises:
-            OSError, ValueError: the new generation could not be opened (the old one is kept).
-        """
-        current = self._gen.index
-        manifest = read_manifest(current.index_dir)
-        if manifest is None or int(manifest["generation"]) in (current.generation, self._refused):
-            return False
-        if self._refuse(manifest):  # checked before opening: a refused one is never read
-            return False
-        newer = SearchIndex.open(current.index_dir)  # the newest, should one commit meanwhile
-        if self._refuse(newer.manifest):
-            return False
-        self._gen = _Generation(newer)
-        with self._cache_lock:
-            self._thumbnails.clear()  # an image replaced in place keeps its id
-        _LOG.info(
-            "index generation %d: %d rows (was %d: %d)",
-            newer.generation, len(newer), current.generation, len(current),
-        )  # fmt: skip
-        return True
-
-    def _refuse(self, manifest: dict[str, Any]) -> bool:
-        current = self._gen.index
-        if table_fingerprint(manifest["metadata"]) == table_fingerprint(current.metadata):
-            return False
-        self._refused = int(manifest["generation"])
-        self.stale = (
-            f"{current.index_dir} was rebuilt for another recipe (generation {self._refused}); "
-            f"serving generation {current.generation} until `featurebeam serve` is restarted"
-        )
-        _LOG.warning("%s", self.stale)
-        return True
+        """See ``search_generations.Following.refresh``."""
+        return self._served.refresh()
 
     def follow(self, every: float, stop: threading.Event) -> None:
-        """Calls :meth:`refresh` every ``every`` seconds until ``stop`` is set; an index that
-        cannot be opened now is retried at the next turn (the served one stays)."""
-        while not stop.wait(every):
-            try:
-                self.refresh()
-            except (OSError, ValueError) as exc:
-                _LOG.warning("the index's new generation cannot be opened yet: %s", exc)
+        """See ``search_generations.Following.follow``."""
+        self._served.follow(every, stop)
 
     # --- searches ---
 
@@ -209,13 +148,14 @@ class Searcher:
         Raises:
             QueryError: 404 for an id that is not in the table.
         """
-        gen = self._gen
+        gen = self._served.current
+        allowed = self._allowed(gen, k, label, split)
         try:
             position = gen.index.position_of(image_id)
         except KeyError:
             raise QueryError(404, f"no image {image_id!r} in the table") from None
         query = gen.index.vector_at(position)[None]
-        return self._search(gen, query, k, label, split, exclude=position)
+        return self._search(gen, query, k, allowed, exclude=position)
 
     def by_image(self, data: bytes, k: int, *, label=None, split=None) -> list[Hit]:
         """The ``k`` rows nearest to an encoded image, embedded with the table's recipe.
@@ -226,6 +166,8 @@ class Searcher:
         """
         if self.recipe is None:
             raise QueryError(400, f"cannot embed an image for this table: {self.recipe_error}")
+        gen = self._served.current
+        allowed = self._allowed(gen, k, label, split)  # before the model: a typo costs nothing
         if self._embedder is None:
             self._load()
         with self._model_lock:  # the decoded pixels exist only while the model is free
@@ -234,7 +176,7 @@ class Searcher:
             except ImageError as exc:
                 raise QueryError(400, f"the upload is not a usable image: {exc.reason}") from None
             vector = np.asarray(self._embedder(image.pixels[None]), np.float32)
-        return self._search(self._gen, vector, k, label, split)
+        return self._search(gen, vector, k, allowed)
 
     def by_text(self, text: str, k: int, *, label=None, split=None) -> list[Hit]:
         """The ``k`` rows nearest to the text tower's embedding of ``text``.
@@ -248,17 +190,18 @@ class Searcher:
             raise QueryError(
                 400, f"text search is not available for this table: {self._text_error}"
             )
+        gen = self._served.current
+        allowed = self._allowed(gen, k, label, split)
         if self._text is None:
             self._load()
         with self._model_lock:
             vector = np.asarray(self._text([text]), np.float32)
-        return self._search(self._gen, vector, k, label, split)
+        return self._search(gen, vector, k, allowed)
 
-    def _search(self, gen, query, k, label, split, *, exclude: int | None = None) -> list[Hit]:
-        if not 1 <= k <= MAX_K:
-            raise QueryError(422, f"k must be between 1 and {MAX_K}, got {k}")
-        allowed = self._mask(gen, label, split)
+    def _search(self, gen, query, k, allowed, *, exclude: int | None = None) -> list[Hit]:
         extra = 1 if exclude is not None else 0
+        if gen.index.kind == "faiss":
+            _one_faiss_thread()
         with gen.search_lock:
             sims, positions = gen.index.search(query, k + extra, allowed=allowed)
         hits = []
@@ -276,9 +219,12 @@ class Searcher:
             )
         return hits
 
-    def _mask(self, gen, label: str | None, split: str | None) -> np.ndarray | None:
-        """The rows a filter allows. A label or split that no row has is a mistake to name (a
-        typo answered with no results looks like a search that found nothing)."""
+    def _allowed(self, gen, k: int, label: str | None, split: str | None) -> np.ndarray | None:
+        """Checks ``k`` and the filters; returns the rows the filters allow (None: all). A
+        label or split that no row has is a mistake to name (a typo answered with no results
+        looks like a search that found nothing)."""
+        if not 1 <= k <= MAX_K:
+            raise QueryError(422, f"k must be between 1 and {MAX_K}, got {k}")
         if label is None and split is None:
             return None
         for name, value, known in (
@@ -286,7 +232,8 @@ class Searcher:
             ("split", split, gen.split_set),
         ):
             if value is not None and value not in known:
-                some = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+                names = sorted(known)
+                some = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
                 raise QueryError(422, f"no row has {name} {value!r}; the table's: {some or 'none'}")
         key = (label, split)
         with self._cache_lock:
@@ -313,11 +260,11 @@ class Searcher:
         Raises:
             QueryError: 404 for an id not in the table or an image that cannot be read now.
         """
+        gen = self._served.current  # its cache: a pruned image's thumbnail goes with it
         with self._cache_lock:
-            if image_id in self._thumbnails:
-                self._thumbnails.move_to_end(image_id)
-                return self._thumbnails[image_id]
-        gen = self._gen
+            if image_id in gen.thumbnails:
+                gen.thumbnails.move_to_end(image_id)
+                return gen.thumbnails[image_id]
         try:
             uri = gen.uris[gen.index.position_of(image_id)]
         except KeyError:
@@ -333,13 +280,13 @@ class Searcher:
                 f"image {image_id!r} cannot be read now (moved or deleted since it was embedded?)",
             ) from None
         with self._cache_lock:
-            self._thumbnails[image_id] = encoded
-            while len(self._thumbnails) > THUMBNAIL_CACHE:
-                self._thumbnails.popitem(last=False)
+            gen.thumbnails[image_id] = encoded
+            while len(gen.thumbnails) > THUMBNAIL_CACHE:
+                gen.thumbnails.popitem(last=False)
         return encoded
 
     def health(self) -> dict[str, Any]:
-        gen = self._gen
+        gen = self._served.current
         meta = gen.index.metadata
         recipe = {
             key: meta[key]
@@ -369,10 +316,25 @@ class Searcher:
             "image_search_unavailable": "" if self.recipe else self.recipe_error,
             "text_search": self.text_search,
             "text_search_unavailable": self._text_error,
-            "labels": gen.label_set[:200],
-            "splits": gen.split_set,
+            "labels": sorted(gen.label_set)[:200],
+            "splits": sorted(gen.split_set),
             "max_k": MAX_K,
         }
+
+
+_FAISS_THREADS = threading.local()
+
+
+def _one_faiss_thread() -> None:
+    """faiss searches one OpenMP thread per query in the server's threads: requests are already
+    searched concurrently, and faiss' own threads only contend with them (at 2,000 rows, 4
+    clients: p50 68 ms with faiss' default threads, docs/performance.md). OpenMP keeps the
+    setting per thread, so each of the server's threads sets it once, before its first search."""
+    if not getattr(_FAISS_THREADS, "one", False):
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        _FAISS_THREADS.one = True
 
 
 def _text_unavailable(recipe) -> str:
