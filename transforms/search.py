@@ -200,8 +200,6 @@ class Searcher:
 
     def _search(self, gen, query, k, allowed, *, exclude: int | None = None) -> list[Hit]:
         extra = 1 if exclude is not None else 0
-        if gen.index.kind == "faiss":
-            _one_faiss_thread()
         with gen.search_lock:
             sims, positions = gen.index.search(query, k + extra, allowed=allowed)
         hits = []
@@ -320,21 +318,6 @@ class Searcher:
             "splits": sorted(gen.split_set),
             "max_k": MAX_K,
         }
-
-
-_FAISS_THREADS = threading.local()
-
-
-def _one_faiss_thread() -> None:
-    """faiss searches one OpenMP thread per query in the server's threads: requests are already
-    searched concurrently, and faiss' own threads only contend with them (at 2,000 rows, 4
-    clients: p50 68 ms with faiss' default threads, docs/performance.md). OpenMP keeps the
-    setting per thread, so each of the server's threads sets it once, before its first search."""
-    if not getattr(_FAISS_THREADS, "one", False):
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        _FAISS_THREADS.one = True
 
 
 def _text_unavailable(recipe) -> str:

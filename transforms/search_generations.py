@@ -8,7 +8,6 @@ even after the commit that replaced it removed its files (its vectors stay memor
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -33,7 +32,7 @@ class Generation:
         ids, uris, labels, splits: the rows' columns, by position.
         label_set, split_set: the values the rows have (filters are checked against them).
         masks, thumbnails: caches that belong to this generation's rows (guarded by the caller).
-        search_lock: exact searches take turns (see ``__init__``).
+        search_lock: searches take turns (see ``__init__``).
     """
 
     def __init__(self, index: SearchIndex):
@@ -47,10 +46,12 @@ class Generation:
         self.split_set = frozenset(x for x in self.splits if x is not None)
         self.masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()
         self.thumbnails: OrderedDict[str, bytes] = OrderedDict()
-        # Exact searches take turns: each is one matrix-vector product over every row that
-        # numpy's BLAS already spreads over the cores; concurrent ones only thrash them (by id,
-        # 10k rows, 4 clients: p50 132 ms concurrent, measured with python -m benchmarks).
-        self.search_lock = threading.Lock() if index.kind == "exact" else contextlib.nullcontext()
+        # Searches take turns: an exact one is a matrix-vector product over every row that
+        # numpy's BLAS already spreads over the cores, a faiss one re-ranks faiss' candidates
+        # on the stored vectors the same way; concurrent ones only thrash the cores (by id, 4
+        # clients, python -m benchmarks: exact at 10k rows p50 132 ms concurrent; faiss at 100k
+        # rows p99 60.6 ms concurrent, 23.2 ms in turns; docs/performance.md).
+        self.search_lock = threading.Lock()
 
 
 class Following:
