@@ -12,19 +12,15 @@ import time
 
 import numpy as np
 import pytest
-from test_index import clustered, write_shard
+from test_index import clustered, small_table, write_shard  # noqa: F401 (a fixture)
 
 from transforms import index, search
 
 
 @pytest.fixture
-def table(tmp_path):
-    out = tmp_path / "t"
-    out.mkdir()
-    vectors = clustered(300)
-    write_shard(out, "features-A-00000-of-00002.parquet", range(0, 150), vectors[:150])
-    write_shard(out, "features-A-00001-of-00002.parquet", range(150, 300), vectors[150:])
-    return out
+def table(request):
+    # test_index's table: 300 clustered rows in two shards
+    return pathlib.Path(request.getfixturevalue("small_table")[0])
 
 
 def grow(out, start: int, n: int, name: str) -> None:
