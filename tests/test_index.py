@@ -373,6 +373,33 @@ def test_a_refused_update_writes_nothing(small_table, tmp_path, capsys):
     )
 
 
+def test_behind_says_what_the_index_has_not_read(small_table, tmp_path):
+    out, vectors = small_table
+    assert index.behind(out, index.default_dir(out)) == ""  # no index: nothing to be behind
+    index.build_or_update(out)
+    assert index.behind(out, index.default_dir(out)) == ""
+    write_shard(out, "features-B-00000-of-00001.parquet", range(300, 310), clustered(10, seed=3))
+    os.remove(os.path.join(out, "features-A-00000-of-00002.parquet"))
+    assert index.behind(out, index.default_dir(out)).startswith(
+        "the table changed since the index was updated (1 shard(s) new or rewritten, 1 gone); "
+        f"run `featurebeam index --features {out}`"
+    )
+    other = str(tmp_path / "elsewhere")
+    index.build_or_update(out, other)
+    write_shard(out, "features-B-00000-of-00001.parquet", range(300, 312), clustered(12, seed=4))
+    assert index.behind(out, other).endswith(
+        f"run `featurebeam index --features {out} --index {other}`"
+    )
+    recipe = {**META, "backbone": "another"}
+    for name in os.listdir(out):
+        if name.startswith("features-"):
+            os.remove(os.path.join(out, name))
+    write_shard(out, "features-C-00000-of-00001.parquet", range(5), clustered(5), metadata=recipe)
+    assert index.behind(out, other).startswith(
+        "the index needs a rebuild: the table's recipe changed (backbone was 'synthetic'"
+    )
+
+
 def test_the_index_is_a_pyarrow_table_and_numpy_array_on_disk(small_table):
     """What the serve helper and any reader rely on: rows parquet position-aligned with the npy."""
     out, vectors = small_table

@@ -82,6 +82,16 @@ class _Shard:
     size: int
     version: str
 
+    @property
+    def signal(self) -> dict[str, Any]:
+        """What ``index.json`` records of the shard, to tell later whether it changed."""
+        return {"size": self.size, "version": self.version}
+
+
+def _unchanged(shards: list[_Shard], known: dict[str, Any]) -> set[str]:
+    """The names of the shards the index read as they are now."""
+    return {s.name for s in shards if known.get(s.name) == s.signal}
+
 
 def _shard_files(features_dir: str) -> list[str]:
     files = tables.shard_files(features_dir)
@@ -161,15 +171,15 @@ def behind(features_dir: str, index_dir: str) -> str:
     if manifest is None:
         return ""
     try:
-        shards, metadata, _ = _table_state(features_dir)
+        shards, metadata, dim = _table_state(features_dir)
     except FileNotFoundError:
         return f"{features_dir} holds no feature table now"
-    if table_fingerprint(metadata) != manifest["fingerprint"]:
-        return "the table was remade with another recipe since the index was built"
-    read = manifest["shards"]
-    now = {s.name: {"size": s.size, "version": s.version} for s in shards}
-    changed = sum(1 for name, signal in now.items() if read.get(name) != signal)
-    gone = sum(1 for name in read if name not in now)
+    reason = _rebuild_reason(index_dir, manifest, metadata, dim, None, False)
+    if reason:
+        return f"the index needs a rebuild: {reason}"
+    unchanged = _unchanged(shards, manifest["shards"])
+    changed = len(shards) - len(unchanged)
+    gone = sum(1 for name in manifest["shards"] if name not in {s.name for s in shards})
     if not changed and not gone:
         return ""
     own = os.path.normpath(index_dir) == os.path.normpath(index_files.default_dir(features_dir))
@@ -294,7 +304,7 @@ def _new_manifest(old, *, metadata, dim, kind, shards, rows, next_key) -> dict[s
         "fingerprint": table_fingerprint(metadata),
         "rows": rows,
         "next_key": next_key,
-        "shards": {s.name: {"size": s.size, "version": s.version} for s in shards},
+        "shards": {s.name: s.signal for s in shards},
         "files": {"rows": f"rows-{tag}.parquet", "vectors": f"vectors-{tag}.npy"},
         "built_at": old["built_at"] if old else now,
         "updated_at": now,
@@ -348,11 +358,7 @@ def _update(index_dir, shards, old):
     old_rows = pq.read_table(os.path.join(index_dir, files["rows"]))
     known = old["shards"]
     current = {s.name: s for s in shards}
-    unchanged = {
-        name
-        for name, s in current.items()
-        if name in known and known[name] == {"size": s.size, "version": s.version}
-    }
+    unchanged = _unchanged(shards, known)
     if len(unchanged) == len(current) == len(known):
         return None
     # Rows kept: those of unchanged shards, and those of rewritten shards still there unchanged.
